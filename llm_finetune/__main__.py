@@ -1,0 +1,3 @@
+from llm_finetune.finetuning import console_main
+
+console_main()

@@ -1,0 +1,31 @@
+"""PEFT: build the adapter config from ours and wrap the model exactly once."""
+
+import dataclasses
+
+from peft import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfig,
+                  get_peft_model)
+
+
+def peft_config(run, num_layers: int):
+    method = run.train.peft_method
+    fields = dataclasses.asdict(run.peft)
+    if method == "lora":
+        return LoraConfig(**fields)
+    if method == "llama_adapter":
+        fields["adapter_layers"] = min(fields["adapter_layers"], num_layers)
+        return AdaptionPromptConfig(**fields)
+    return PrefixTuningConfig(**fields)
+
+
+def apply_peft(model, run, num_layers: int) -> PeftModel:
+    """New adapters, or the saved ones of ``from_peft_checkpoint``, trainable.
+
+    Wrapping a model that already has adapters nests them and silently trains the wrong
+    weights (a common trap with ``get_peft_model`` called twice), so that is an error.
+    """
+    if isinstance(model, PeftModel) or getattr(model, "peft_config", None):
+        raise ValueError("the model already carries PEFT adapters; get_peft_model must be applied "
+                         "once. Pass the base model, or continue with --from_peft_checkpoint")
+    if run.train.from_peft_checkpoint:
+        return PeftModel.from_pretrained(model, run.train.from_peft_checkpoint, is_trainable=True)
+    return get_peft_model(model, peft_config(run, num_layers))

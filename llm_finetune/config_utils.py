@@ -1,0 +1,300 @@
+"""Turn keyword arguments (from Python, the command line or a ``--config`` file) into the run's
+dataclass configs, type-check every value, and refuse bad combinations before anything is loaded.
+
+Keys follow llama-recipes: a plain key (``lr``, ``pure_bf16``) sets that field on every config
+that has it; a dotted key (``fsdp_config.pure_bf16``, ``lora_config.r``) sets one config's field.
+Unlike llama-recipes, an unknown key is an error, not a warning: a misspelt flag must not train.
+"""
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from llm_finetune.configs import (
+    DATASET_CONFIGS,
+    fsdp_config,
+    llama_adapter_config,
+    lora_config,
+    prefix_config,
+    quantization_config,
+    train_config,
+)
+
+
+class ConfigError(ValueError):
+    """A setting or a combination of settings that cannot run; the message names the fix."""
+
+
+CHOICES = {
+    "train_config.batching_strategy": ("padding", "packing"),
+    "train_config.lr_scheduler": ("step", "cosine", "linear", "constant"),
+    "train_config.peft_method": ("lora", "llama_adapter", "prefix"),
+    "train_config.quantization": ("", "4bit", "8bit"),
+    "train_config.dataset": tuple(DATASET_CONFIGS),
+    "fsdp_config.sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
+    "fsdp_config.checkpoint_type": ("SHARDED_STATE_DICT", "FULL_STATE_DICT"),
+    "fsdp_config.backward_prefetch": ("BACKWARD_PRE", "BACKWARD_POST", "NONE"),
+    "fsdp_config.optimizer": ("AdamW",),
+    "quantization_config.quant_type": ("nf4", "fp4"),
+    "quantization_config.compute_dtype": ("bfloat16", "float16", "float32"),
+    "quantization_config.quant_storage": ("", "bfloat16", "float16", "float32", "uint8"),
+}
+
+
+@dataclass
+class RunConfig:
+    """Every config of one run. ``dataset`` is the config of the selected data set."""
+
+    train: train_config
+    fsdp: fsdp_config
+    lora: lora_config
+    llama_adapter: llama_adapter_config
+    prefix: prefix_config
+    quantization: quantization_config
+    datasets: dict
+
+    @property
+    def dataset(self):
+        return self.datasets[self.train.dataset]
+
+    @property
+    def peft(self):
+        return {"lora": self.lora, "llama_adapter": self.llama_adapter,
+                "prefix": self.prefix}[self.train.peft_method]
+
+    def all_configs(self) -> list:
+        return [self.train, self.fsdp, self.lora, self.llama_adapter, self.prefix,
+                self.quantization, *self.datasets.values()]
+
+    def to_dict(self) -> dict:
+        """A nested, JSON-serialisable view (written next to checkpoints and metrics)."""
+        return {type(c).__name__: dataclasses.asdict(c) for c in self.all_configs()}
+
+
+def default_run_config() -> RunConfig:
+    return RunConfig(train_config(), fsdp_config(), lora_config(), llama_adapter_config(),
+                     prefix_config(), quantization_config(),
+                     {name: cls() for name, cls in DATASET_CONFIGS.items()})
+
+
+def load_config_file(path: str) -> dict:
+    """Read a preset (YAML or JSON) into flat keys; nested mappings become dotted keys."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: no such file. Presets ship in the repository's "
+                          f"configs/ directory, e.g. --config configs/tiny_lora.yaml")
+    text = file.read_text()
+    if file.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _coerce(qualified: str, annotation, value):
+    """Check ``value`` against the field's type; convert only where the meaning is unambiguous
+    (command lines deliver "1e-4" strings, comma lists, ints for floats)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]: accept None or X
+        if value is None:
+            return None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        origin = typing.get_origin(annotation)
+
+    def bad(expected):
+        return ConfigError(f"{qualified} expects {expected}, got {value!r} "
+                           f"({type(value).__name__})")
+
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad("true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise bad("an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad("a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. --output_dir 123
+        raise bad("a string")
+    if origin is list or annotation is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise bad("a list of strings (e.g. q_proj,v_proj)")
+    return value
+
+
+def _field_types(config) -> dict:
+    hints = typing.get_type_hints(type(config))
+    return {f.name: hints[f.name] for f in fields(config)}
+
+
+def update_run_config(run: RunConfig, overrides: dict) -> None:
+    """Apply flat and dotted keys to ``run``; unknown keys raise with the closest valid names."""
+    by_name = {type(c).__name__: c for c in run.all_configs()}
+    valid = sorted({f"{n}.{f}" for n, c in by_name.items() for f in _field_types(c)}
+                   | {f for c in by_name.values() for f in _field_types(c)})
+    unknown = []
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if "." in key:
+            config_name, _, field_name = key.partition(".")
+            targets = [by_name[config_name]] if config_name in by_name else []
+        else:
+            field_name = key
+            targets = [c for c in by_name.values() if field_name in _field_types(c)]
+        targets = [c for c in targets if field_name in _field_types(c)]
+        if not targets:
+            unknown.append(key)
+            continue
+        for config in targets:
+            qualified = f"{type(config).__name__}.{field_name}"
+            setattr(config, field_name, _coerce(qualified, _field_types(config)[field_name], value))
+    if unknown:
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join('--' + c for c in close)}?" if close else ""
+            lines.append(f"unknown setting --{key}.{hint}")
+        raise ConfigError("\n".join(lines) + "\nSee `python -m llm_finetune.finetuning --help` "
+                          "or docs/configuration.md for every setting.")
+
+
+def build_run_config(**kwargs) -> RunConfig:
+    """Defaults, then the ``config`` file if given, then keyword arguments; validated."""
+    run = default_run_config()
+    config_file = kwargs.pop("config", None)
+    if config_file:
+        update_run_config(run, load_config_file(config_file))
+    update_run_config(run, kwargs)
+    if run.fsdp.hsdp:
+        run.fsdp.sharding_strategy = "HYBRID_SHARD"
+    check_choices(run)
+    return run
+
+
+def check_choices(run: RunConfig) -> None:
+    by_name = {type(c).__name__: c for c in run.all_configs()}
+    for qualified, allowed in CHOICES.items():
+        config_name, field_name = qualified.split(".")
+        value = getattr(by_name[config_name], field_name)
+        if value not in allowed:
+            shown = ", ".join(repr(a) if a == "" else a for a in allowed)
+            raise ConfigError(f"--{qualified}={value!r} is not one of: {shown}")
+
+
+def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
+    """Refuse combinations that cannot work, before any model or data is loaded."""
+    t, f = run.train, run.fsdp
+    positive = {"batch_size_training": t.batch_size_training, "val_batch_size": t.val_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "num_epochs": t.num_epochs, "context_length": t.context_length}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {t.lr}")
+    if world_size > 1 and not t.enable_fsdp:
+        raise ConfigError(f"launched on {world_size} ranks without --enable_fsdp: every rank "
+                          "would train its own copy. Add --enable_fsdp, or run one process.")
+    if t.low_cpu_fsdp and not t.enable_fsdp:
+        raise ConfigError("--low_cpu_fsdp loads weights on rank 0 and lets FSDP share them; it "
+                          "needs --enable_fsdp")
+    if (t.use_fp16 or f.use_fp16) and f.pure_bf16:
+        raise ConfigError("--use_fp16 and --fsdp_config.pure_bf16 ask for two precisions: "
+                          "pick one (bf16 is the safer choice on GPUs that support it)")
+    if (t.use_fp16 or f.use_fp16) and not cuda:
+        raise ConfigError("--use_fp16 needs a CUDA GPU; on CPU drop it (training runs in fp32)")
+    if f.fsdp_cpu_offload and not cuda:
+        raise ConfigError("--fsdp_config.fsdp_cpu_offload moves parameters from GPU to CPU "
+                          "memory; without a GPU there is nothing to offload: drop it")
+    if t.enable_fsdp and f.sharding_strategy == "HYBRID_SHARD":
+        shard, replica = hybrid_mesh_shape(f, world_size)
+        if shard * replica != world_size:
+            raise ConfigError(
+                f"HYBRID_SHARD with sharding_group_size={shard} and replica_group_size={replica} "
+                f"needs {shard * replica} ranks, but {world_size} were launched. Set "
+                f"--fsdp_config.sharding_group_size to the GPUs per node and "
+                f"--fsdp_config.replica_group_size to the number of nodes.")
+    if t.from_peft_checkpoint and not t.use_peft:
+        raise ConfigError("--from_peft_checkpoint continues training saved adapters: add --use_peft")
+    if t.from_peft_checkpoint and not Path(t.from_peft_checkpoint).is_dir():
+        raise ConfigError(f"--from_peft_checkpoint {t.from_peft_checkpoint}: no such directory")
+    if t.freeze_layers and t.use_peft:
+        raise ConfigError("--freeze_layers is for full fine-tuning; with --use_peft only the "
+                          "adapters train already. Drop one of them.")
+    if t.quantization and not t.use_peft:
+        raise ConfigError(f"--quantization {t.quantization} freezes the base weights in a form "
+                          "that cannot be trained: add --use_peft (QLoRA)")
+    if t.quantization == "8bit" and t.enable_fsdp:
+        raise ConfigError("8-bit bitsandbytes weights cannot be sharded by FSDP. Use "
+                          "--quantization 4bit with --enable_fsdp (QLoRA+FSDP), or 8-bit on one GPU")
+    if t.quantization and t.use_peft and t.peft_method != "lora":
+        raise ConfigError(f"--quantization works with --peft_method lora only (got {t.peft_method})")
+    if t.use_peft and t.peft_method == "prefix" and f.fsdp_activation_checkpointing:
+        raise ConfigError("prefix tuning feeds its virtual tokens to the model as a KV cache, "
+                          "which transformers drops in checkpointed layers (the attention mask "
+                          "then no longer matches). Add --fsdp_config.fsdp_activation_checkpointing "
+                          "False, or use --peft_method lora")
+    data_path = getattr(run.dataset, "data_path", "")
+    if data_path and not os.path.exists(data_path):
+        raise ConfigError(f"--{t.dataset}.data_path {data_path}: no such file")
+
+
+def hybrid_mesh_shape(f: fsdp_config, world_size: int) -> tuple[int, int]:
+    """(sharding group size, replica count) for HYBRID_SHARD, filling in zeros from the world."""
+    shard = f.sharding_group_size or (world_size // f.replica_group_size
+                                      if f.replica_group_size else world_size)
+    replica = f.replica_group_size or max(world_size // max(shard, 1), 1)
+    return shard, replica
+
+
+def field_help() -> str:
+    """Every setting with its default, for ``--help``."""
+    lines = []
+    for config in default_run_config().all_configs():
+        name = type(config).__name__
+        lines.append(f"{name}:")
+        for key, value in dataclasses.asdict(config).items():
+            flag = key if name == "train_config" else f"{name}.{key}"
+            lines.append(f"  --{flag}={value!r}")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""The run's main settings. Field names and meanings follow llama-recipes' ``train_config`` so
+that existing command lines keep working; the defaults fine-tune the embedded tiny model on the
+shipped data set in about a minute on CPU (see README: a real model takes the same flags)."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class train_config:
+    # Model and tokenizer: a Hugging Face hub name, a local directory, or a built-in name
+    # ("tiny-llama"). A directory holding only config.json is initialised randomly.
+    model_name: str = "tiny-llama"
+    tokenizer_name: str = ""  # empty: the model's own tokenizer
+    # Distributed
+    enable_fsdp: bool = False
+    low_cpu_fsdp: bool = False  # rank 0 alone reads the weights; other ranks start on "meta"
+    one_gpu: bool = False  # kept for llama-recipes command lines: a single-process run
+    # Data
+    dataset: str = "alpaca_dataset"
+    batching_strategy: str = "padding"  # padding | packing
+    context_length: int = 512  # longest sample (padding) or block length (packing)
+    batch_size_training: int = 8  # per rank, per micro-batch
+    val_batch_size: int = 8
+    num_workers_dataloader: int = 1
+    # Optimisation
+    num_epochs: int = 2
+    max_train_step: int = 0  # optimizer steps in the whole run; 0: no limit
+    max_eval_step: int = 0  # eval batches per evaluation; 0: the whole eval split
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: bool = False
+    gradient_clipping_threshold: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_scheduler: str = "step"  # step (StepLR each epoch by gamma) | cosine | linear | constant
+    gamma: float = 0.85
+    warmup_steps: int = 0  # linear warm-up, in optimizer steps, before any schedule
+    seed: int = 42
+    # Precision: bf16 mixed precision on GPUs that support it; CPU runs compute in fp32
+    mixed_precision: bool = True
+    use_fp16: bool = False
+    use_fast_kernels: bool = False  # flash-attention 2 when installed, else PyTorch SDPA
+    # Parameter-efficient fine-tuning
+    use_peft: bool = False
+    peft_method: str = "lora"  # lora | llama_adapter | prefix
+    from_peft_checkpoint: str = ""  # continue training saved adapters
+    freeze_layers: bool = False
+    num_freeze_layers: int = 1
+    quantization: str = ""  # "" | 4bit | 8bit
+    # Evaluation, outputs
+    run_validation: bool = True
+    output_dir: str = "output"  # everything the run writes goes below this directory
+    save_model: bool = True
+    save_optimizer: bool = False
+    dist_checkpoint_root_folder: str = ""  # empty: output_dir
+    dist_checkpoint_folder: str = "fine-tuned"
+    save_metrics: bool = True  # output_dir/metrics.jsonl, one JSON object per step

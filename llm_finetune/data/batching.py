@@ -1,0 +1,121 @@
+"""Batching: how samples become the tensors of one step, and which rank sees which samples.
+
+The sampler decides which samples make up each optimizer step independently of how they are
+split across ranks and accumulation steps, so N ranks with batch B, one process with batch N*B,
+and one process with batch B and N accumulation steps train on the same data step for step:
+that is what makes sharded training comparable with single-process training. Every rank gets
+the same number of batches (samples that cannot fill a whole step are dropped), so no rank
+waits forever at the end of an epoch.
+"""
+
+import random
+
+import torch
+from torch.utils.data import Sampler
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields this rank's micro-batches (lists of sample indices).
+
+    Samples are grouped into *step batches* of ``batch_size * world_size * accumulation``: all
+    the samples of one optimizer step. Each step batch is cut into ``accumulation``
+    micro-batches, and each micro-batch into ``world_size`` slices, rank r taking the r-th.
+    So the samples of every optimizer step are the same whatever the split between ranks,
+    micro-batch size and accumulation steps. ``group_by_length`` sorts by length first (little
+    padding), then shuffles whole step batches.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, rank: int, world_size: int,
+                 shuffle: bool, seed: int, group_by_length: bool, accumulation: int = 1):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.accumulation = accumulation
+        self.epoch = 0
+
+    @property
+    def step_size(self) -> int:
+        return self.batch_size * self.world_size * self.accumulation
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def step_batches(self) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.group_by_length:
+            order.sort(key=lambda i: self.lengths[i])  # stable: ties keep the shuffled order
+        size = self.step_size
+        batches = [order[i:i + size] for i in range(0, len(order) - size + 1, size)]
+        if self.shuffle and self.group_by_length:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        micro = self.batch_size * self.world_size
+        for step in self.step_batches():
+            for start in range(0, len(step), micro):
+                yield step[start:start + micro][self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.step_size * self.accumulation
+
+
+def pad_collate(pad_token_id: int):
+    """Right-pad input ids with ``pad_token_id`` and labels with -100 to the longest sample."""
+
+    def collate(samples: list[dict]) -> dict:
+        longest = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), longest), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), longest), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            input_ids[row, :n] = torch.tensor(sample["input_ids"])
+            labels[row, :n] = torch.tensor(sample["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                "num_tokens": attention_mask.sum()}
+
+    return collate
+
+
+def pack_samples(samples, context_length: int, pad_token_id: int) -> list[dict]:
+    """Pack whole samples into blocks of ``context_length`` tokens, never splitting a sample.
+
+    ``position_ids`` restart at 0 at each sample, and no attention mask is passed: transformers
+    then builds a block-diagonal causal mask (SDPA/eager) or uses varlen flash-attention, so no
+    token attends across a sample boundary. Each sample starts with a masked prompt token, so no
+    loss term predicts one sample from another.
+    """
+    blocks, ids, labels, positions = [], [], [], []
+
+    def flush():
+        pad = context_length - len(ids)
+        blocks.append({"input_ids": ids + [pad_token_id] * pad, "labels": labels + [-100] * pad,
+                       "position_ids": positions + list(range(pad)), "num_tokens": len(ids)})
+
+    for sample in samples:
+        n = len(sample["input_ids"])
+        if ids and len(ids) + n > context_length:
+            flush()
+            ids, labels, positions = [], [], []
+        ids = ids + list(sample["input_ids"])
+        labels = labels + list(sample["labels"])
+        positions = positions + list(range(n))
+    if ids:
+        flush()
+    return blocks
+
+
+def packed_collate(samples: list[dict]) -> dict:
+    batch = {key: torch.tensor([s[key] for s in samples], dtype=torch.long)
+             for key in ("input_ids", "labels", "position_ids")}
+    batch["num_tokens"] = torch.tensor(sum(s["num_tokens"] for s in samples))
+    return batch

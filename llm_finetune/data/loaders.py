@@ -1,0 +1,55 @@
+"""Build the train and eval data loaders for the configured data set and batching strategy."""
+
+from torch.utils.data import DataLoader
+
+from llm_finetune.data.alpaca import load_alpaca
+from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_collate, packed_collate
+from llm_finetune.distributed import DistInfo, barrier
+
+DATASET_LOADERS = {"alpaca_dataset": load_alpaca}
+
+
+def load_split(run, tokenizer, split: str, dist_info: DistInfo):
+    """Tokenise one split, rank 0 first so that the other ranks read its ``datasets`` cache."""
+    loader = DATASET_LOADERS[run.train.dataset]
+    if not dist_info.is_main:
+        barrier()
+    data = loader(run.dataset, tokenizer, split, run.train.context_length)
+    if dist_info.is_main:
+        barrier()
+    return data
+
+
+def build_dataloaders(run, tokenizer, dist_info: DistInfo):
+    """(train loader, eval loader or None)."""
+    t = run.train
+    train = load_split(run, tokenizer, run.dataset.train_split, dist_info)
+    evals = load_split(run, tokenizer, run.dataset.test_split, dist_info) if t.run_validation else None
+    return (_loader(train, t.batch_size_training, run, tokenizer, dist_info, shuffle=True,
+                    accumulation=t.gradient_accumulation_steps),
+            _loader(evals, t.val_batch_size, run, tokenizer, dist_info, shuffle=False)
+            if evals is not None else None)
+
+
+def _loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuffle: bool,
+            accumulation: int = 1):
+    t = run.train
+    rows = data.remove_columns([c for c in data.column_names if c not in ("input_ids", "labels")])
+    if t.batching_strategy == "packing":
+        samples = pack_samples(rows, t.context_length, tokenizer.pad_token_id)
+        collate = packed_collate
+    else:
+        samples = rows
+        collate = pad_collate(tokenizer.pad_token_id)
+    lengths = [len(s["input_ids"]) for s in samples]
+    sampler = GlobalBatchSampler(lengths, batch_size, dist_info.rank, dist_info.world_size,
+                                 shuffle=shuffle, seed=t.seed,
+                                 group_by_length=t.batching_strategy == "padding",
+                                 accumulation=accumulation)
+    if len(sampler) == 0:
+        raise ValueError(f"{len(lengths)} samples cannot fill one optimizer step of "
+                         f"{batch_size} x {dist_info.world_size} ranks x {accumulation} "
+                         "accumulation steps: lower the batch size")
+    return DataLoader(samples, batch_sampler=sampler, collate_fn=collate,
+                      num_workers=t.num_workers_dataloader, pin_memory=dist_info.device.type == "cuda",
+                      persistent_workers=False)

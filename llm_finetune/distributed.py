@@ -1,0 +1,86 @@
+"""Process-group set-up and tear-down, and rank helpers.
+
+One code path serves ``torchrun`` on N GPUs (NCCL), ``torchrun`` on CPU (gloo) and a plain
+``python``/notebook process. A single process that asks for FSDP gets a one-rank group, so FSDP
+(and its CPU offload) also works from a notebook.
+"""
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def world_size_from_env() -> int:
+    """World size of the group we are in or are about to join (torchrun's environment)."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(need_group: bool) -> tuple[DistInfo, bool]:
+    """Join (or create) the default process group when the run is distributed or uses FSDP.
+
+    Returns the rank information and whether this call created the group (then the run tears it
+    down; a group the caller made, in a notebook or a test, is left to the caller)."""
+    cuda = torch.cuda.is_available()
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = world_size_from_env()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    created = False
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    elif need_group or world_size > 1:
+        created = True
+        if not launched_by_torchrun():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(backend="nccl" if cuda else "gloo",
+                                device_id=device if cuda else None)
+    return DistInfo(rank, local_rank, world_size, device), created
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few scalars over all ranks in one collective (float64 keeps token counts exact)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()

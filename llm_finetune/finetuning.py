@@ -1,0 +1,148 @@
+"""``finetuning.main(**kwargs)``: one fine-tuning run, read top to bottom.
+
+    python -m llm_finetune.finetuning                       # tiny built-in model on CPU
+    torchrun --nproc_per_node 2 -m llm_finetune.finetuning --enable_fsdp --use_peft
+    python -m llm_finetune.finetuning --config configs/llama3_8b_lora.yaml --lr 2e-4
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import fire
+import torch
+
+from llm_finetune import distributed
+from llm_finetune.adapters import apply_peft
+from llm_finetune.checkpoint import save_model
+from llm_finetune.config_utils import ConfigError, build_run_config, field_help, validate
+from llm_finetune.data import build_dataloaders
+from llm_finetune.engine import enable_activation_checkpointing, wrap_fsdp
+from llm_finetune.metrics import MetricsLog
+from llm_finetune.model import decoder_layers, freeze_layers, load_model, load_tokenizer
+from llm_finetune.optim import build_optimizer, build_scheduler
+from llm_finetune.precision import choose_precision
+from llm_finetune.quantization import bnb_config
+from llm_finetune.train import Trainer
+
+
+def main(**kwargs) -> dict:
+    """Fine-tune a causal LM. Keyword arguments are the settings of ``llm_finetune.configs``
+    (flat ``lr=...`` or dotted ``fsdp_config.pure_bf16=True``); returns the run's summary."""
+    # 1. config: every setting checked before anything expensive happens
+    run = build_run_config(**kwargs)
+    cuda = torch.cuda.is_available()
+    validate(run, distributed.world_size_from_env(), cuda)
+    precision = choose_precision(run, cuda)
+
+    # 2. distributed set-up (a one-rank group when FSDP runs in a single process)
+    dist_info, owns_group = distributed.setup(need_group=run.train.enable_fsdp)
+    try:
+        torch.manual_seed(run.train.seed)
+        # 3. model: rank 0 alone reads weights under low_cpu_fsdp
+        tokenizer = load_tokenizer(run.train)
+        model = load_model(run.train, precision.weight_dtype,
+                           on_meta=run.train.low_cpu_fsdp and not dist_info.is_main,
+                           quantization_config=bnb_config(run, precision))
+        num_layers = len(decoder_layers(model))
+        if run.train.freeze_layers:
+            freeze_layers(model, run.train.num_freeze_layers)
+        if run.train.use_peft:
+            model = apply_peft(model, run, num_layers)
+        if run.fsdp.fsdp_activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if run.train.enable_fsdp:
+            model = wrap_fsdp(model, run.fsdp, dist_info, precision.compute_dtype,
+                              from_rank0=run.train.low_cpu_fsdp)
+        elif run.train.quantization == "":
+            model.to(dist_info.device)
+        report_parameters(model, dist_info)
+
+        # 4. data
+        train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info)
+
+        # 5. train
+        steps_per_epoch = math.ceil(len(train_loader) / run.train.gradient_accumulation_steps)
+        total_steps = steps_per_epoch * run.train.num_epochs
+        if run.train.max_train_step:
+            total_steps = min(total_steps, run.train.max_train_step)
+        optimizer = build_optimizer(model, run.train)
+        scheduler = build_scheduler(optimizer, run.train, steps_per_epoch, total_steps)
+        metrics = MetricsLog(str(Path(run.train.output_dir) / "metrics.jsonl"),
+                             enabled=run.train.save_metrics and dist_info.is_main)
+        if dist_info.is_main:
+            write_run_config(run)
+        trainer = Trainer(model, optimizer, scheduler, run, dist_info, precision, metrics,
+                          grad_scaler=grad_scaler(precision, run.train.enable_fsdp))
+        summary = trainer.fit(train_loader, eval_loader, total_steps)
+
+        # 6. save
+        if run.train.save_model:
+            summary["saved_to"] = str(save_model(model, run, tokenizer, dist_info, optimizer))
+        summary["metrics"] = metrics.records
+        if dist_info.is_main:
+            print_summary(summary)
+        summary["model"] = model  # the trained model, for notebooks and tests
+        return summary
+    finally:
+        if owns_group:
+            distributed.teardown()
+
+
+def grad_scaler(precision, fsdp: bool):
+    if not precision.grad_scaler:
+        return None
+    if fsdp:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler()
+    return torch.amp.GradScaler("cuda")
+
+
+def report_parameters(model, dist_info) -> None:
+    if not dist_info.is_main:
+        return
+    # under FSDP each rank holds a shard: scale the local count back to the model's size
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    scale = dist_info.world_size if hasattr(model, "sharding_strategy") and \
+        model.sharding_strategy.name != "NO_SHARD" else 1
+    print(f"parameters: {total * scale / 1e6:.2f}M, trainable {trainable * scale / 1e6:.2f}M "
+          f"(approx. under FSDP), world size {dist_info.world_size}, device {dist_info.device}",
+          flush=True)
+
+
+def write_run_config(run) -> None:
+    path = Path(run.train.output_dir) / "run_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+
+
+def print_summary(summary: dict) -> None:
+    shown = {k: v for k, v in summary.items() if k not in ("metrics", "model")}
+    print("run summary: " + json.dumps(shown, default=str), flush=True)
+
+
+def cli(*args, **kwargs) -> None:
+    """Command-line entry: settings errors print one clear message and exit with status 2."""
+    if args:
+        print(f"error: unexpected positional argument(s) {args}; settings are --key value",
+              file=sys.stderr)
+        sys.exit(2)
+    if kwargs.pop("help_settings", False):
+        print(field_help())
+        return
+    try:
+        main(**kwargs)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def console_main() -> None:
+    fire.Fire(cli)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,23 @@
+"""``output_dir/metrics.jsonl``: one JSON object per optimizer step and per evaluation, appended
+and flushed as the run goes, so scripts can read it while training runs. Keys are stable:
+steps have step, epoch, loss, lr, tokens_per_s, peak_gpu_mem_gib; evaluations have step,
+eval_loss, eval_perplexity."""
+
+import json
+import os
+
+
+class MetricsLog:
+    def __init__(self, path: str, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+        self.records: list[dict] = []  # kept in memory too: main() returns them
+        if enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            open(path, "w").close()
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

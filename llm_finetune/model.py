@@ -1,0 +1,96 @@
+"""Load the tokenizer and the model: from the hub, a local directory, or a built-in config.
+
+With ``low_cpu_fsdp`` only rank 0 reads weights into CPU memory; the other ranks build the same
+architecture on the ``meta`` device (no memory at all) and receive their shards from rank 0 when
+FSDP wraps the model (``sync_module_states``). A directory that holds only ``config.json`` (or a
+built-in name) gives a randomly initialised model, seeded so every rank builds the same one.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama"}
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def resolve_model_path(name: str) -> str:
+    return str(BUILTIN_MODELS.get(name, name))
+
+
+def has_weights(path: str) -> bool:
+    """False for a local directory with a config but no weight files; hub names have weights."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return True
+    return any(any(directory.glob(pattern)) for pattern in WEIGHT_FILES)
+
+
+def load_tokenizer(train_cfg):
+    name = resolve_model_path(train_cfg.tokenizer_name or train_cfg.model_name)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token_id is None:  # Llama tokenizers ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attention_implementation(use_fast_kernels: bool) -> str:
+    """flash-attention 2 when asked for and installed on a GPU, else PyTorch SDPA (which picks
+    its own flash / memory-efficient kernels on GPUs)."""
+    if (use_fast_kernels and torch.cuda.is_available()
+            and importlib.util.find_spec("flash_attn") is not None):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config=None):
+    """The causal LM in ``dtype`` on CPU (or on meta), in train mode.
+
+    ``from_pretrained`` returns a model in eval mode, where transformers skips gradient
+    checkpointing and dropout; training code must not inherit that, so we switch to train mode.
+    """
+    path = resolve_model_path(train_cfg.model_name)
+    attn = attention_implementation(train_cfg.use_fast_kernels)
+    if on_meta or not has_weights(path):
+        config = AutoConfig.from_pretrained(path)
+        config.use_cache = False
+        if on_meta:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        else:
+            torch.manual_seed(train_cfg.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    else:
+        kwargs = {"dtype": dtype, "attn_implementation": attn, "use_cache": False}
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+            kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.train()
+    return model
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> set[type]:
+    """The transformer block classes of any Hugging Face model, found through the model's own
+    ``_no_split_modules`` list (no per-family table to keep up to date)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ValueError(f"{type(base).__name__} names no decoder layer class in "
+                         f"_no_split_modules ({sorted(names)}); FSDP cannot pick its wrap units")
+    return classes
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    classes = tuple(decoder_layer_classes(model))
+    return [m for m in model.modules() if isinstance(m, classes)]
+
+
+def freeze_layers(model: torch.nn.Module, num_layers: int) -> None:
+    """Freeze the first ``num_layers`` decoder layers (partial full fine-tuning)."""
+    for layer in decoder_layers(model)[:num_layers]:
+        layer.requires_grad_(False)

@@ -1,0 +1,181 @@
+"""The training loop and evaluation.
+
+The loss of an optimizer step is the mean over *every* label token of that step: all
+micro-batches of gradient accumulation on all ranks. Each rank backpropagates its token-loss
+sum scaled by ``world_size / total_tokens`` (FSDP then averages over ranks), so N ranks, or k
+accumulation steps, give the gradient of one process running the whole global batch. Averaging
+per-micro-batch means instead (llama-recipes, and transformers before 4.46) weights short
+samples more and makes sharded losses differ from single-process ones.
+"""
+
+import contextlib
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from llm_finetune.distributed import DistInfo, all_reduce_sum
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the batch's label tokens, and their number."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, : labels.shape[1]]  # prefix tuning may add no positions; be explicit
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
+def count_label_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def peak_gpu_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def grouped(loader, size: int):
+    """Micro-batches in groups of ``size``, one optimizer step each (the sampler yields whole
+    groups; a shorter last group would only come from a custom sampler)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+class Trainer:
+    def __init__(self, model, optimizer, scheduler, run, dist_info: DistInfo, precision,
+                 metrics, grad_scaler=None):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.run = run
+        self.dist = dist_info
+        self.precision = precision
+        self.metrics = metrics
+        self.grad_scaler = grad_scaler
+        self.step = 0
+
+    def autocast(self):
+        if not self.precision.autocast or self.run.train.enable_fsdp:  # FSDP casts itself
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.precision.compute_dtype)
+
+    def clip_gradients(self) -> None:
+        threshold = self.run.train.gradient_clipping_threshold
+        if hasattr(self.model, "clip_grad_norm_"):  # FSDP: norm over all shards
+            self.model.clip_grad_norm_(threshold)
+        else:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], threshold)
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, int]:
+        """One optimizer step; returns (mean token loss over all ranks, tokens processed)."""
+        local_tokens = sum(count_label_tokens(b) for b in micro_batches)
+        input_tokens = sum(int(b["num_tokens"]) for b in micro_batches)
+        total_tokens, total_inputs = all_reduce_sum([local_tokens, input_tokens], self.dist.device)
+        scale = self.dist.world_size / max(total_tokens, 1)
+        loss_sum = 0.0
+        for batch in micro_batches:
+            batch = to_device(batch, self.dist.device)
+            with self.autocast():
+                loss, _ = token_loss_sum(self.model, batch)
+            scaled = loss * scale
+            (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
+            loss_sum += loss.item()
+        if self.grad_scaler:
+            self.grad_scaler.unscale_(self.optimizer)
+        if self.run.train.gradient_clipping:
+            self.clip_gradients()
+        if self.grad_scaler:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        (global_loss,) = all_reduce_sum([loss_sum], self.dist.device)
+        return global_loss / max(total_tokens, 1), int(total_inputs)
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict:
+        self.model.eval()
+        loss_sum, tokens = 0.0, 0
+        max_steps = self.run.train.max_eval_step
+        for i, batch in enumerate(tqdm(loader, desc="eval", disable=not self.dist.is_main,
+                                       leave=False)):
+            if max_steps and i >= max_steps:
+                break
+            with self.autocast():
+                loss, n = token_loss_sum(self.model, to_device(batch, self.dist.device))
+            loss_sum += loss.item()
+            tokens += n
+        loss_sum, tokens = all_reduce_sum([loss_sum, tokens], self.dist.device)
+        self.model.train()
+        eval_loss = loss_sum / max(tokens, 1)
+        return {"step": self.step, "eval_loss": eval_loss,
+                "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+    def fit(self, train_loader, eval_loader, total_steps: int, on_epoch_end=None) -> dict:
+        t = self.run.train
+        summary = {"train_loss": [], "eval_loss": [], "eval_perplexity": []}
+        started = time.perf_counter()
+        tokens_seen = 0
+        for epoch in range(t.num_epochs):
+            train_loader.batch_sampler.set_epoch(epoch)
+            self.model.train()
+            epoch_losses = []
+            bar = tqdm(total=min(math.ceil(len(train_loader) / t.gradient_accumulation_steps),
+                                 total_steps - self.step),
+                       desc=f"epoch {epoch + 1}/{t.num_epochs}", disable=not self.dist.is_main)
+            for micro_batches in grouped(train_loader, t.gradient_accumulation_steps):
+                if self.step >= total_steps:
+                    break
+                step_start = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss, tokens = self.train_step(micro_batches)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {self.step + 1}: stopping; "
+                                             "lower --lr or enable --gradient_clipping")
+                self.step += 1
+                tokens_seen += tokens
+                elapsed = time.perf_counter() - step_start
+                epoch_losses.append(loss)
+                self.metrics.log({"step": self.step, "epoch": epoch + 1, "loss": loss, "lr": lr,
+                                  "tokens_per_s": tokens / max(elapsed, 1e-9),
+                                  "peak_gpu_mem_gib": peak_gpu_gib()})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                bar.update()
+            bar.close()
+            if epoch_losses:
+                summary["train_loss"].append(sum(epoch_losses) / len(epoch_losses))
+            if eval_loader is not None:
+                result = self.evaluate(eval_loader)
+                self.metrics.log(result)
+                summary["eval_loss"].append(result["eval_loss"])
+                summary["eval_perplexity"].append(result["eval_perplexity"])
+            if self.dist.is_main:
+                shown = {k: round(v[-1], 4) for k, v in summary.items() if v}
+                print(f"epoch {epoch + 1}: {shown}", flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+            if self.step >= total_steps:
+                break
+        wall = time.perf_counter() - started
+        summary.update(steps=self.step, train_time_s=wall, tokens_per_s=tokens_seen / wall,
+                       peak_gpu_mem_gib=peak_gpu_gib())
+        return summary

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llm_finetune",
+    version="0.1.0",
+    description="torchrun-native fine-tuning of Hugging Face causal LMs with raw PyTorch FSDP",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llm_finetune", "llm_finetune.*"]),
+    package_data={"llm_finetune": ["assets/*/*"]},
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.0",
+        "peft>=0.17",
+        "bitsandbytes>=0.45",
+        "datasets>=3.0",
+        "fire>=0.6",
+        "tqdm",
+        "pyyaml",
+        "safetensors",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["llm-finetune=llm_finetune.finetuning:console_main"]},
+)

@@ -1,0 +1,85 @@
+"""Run under ``torchrun --nproc_per_node 2`` by tests/test_distributed.py: several FSDP runs in one
+launch (one process group, reused), results written by rank 0 to ``OUT/results.json``."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from llm_finetune import finetuning
+from llm_finetune.distributed import setup
+from llm_finetune.engine import wrap_fsdp
+from llm_finetune.config_utils import build_run_config
+from llm_finetune.model import load_model
+from tests.helpers import FAST, probe_input
+
+FSDP = dict(FAST, enable_fsdp=True)
+CASES = {
+    "FULL_SHARD": dict(FSDP, **{"fsdp_config.sharding_strategy": "FULL_SHARD"}),
+    "SHARD_GRAD_OP": dict(FSDP, **{"fsdp_config.sharding_strategy": "SHARD_GRAD_OP"}),
+    "NO_SHARD": dict(FSDP, **{"fsdp_config.sharding_strategy": "NO_SHARD"}),
+    "HYBRID_SHARD": dict(FSDP, **{"fsdp_config.sharding_strategy": "HYBRID_SHARD",
+                                  "fsdp_config.sharding_group_size": 2,
+                                  "fsdp_config.replica_group_size": 1}),
+    "HYBRID_SHARD_replicas": dict(FSDP, **{"fsdp_config.hsdp": True,
+                                           "fsdp_config.sharding_group_size": 1,
+                                           "fsdp_config.replica_group_size": 2}),
+    "lora": dict(FSDP, use_peft=True, peft_method="lora", save_model=True),
+    "llama_adapter": dict(FSDP, use_peft=True, peft_method="llama_adapter", lr=1e-2,
+                          save_model=True),
+    "prefix": dict(FSDP, use_peft=True, peft_method="prefix", lr=1e-1, save_model=True,
+                   **{"fsdp_config.fsdp_activation_checkpointing": False}),
+    "grad_accum_clip": dict(FSDP, gradient_accumulation_steps=2, gradient_clipping=True,
+                            gradient_clipping_threshold=0.5, batch_size_training=2),
+    "packing": dict(FSDP, batching_strategy="packing", context_length=128, batch_size_training=2),
+    "full_state_dict": dict(FSDP, save_model=True,
+                            **{"fsdp_config.checkpoint_type": "FULL_STATE_DICT"}),
+    "sharded_state_dict": dict(FSDP, save_model=True,
+                               **{"fsdp_config.checkpoint_type": "SHARDED_STATE_DICT"}),
+    "low_cpu_fsdp": dict(FSDP, low_cpu_fsdp=True),
+}
+
+
+def probe_logits(model) -> list:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=probe_input()).logits.tolist()
+
+
+def low_cpu_fsdp_weights(model_dir: str) -> dict:
+    """Rank 0 loads, rank 1 builds on meta; after wrapping, every rank's full weights."""
+    run = build_run_config(model_name=model_dir, enable_fsdp=True, low_cpu_fsdp=True)
+    info, _ = setup(need_group=True)
+    model = load_model(run.train, torch.float32, on_meta=not info.is_main)
+    on_meta = all(p.is_meta for p in model.parameters())
+    model = wrap_fsdp(model, run.fsdp, info, torch.float32, from_rank0=True)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    checksums = {k: float(v.double().sum()) for k, v in state.items()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {"meta_before_wrap": on_meta, "checksums": checksums})
+    return gathered
+
+
+def main(out: str, model_dir: str, only: str = "") -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {}
+    for name, kwargs in CASES.items():
+        if only and name not in only.split(","):
+            continue
+        summary = finetuning.main(**kwargs, model_name=model_dir,
+                                  output_dir=f"{out}/{name}")
+        results[name] = {"losses": [m["loss"] for m in summary["metrics"] if "loss" in m],
+                         "eval_loss": summary["eval_loss"], "logits": probe_logits(summary["model"])}
+    if not only or "weights" in only:
+        results["low_cpu_weights"] = low_cpu_fsdp_weights(model_dir)
+    if rank == 0:
+        Path(out, "results.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,44 @@
+"""Shared by the tests and by the torchrun worker they launch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from llm_finetune.model import BUILTIN_MODELS
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small, fast settings on the tiny model: a few fp32 steps, no dropout in LoRA so that runs are
+# deterministic and sharded runs can be compared with single-process ones step for step.
+FAST = dict(max_train_step=4, max_eval_step=2, batch_size_training=4, val_batch_size=4,
+            num_epochs=1, num_workers_dataloader=0, lr=1e-3, save_model=False,
+            **{"lora_config.lora_dropout": 0.0})
+
+
+def save_tiny_model(directory: Path, seed: int = 0, model_type: str = "llama") -> Path:
+    """A weights-on-disk copy of the built-in tiny model (what a user's checkpoint looks like)."""
+    config = AutoConfig.from_pretrained(BUILTIN_MODELS["tiny-llama"])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(BUILTIN_MODELS["tiny-llama"]).save_pretrained(directory)
+    return directory
+
+
+def probe_input(vocab_size: int = 1024) -> torch.Tensor:
+    return torch.randint(3, vocab_size, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300) -> None:
+    """Run ``script`` under torchrun on CPU (gloo); raise with its output if it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(nproc), str(script), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                             f"{done.stdout[-6000:]}\n{done.stderr[-12000:]}")

@@ -1,0 +1,58 @@
+"""The sampler and the shipped alpaca data."""
+
+import pytest
+
+from llm_finetune.config_utils import build_run_config
+from llm_finetune.data.alpaca import load_alpaca
+from llm_finetune.data.batching import GlobalBatchSampler
+from llm_finetune.model import load_tokenizer
+
+
+def rank_batches(world, batch, accumulation=1, epoch=0, n=103, group=True):
+    lengths = [(i * 37) % 50 + 1 for i in range(n)]
+    batches = []
+    for rank in range(world):
+        sampler = GlobalBatchSampler(lengths, batch, rank, world, shuffle=True, seed=3,
+                                     group_by_length=group, accumulation=accumulation)
+        sampler.set_epoch(epoch)
+        batches.append(list(sampler))
+        assert len(batches[-1]) == len(sampler)
+    return batches
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_get_disjoint_shards_and_equal_step_counts(world):
+    per_rank = rank_batches(world, batch=4)
+    assert len({len(b) for b in per_rank}) == 1
+    seen = [i for batches in per_rank for batch in batches for i in batch]
+    assert len(seen) == len(set(seen)) == (103 // (4 * world)) * 4 * world
+
+
+def test_same_steps_whatever_the_split():
+    """N ranks x batch B == one process x batch N*B == one process x B with N accumulation."""
+    def steps(per_rank, micro_per_step):
+        merged = [sorted(sum((r[i] for r in per_rank), [])) for i in range(len(per_rank[0]))]
+        return [sorted(sum(merged[i:i + micro_per_step], []))
+                for i in range(0, len(merged), micro_per_step)]
+    assert steps(rank_batches(2, 4), 1) == steps(rank_batches(1, 8), 1) \
+        == steps(rank_batches(1, 4, accumulation=2), 2)
+
+
+def test_shuffle_is_seeded_and_changes_with_epoch():
+    assert rank_batches(2, 4, epoch=1) == rank_batches(2, 4, epoch=1)
+    assert rank_batches(2, 4, epoch=1) != rank_batches(2, 4, epoch=2)
+
+
+def test_alpaca_masks_the_prompt_and_ends_with_eos():
+    run = build_run_config()
+    tokenizer = load_tokenizer(run.train)
+    rows = load_alpaca(run.dataset, tokenizer, "val", max_length=512)
+    assert len(rows) == run.dataset.eval_size
+    sample = rows[0]
+    masked = sample["labels"].index(next(x for x in sample["labels"] if x != -100))
+    assert sample["input_ids"][0] == tokenizer.bos_token_id
+    assert all(label == -100 for label in sample["labels"][:masked])
+    assert sample["labels"][masked:] == sample["input_ids"][masked:]
+    assert sample["input_ids"][-1] == tokenizer.eos_token_id
+    prompt = tokenizer.decode(sample["input_ids"][1:masked])
+    assert "### Instruction:" in prompt and prompt.endswith("### Response:\n")

@@ -1,0 +1,102 @@
+"""FSDP under ``torchrun --nproc_per_node 2`` (gloo, CPU) against single-process training.
+
+One torchrun launch runs every case (tests/dist_worker.py); each test compares one case with a
+single-process run on the same global batch. Tolerance: fp32 on CPU, the only difference is the
+order of floating-point sums across ranks, so per-step losses agree to 1e-5 relative.
+"""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from llm_finetune import finetuning
+from tests.dist_worker import CASES
+from tests.helpers import REPO, probe_input, torchrun
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("fsdp")
+    torchrun(REPO / "tests" / "dist_worker.py", str(out), str(tiny_model_dir))
+    results = json.loads((out / "results.json").read_text())
+    results["out"] = out
+    return results
+
+
+def single_process(case: str, model_dir, tmp_path) -> dict:
+    """The same run in one process, with a per-rank batch twice as large (the global batch)."""
+    kwargs = dict(CASES[case])
+    for key in ("enable_fsdp", "low_cpu_fsdp", "fsdp_config.sharding_strategy",
+                "fsdp_config.sharding_group_size", "fsdp_config.replica_group_size",
+                "fsdp_config.checkpoint_type", "fsdp_config.hsdp"):
+        kwargs.pop(key, None)
+    kwargs["batch_size_training"] *= 2
+    kwargs["val_batch_size"] *= 2
+    kwargs["save_model"] = False
+    return finetuning.main(**kwargs, model_name=str(model_dir), output_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("case", ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD",
+                                  "HYBRID_SHARD_replicas",
+                                  "lora", "llama_adapter", "prefix", "grad_accum_clip",
+                                  "packing",
+                                  "low_cpu_fsdp"])
+def test_fsdp_matches_single_process(case, fsdp_results, tiny_model_dir, tmp_path):
+    reference = single_process(case, tiny_model_dir, tmp_path)
+    expected = [m["loss"] for m in reference["metrics"] if "loss" in m]
+    got = fsdp_results[case]["losses"]
+    assert len(got) == len(expected) == CASES[case]["max_train_step"]
+    assert got == pytest.approx(expected, rel=RTOL)
+    assert fsdp_results[case]["eval_loss"] == pytest.approx(reference["eval_loss"], rel=RTOL)
+    assert got[-1] < got[0], "training did not lower the loss"
+
+
+def test_low_cpu_fsdp_gives_rank0_weights_on_every_rank(fsdp_results, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    on_disk = load_file(tiny_model_dir / "model.safetensors")
+    ranks = fsdp_results["low_cpu_weights"]
+    assert [r["meta_before_wrap"] for r in ranks] == [False, True], \
+        "rank 1 must not load weights: its model starts on the meta device"
+    for rank in ranks:
+        assert set(rank["checksums"]) == set(on_disk)
+        for name, tensor in on_disk.items():
+            assert rank["checksums"][name] == pytest.approx(float(tensor.double().sum()), abs=1e-9)
+
+
+def test_full_state_dict_loads_with_plain_transformers(fsdp_results):
+    model = AutoModelForCausalLM.from_pretrained(fsdp_results["out"] / "full_state_dict" / "model")
+    with torch.no_grad():
+        logits = model(input_ids=probe_input()).logits
+    torch.testing.assert_close(logits, torch.tensor(fsdp_results["full_state_dict"]["logits"]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_state_dict_is_a_dcp_checkpoint(fsdp_results, tiny_model_dir, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    directory = fsdp_results["out"] / "sharded_state_dict" / f"fine-tuned-{tiny_model_dir.name}"
+    assert (directory / ".metadata").is_file()
+    dcp_to_torch_save(directory, tmp_path / "full.pt")
+    state = torch.load(tmp_path / "full.pt", weights_only=True)["model"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        logits = model(input_ids=probe_input()).logits
+    torch.testing.assert_close(logits, torch.tensor(fsdp_results["sharded_state_dict"]["logits"]),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "llama_adapter", "prefix"])
+def test_fsdp_adapter_loads_with_plain_peft(method, fsdp_results, tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, fsdp_results["out"] / method / "model").eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe_input()).logits
+    torch.testing.assert_close(logits, torch.tensor(fsdp_results[method]["logits"]),
+                               rtol=1e-4, atol=1e-4)

@@ -1,0 +1,86 @@
+"""Model loading and the FSDP wrap policy across model families."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from llm_finetune.config_utils import build_run_config
+from llm_finetune.distributed import setup
+from llm_finetune.engine import enable_activation_checkpointing, wrap_fsdp
+from llm_finetune.model import decoder_layer_classes, has_weights, load_model
+
+SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("config_cls,layer_name", [
+    (LlamaConfig, "LlamaDecoderLayer"), (Qwen2Config, "Qwen2DecoderLayer"),
+    (MistralConfig, "MistralDecoderLayer")])
+def test_decoder_layer_class_is_found_per_family(config_cls, layer_name):
+    model = AutoModelForCausalLM.from_config(config_cls(**SMALL))
+    assert [c.__name__ for c in decoder_layer_classes(model)] == [layer_name]
+
+
+@pytest.fixture
+def one_rank_group():
+    info, created = setup(need_group=True)
+    yield info
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config_cls", [LlamaConfig, Qwen2Config])
+def test_fsdp_wraps_one_unit_per_decoder_layer(config_cls, one_rank_group):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = AutoModelForCausalLM.from_config(config_cls(**SMALL))
+    run = build_run_config(enable_fsdp=True)
+    wrapped = wrap_fsdp(model, run.fsdp, one_rank_group, torch.float32, from_rank0=False)
+    units = [m for m in wrapped.modules() if isinstance(m, FSDP)]
+    assert len(units) == SMALL["num_hidden_layers"] + 1  # each layer, plus the root
+    assert all(type(u.module) in decoder_layer_classes(model) for u in units[1:])
+
+
+def saved_activation_bytes(model, input_ids) -> int:
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=input_ids).logits.sum()
+    return total
+
+
+def test_activation_checkpointing_really_drops_activations():
+    config = LlamaConfig(**SMALL)
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config).train()
+    checkpointed = AutoModelForCausalLM.from_config(config).train()
+    enable_activation_checkpointing(checkpointed)
+    ids = torch.randint(0, 128, (2, 64))
+    assert saved_activation_bytes(checkpointed, ids) < 0.5 * saved_activation_bytes(plain, ids)
+
+
+def test_builtin_model_is_random_init_from_config_and_in_train_mode():
+    run = build_run_config()
+    assert not has_weights("llm_finetune/assets/tiny-llama")
+    model = load_model(run.train, torch.float32, on_meta=False)
+    assert model.training
+    again = load_model(run.train, torch.float32, on_meta=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+def test_saved_model_loads_in_train_mode(tiny_model_dir):
+    run = build_run_config(model_name=str(tiny_model_dir))
+    model = load_model(run.train, torch.float32, on_meta=False)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_meta_load_allocates_nothing(tiny_model_dir):
+    run = build_run_config(model_name=str(tiny_model_dir))
+    model = load_model(run.train, torch.float32, on_meta=True)
+    assert all(p.is_meta for p in model.parameters())

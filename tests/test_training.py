@@ -1,0 +1,110 @@
+"""Single-process training: the default run learns, every PEFT method saves adapters that plain
+peft loads, a full fine-tune saves a model that plain transformers loads, and gradient
+accumulation and packing change nothing but speed."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from llm_finetune import finetuning
+from llm_finetune.data.batching import pack_samples, packed_collate, pad_collate
+from llm_finetune.train import token_loss_sum
+from tests.helpers import FAST, probe_input
+
+
+def logits_of(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=probe_input()).logits
+
+
+def test_default_run_learns_and_writes_metrics(tmp_path):
+    # the embedded default (tiny model, shipped data), shortened to one epoch of 150 steps
+    summary = finetuning.main(output_dir=str(tmp_path), num_epochs=1, max_train_step=150,
+                              num_workers_dataloader=0)
+    first_loss = summary["metrics"][0]["loss"]
+    assert first_loss > 6.0  # ln(1024) = 6.93: an untrained model
+    assert summary["eval_loss"][-1] < 0.5 * first_loss
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "eval_loss" in r]
+    assert len(steps) == 150 and len(evals) == 1
+    assert set(steps[0]) == {"step", "epoch", "loss", "lr", "tokens_per_s", "peak_gpu_mem_gib"}
+    assert set(evals[0]) == {"step", "eval_loss", "eval_perplexity"}
+    assert evals[0]["eval_perplexity"] == pytest.approx(2.718281828 ** evals[0]["eval_loss"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    torch.testing.assert_close(logits_of(model), logits_of(summary["model"]))
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("lora", {}),
+    ("llama_adapter", {"lr": 5e-2}),
+    ("prefix", {"lr": 1e-1, "fsdp_config.fsdp_activation_checkpointing": False}),
+])
+def test_peft_method_trains_and_adapter_loads_with_plain_peft(method, extra, tiny_model_dir,
+                                                              tmp_path):
+    summary = finetuning.main(**{**FAST, **extra, "save_model": True, "max_train_step": 6},
+                              model_name=str(tiny_model_dir), use_peft=True, peft_method=method,
+                              output_dir=str(tmp_path))
+    untrained = finetuning.main(**{**FAST, **extra, "lr": 1e-12, "max_train_step": 6},
+                                model_name=str(tiny_model_dir), use_peft=True,
+                                peft_method=method, output_dir=str(tmp_path / "untrained"))
+    # same fixed eval batches before and after: a noise-free check that training helped
+    assert summary["eval_loss"][-1] < untrained["eval_loss"][-1]
+    trained = summary["model"]
+    frozen_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.allclose(logits_of(trained), logits_of(frozen_base)), "adapter learned nothing"
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                       tmp_path / "model")
+    torch.testing.assert_close(logits_of(loaded), logits_of(trained), rtol=1e-5, atol=1e-5)
+
+
+def test_from_peft_checkpoint_continues_the_adapter(tiny_model_dir, tmp_path):
+    first = finetuning.main(**{**FAST, "save_model": True}, model_name=str(tiny_model_dir),
+                            use_peft=True, output_dir=str(tmp_path / "a"))
+    resumed = finetuning.main(model_name=str(tiny_model_dir), use_peft=True,
+                              from_peft_checkpoint=str(tmp_path / "a" / "model"),
+                              output_dir=str(tmp_path / "b"), **{**FAST, "lr": 1e-12})
+    torch.testing.assert_close(logits_of(resumed["model"]), logits_of(first["model"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_freeze_layers_keeps_first_layers_fixed(tiny_model_dir, tmp_path):
+    summary = finetuning.main(**FAST, model_name=str(tiny_model_dir), freeze_layers=True,
+                              num_freeze_layers=2, output_dir=str(tmp_path))
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = summary["model"].state_dict()
+    assert torch.equal(after["model.layers.1.mlp.up_proj.weight"],
+                       before["model.layers.1.mlp.up_proj.weight"])
+    assert not torch.equal(after["model.layers.2.mlp.up_proj.weight"],
+                           before["model.layers.2.mlp.up_proj.weight"])
+
+
+def test_gradient_accumulation_equals_the_large_batch(tiny_model_dir, tmp_path):
+    large = finetuning.main(**{**FAST, "batch_size_training": 8}, model_name=str(tiny_model_dir),
+                            output_dir=str(tmp_path / "a"))
+    accumulated = finetuning.main(**{**FAST, "batch_size_training": 4,
+                                     "gradient_accumulation_steps": 2},
+                                  model_name=str(tiny_model_dir), output_dir=str(tmp_path / "b"))
+    assert [m["loss"] for m in accumulated["metrics"] if "loss" in m] == pytest.approx(
+        [m["loss"] for m in large["metrics"] if "loss" in m], rel=1e-5)
+
+
+def test_packed_batch_has_no_cross_talk(tiny_model_dir):
+    """A packed block gives each sample the same token losses as running it alone."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for n in (9, 14, 6):
+        ids = torch.randint(3, 1000, (n,), generator=gen).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+    blocks = pack_samples(samples, context_length=40, pad_token_id=2)
+    assert len(blocks) == 1
+    with torch.no_grad():
+        packed, packed_tokens = token_loss_sum(model, packed_collate(blocks))
+        alone = sum(token_loss_sum(model, pad_collate(2)([s]))[0] for s in samples)
+    assert packed_tokens == sum(len(s["input_ids"]) - 1 for s in samples)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Set up (first time only), then fine-tune: the embedded default with no arguments.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+exec .venv/bin/python -m llm_finetune.finetuning "$@"
