@@ -64,11 +64,12 @@ def save_model(model, run, tokenizer, dist_info: DistInfo, optimizer=None) -> Pa
         return save_sharded(model, optimizer if t.save_optimizer else None, sharded_dir(run),
                             dist_info)
     final = model_dir(run)
-    # full tensors gathered to rank 0 only, moved to CPU as they arrive (on a CPU-only run the
-    # tensors are there already, and FSDP's offload path crashes there); PEFT gathers just the
-    # trainable adapter
+    # Full model: gathered to rank 0 only, moved to CPU as it arrives (not on a CPU-only run:
+    # the tensors are there already, and FSDP's offload path crashes there). PEFT: only the
+    # small trainable adapter, on every rank (rank-0-only gathering together with
+    # ignore_frozen_params fails on the other ranks, whose state dict is empty).
     options = StateDictOptions(full_state_dict=True,
-                               cpu_offload=dist_info.device.type != "cpu",
+                               cpu_offload=dist_info.device.type != "cpu" and not t.use_peft,
                                ignore_frozen_params=t.use_peft)
     state = get_model_state_dict(model, options=options)
     if dist_info.is_main:

@@ -38,56 +38,57 @@ def main(**kwargs) -> dict:
 
     # 2. distributed set-up (a one-rank group when FSDP runs in a single process)
     dist_info, owns_group = distributed.setup(need_group=run.train.enable_fsdp)
-    try:
-        torch.manual_seed(run.train.seed)
-        # 3. model: rank 0 alone reads weights under low_cpu_fsdp
-        tokenizer = load_tokenizer(run.train)
-        model = load_model(run.train, precision.weight_dtype,
-                           on_meta=run.train.low_cpu_fsdp and not dist_info.is_main,
-                           quantization_config=bnb_config(run, precision))
-        num_layers = len(decoder_layers(model))
-        if run.train.freeze_layers:
-            freeze_layers(model, run.train.num_freeze_layers)
-        if run.train.use_peft:
-            model = apply_peft(model, run, num_layers)
-        if run.fsdp.fsdp_activation_checkpointing:
-            enable_activation_checkpointing(model)
-        if run.train.enable_fsdp:
-            model = wrap_fsdp(model, run.fsdp, dist_info, precision.compute_dtype,
-                              from_rank0=run.train.low_cpu_fsdp)
-        elif run.train.quantization == "":
-            model.to(dist_info.device)
-        report_parameters(model, dist_info)
+    torch.manual_seed(run.train.seed)
+    # 3. model: rank 0 alone reads weights under low_cpu_fsdp
+    tokenizer = load_tokenizer(run.train)
+    model = load_model(run.train, precision.weight_dtype,
+                       on_meta=run.train.low_cpu_fsdp and not dist_info.is_main,
+                       quantization_config=bnb_config(run, precision))
+    num_layers = len(decoder_layers(model))
+    if run.train.freeze_layers:
+        freeze_layers(model, run.train.num_freeze_layers)
+    if run.train.use_peft:
+        model = apply_peft(model, run, num_layers)
+    if run.fsdp.fsdp_activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if run.train.enable_fsdp:
+        model = wrap_fsdp(model, run.fsdp, dist_info, precision.compute_dtype,
+                          from_rank0=run.train.low_cpu_fsdp)
+    elif run.train.quantization == "":
+        model.to(dist_info.device)
+    report_parameters(model, dist_info)
 
-        # 4. data
-        train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info)
+    # 4. data
+    train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info)
 
-        # 5. train
-        steps_per_epoch = math.ceil(len(train_loader) / run.train.gradient_accumulation_steps)
-        total_steps = steps_per_epoch * run.train.num_epochs
-        if run.train.max_train_step:
-            total_steps = min(total_steps, run.train.max_train_step)
-        optimizer = build_optimizer(model, run.train)
-        scheduler = build_scheduler(optimizer, run.train, steps_per_epoch, total_steps)
-        metrics = MetricsLog(str(Path(run.train.output_dir) / "metrics.jsonl"),
-                             enabled=run.train.save_metrics and dist_info.is_main)
-        if dist_info.is_main:
-            write_run_config(run)
-        trainer = Trainer(model, optimizer, scheduler, run, dist_info, precision, metrics,
-                          grad_scaler=grad_scaler(precision, run.train.enable_fsdp))
-        summary = trainer.fit(train_loader, eval_loader, total_steps)
+    # 5. train
+    steps_per_epoch = math.ceil(len(train_loader) / run.train.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * run.train.num_epochs
+    if run.train.max_train_step:
+        total_steps = min(total_steps, run.train.max_train_step)
+    optimizer = build_optimizer(model, run.train)
+    scheduler = build_scheduler(optimizer, run.train, steps_per_epoch, total_steps)
+    metrics = MetricsLog(str(Path(run.train.output_dir) / "metrics.jsonl"),
+                         enabled=run.train.save_metrics and dist_info.is_main)
+    if dist_info.is_main:
+        write_run_config(run)
+    trainer = Trainer(model, optimizer, scheduler, run, dist_info, precision, metrics,
+                      grad_scaler=grad_scaler(precision, run.train.enable_fsdp))
+    summary = trainer.fit(train_loader, eval_loader, total_steps)
 
-        # 6. save
-        if run.train.save_model:
-            summary["saved_to"] = str(save_model(model, run, tokenizer, dist_info, optimizer))
-        summary["metrics"] = metrics.records
-        if dist_info.is_main:
-            print_summary(summary)
-        summary["model"] = model  # the trained model, for notebooks and tests
-        return summary
-    finally:
-        if owns_group:
-            distributed.teardown()
+    # 6. save
+    if run.train.save_model:
+        summary["saved_to"] = str(save_model(model, run, tokenizer, dist_info, optimizer))
+    summary["metrics"] = metrics.records
+    if dist_info.is_main:
+        print_summary(summary)
+    summary["model"] = model  # the trained model, for notebooks and tests
+    # Only a run that ended well tears its group down. On an error another rank may be blocked
+    # in a collective, and destroying an NCCL group under it would hang this rank too; the
+    # exception ends this process and torchrun stops the others.
+    if owns_group:
+        distributed.teardown()
+    return summary
 
 
 def grad_scaler(precision, fsdp: bool):

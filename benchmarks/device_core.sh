@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU check of the core engine on a 2-GPU machine (see docs/gpu_runs.md for the results):
+# NCCL FSDP on the tiny model, fp32 parity of FSDP vs one GPU, and real-shape runs.
+#   bash benchmarks/device_core.sh OUT_DIR
+set -uo pipefail
+out=${1:-/tmp/device_core}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
+ft="-m llm_finetune.finetuning --num_workers_dataloader 2"
+run() { local name=$1; shift; echo "== $name: $*"; timeout "${RUN_TIMEOUT:-240}" "$@" > "$out/$name.log" 2>&1; echo "rc=$?";
+        grep -h "run summary" "$out/$name.log" | cut -c1-400; }
+tr2="torchrun --standalone --nproc_per_node 2"
+python3 benchmarks/make_shape_config.py llama3-8b /tmp/llama3-8b
+python3 benchmarks/make_shape_config.py llama3.2-1b /tmp/llama3.2-1b
+python3 -c "from tests.helpers import save_tiny_model; from pathlib import Path; save_tiny_model(Path('/tmp/tinyw'))"
+fp32="--model_name /tmp/tinyw --mixed_precision False --fsdp_config.mixed_precision False --lora_config.lora_dropout 0 --max_train_step 10 --save_model False"
+if [ -z "${SKIP_PARITY:-}" ]; then
+run tiny_1gpu_fp32 env CUDA_VISIBLE_DEVICES=0 python3 $ft $fp32 --batch_size_training 8 --output_dir $out/tiny_1gpu_fp32
+run tiny_fsdp_fp32 $tr2 $ft $fp32 --enable_fsdp --batch_size_training 4 --output_dir $out/tiny_fsdp_fp32
+python3 - "$out" <<'PY'
+import json, sys
+load = lambda d: [json.loads(l)["loss"] for l in open(f"{sys.argv[1]}/{d}/metrics.jsonl") if '"loss"' in l]
+a, b = load("tiny_1gpu_fp32"), load("tiny_fsdp_fp32")
+print("fp32 parity, max relative loss difference FSDP(2 GPUs) vs 1 GPU:",
+      max(abs(x - y) / abs(x) for x, y in zip(a, b)), "over", len(a), "steps")
+PY
+fi
+run tiny_fsdp_lora_bf16 $tr2 $ft --enable_fsdp --use_peft --max_train_step 20 --output_dir $out/tiny_fsdp_lora_bf16
+ls "$out/tiny_fsdp_lora_bf16/model"
+big="--tokenizer_name tiny-llama --batching_strategy packing --context_length 2048 --batch_size_training 4 --run_validation False --save_model False --num_epochs 3"
+run llama8b_lora_fsdp2 $tr2 $ft $big --model_name /tmp/llama3-8b --enable_fsdp --low_cpu_fsdp --use_peft --fsdp_config.pure_bf16 True --max_train_step 12 --output_dir $out/llama8b_lora_fsdp2
+run llama1b_full_fsdp2 $tr2 $ft $big --model_name /tmp/llama3.2-1b --enable_fsdp --low_cpu_fsdp --fsdp_config.pure_bf16 True --max_train_step 20 --output_dir $out/llama1b_full_fsdp2
+run llama8b_lora_1gpu env CUDA_VISIBLE_DEVICES=0 python3 $ft $big --model_name /tmp/llama3-8b --use_peft --max_train_step 12 --output_dir $out/llama8b_lora_1gpu
+python3 - "$out" <<'PY'
+import json, statistics, sys, glob, os
+for d in sorted(glob.glob(f"{sys.argv[1]}/*/metrics.jsonl")):
+    steps = [json.loads(l) for l in open(d) if '"loss"' in l]
+    if len(steps) < 4: continue
+    tps = statistics.median(s["tokens_per_s"] for s in steps[2:])
+    print(f"| {os.path.basename(os.path.dirname(d))} | {len(steps)} | {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f} | {tps:,.0f} | {steps[-1]['peak_gpu_mem_gib']:.1f} |")
+PY
