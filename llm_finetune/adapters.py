@@ -17,8 +17,11 @@ def peft_config(run, num_layers: int):
     return PrefixTuningConfig(**fields)
 
 
-def apply_peft(model, run, num_layers: int) -> PeftModel:
+def apply_peft(model, run, num_layers: int, adapter_dtype=None) -> PeftModel:
     """New adapters, or the saved ones of ``from_peft_checkpoint``, trainable.
+
+    ``adapter_dtype``: peft creates adapters in fp32 over a bf16 base; FSDP can only flatten
+    parameters of one dtype into a unit, so under FSDP the adapters take the base's dtype.
 
     Wrapping a model that already has adapters nests them and silently trains the wrong
     weights (a common trap with ``get_peft_model`` called twice), so that is an error.
@@ -27,5 +30,11 @@ def apply_peft(model, run, num_layers: int) -> PeftModel:
         raise ValueError("the model already carries PEFT adapters; get_peft_model must be applied "
                          "once. Pass the base model, or continue with --from_peft_checkpoint")
     if run.train.from_peft_checkpoint:
-        return PeftModel.from_pretrained(model, run.train.from_peft_checkpoint, is_trainable=True)
-    return get_peft_model(model, peft_config(run, num_layers))
+        model = PeftModel.from_pretrained(model, run.train.from_peft_checkpoint, is_trainable=True)
+    else:
+        model = get_peft_model(model, peft_config(run, num_layers))
+    if adapter_dtype is not None:
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(adapter_dtype)
+    return model

@@ -69,6 +69,15 @@ def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dty
             mesh = init_device_mesh(dist_info.device.type, (replica, shard),
                                     mesh_dim_names=("replicate", "shard"))
     full_state = model.state_dict() if from_rank0 and dist_info.is_main else {}
+    meta_rank = from_rank0 and not dist_info.is_main
+    if meta_rank and has_tied_parameters(model):
+        # Materialising module by module would give each side of a tie (input embedding and
+        # lm_head) its own tensor, so FSDP would lay out this rank differently from rank 0. Such
+        # models are small-vocabulary-heavy ones (1-3B); allocate them whole, uninitialised, and
+        # restore the ties before sharding.
+        model.to_empty(device=dist_info.device)
+        model.tie_weights()
+        meta_rank = False
 
     def materialise(module: torch.nn.Module) -> None:
         module.to_empty(device=dist_info.device, recurse=False)
@@ -85,7 +94,7 @@ def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dty
                            else BackwardPrefetch[fsdp_cfg.backward_prefetch]),
         limit_all_gathers=fsdp_cfg.limit_all_gathers,
         device_id=dist_info.device,  # on CPU too: FSDP otherwise looks for an accelerator
-        param_init_fn=materialise if from_rank0 and not dist_info.is_main else None,
+        param_init_fn=materialise if meta_rank else None,
         use_orig_params=True,  # frozen and trainable PEFT parameters may share a unit
     )
     if from_rank0:
@@ -94,6 +103,11 @@ def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dty
         del full_state
         broadcast_non_persistent_buffers(sharded)
     return sharded
+
+
+def has_tied_parameters(model: torch.nn.Module) -> bool:
+    """True when one parameter is registered under two names (e.g. tied embeddings)."""
+    return len(list(model.named_parameters(remove_duplicate=False))) > len(list(model.parameters()))
 
 
 def broadcast_non_persistent_buffers(model: torch.nn.Module) -> None:

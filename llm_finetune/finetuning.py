@@ -43,12 +43,14 @@ def main(**kwargs) -> dict:
     tokenizer = load_tokenizer(run.train)
     model = load_model(run.train, precision.weight_dtype,
                        on_meta=run.train.low_cpu_fsdp and not dist_info.is_main,
-                       quantization_config=bnb_config(run, precision))
+                       quantization_config=bnb_config(run, precision),
+                       init_device="cpu" if run.train.enable_fsdp else dist_info.device)
     num_layers = len(decoder_layers(model))
     if run.train.freeze_layers:
         freeze_layers(model, run.train.num_freeze_layers)
     if run.train.use_peft:
-        model = apply_peft(model, run, num_layers)
+        model = apply_peft(model, run, num_layers,
+                           adapter_dtype=precision.weight_dtype if run.train.enable_fsdp else None)
     if run.fsdp.fsdp_activation_checkpointing:
         enable_activation_checkpointing(model)
     if run.train.enable_fsdp:

@@ -7,6 +7,7 @@ built-in name) gives a randomly initialised model, seeded so every rank builds t
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -46,8 +47,27 @@ def attention_implementation(use_fast_kernels: bool) -> str:
     return "sdpa"
 
 
-def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config=None):
+def random_init(config, dtype: torch.dtype, attn: str, seed: int, device) -> torch.nn.Module:
+    """A randomly initialised model, built directly on ``device`` (a GPU initialises an 8B model
+    in a second; one CPU thread, torchrun's default, takes minutes, so use this rank's share of
+    the cores meanwhile)."""
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) // ranks_here))
+    try:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config=None,
+               init_device="cpu"):
     """The causal LM in ``dtype`` on CPU (or on meta), in train mode.
+
+    ``init_device``: where a model without weights on disk is initialised (one process: the
+    GPU it will train on; under FSDP: the CPU, and FSDP moves each shard to its GPU).
 
     ``from_pretrained`` returns a model in eval mode, where transformers skips gradient
     checkpointing and dropout; training code must not inherit that, so we switch to train mode.
@@ -61,8 +81,7 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         else:
-            torch.manual_seed(train_cfg.seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+            model = random_init(config, dtype, attn, train_cfg.seed, init_device)
     else:
         kwargs = {"dtype": dtype, "attn_implementation": attn, "use_cache": False}
         if quantization_config is not None:

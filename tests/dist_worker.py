@@ -63,7 +63,7 @@ def low_cpu_fsdp_weights(model_dir: str) -> dict:
     return gathered
 
 
-def main(out: str, model_dir: str, only: str = "") -> None:
+def main(out: str, model_dir: str, tied_dir: str, only: str = "") -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {}
@@ -76,6 +76,7 @@ def main(out: str, model_dir: str, only: str = "") -> None:
                          "eval_loss": summary["eval_loss"], "logits": probe_logits(summary["model"])}
     if not only or "weights" in only:
         results["low_cpu_weights"] = low_cpu_fsdp_weights(model_dir)
+        results["low_cpu_weights_tied"] = low_cpu_fsdp_weights(tied_dir)
     if rank == 0:
         Path(out, "results.json").write_text(json.dumps(results))
     dist.destroy_process_group()

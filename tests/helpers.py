@@ -19,9 +19,10 @@ FAST = dict(max_train_step=4, max_eval_step=2, batch_size_training=4, val_batch_
             **{"lora_config.lora_dropout": 0.0})
 
 
-def save_tiny_model(directory: Path, seed: int = 0, model_type: str = "llama") -> Path:
+def save_tiny_model(directory: Path, seed: int = 0, tie_embeddings: bool = False) -> Path:
     """A weights-on-disk copy of the built-in tiny model (what a user's checkpoint looks like)."""
     config = AutoConfig.from_pretrained(BUILTIN_MODELS["tiny-llama"])
+    config.tie_word_embeddings = tie_embeddings
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)

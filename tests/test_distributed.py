@@ -20,9 +20,9 @@ RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory, tiny_model_dir):
+def fsdp_results(tmp_path_factory, tiny_model_dir, tied_model_dir):
     out = tmp_path_factory.mktemp("fsdp")
-    torchrun(REPO / "tests" / "dist_worker.py", str(out), str(tiny_model_dir))
+    torchrun(REPO / "tests" / "dist_worker.py", str(out), str(tiny_model_dir), str(tied_model_dir))
     results = json.loads((out / "results.json").read_text())
     results["out"] = out
     return results
@@ -56,15 +56,19 @@ def test_fsdp_matches_single_process(case, fsdp_results, tiny_model_dir, tmp_pat
     assert got[-1] < got[0], "training did not lower the loss"
 
 
-def test_low_cpu_fsdp_gives_rank0_weights_on_every_rank(fsdp_results, tiny_model_dir):
+@pytest.mark.parametrize("tied", [False, True])
+def test_low_cpu_fsdp_gives_rank0_weights_on_every_rank(tied, fsdp_results, tiny_model_dir,
+                                                        tied_model_dir):
     from safetensors.torch import load_file
 
-    on_disk = load_file(tiny_model_dir / "model.safetensors")
-    ranks = fsdp_results["low_cpu_weights"]
+    directory = tied_model_dir if tied else tiny_model_dir
+    on_disk = load_file(directory / "model.safetensors")
+    ranks = fsdp_results["low_cpu_weights_tied" if tied else "low_cpu_weights"]
     assert [r["meta_before_wrap"] for r in ranks] == [False, True], \
         "rank 1 must not load weights: its model starts on the meta device"
     for rank in ranks:
-        assert set(rank["checksums"]) == set(on_disk)
+        if tied:  # saved once, present under both names in the model
+            assert rank["checksums"]["lm_head.weight"] == rank["checksums"]["model.embed_tokens.weight"]
         for name, tensor in on_disk.items():
             assert rank["checksums"][name] == pytest.approx(float(tensor.double().sum()), abs=1e-9)
 
