@@ -27,9 +27,9 @@ fi
 run tiny_fsdp_lora_bf16 $tr2 $ft --enable_fsdp --use_peft --max_train_step 20 --output_dir $out/tiny_fsdp_lora_bf16
 ls "$out/tiny_fsdp_lora_bf16/model"
 big="--tokenizer_name tiny-llama --batching_strategy packing --context_length 2048 --batch_size_training 4 --run_validation False --save_model False --num_epochs 3"
-run llama8b_lora_fsdp2 $tr2 $ft $big --model_name /tmp/llama3-8b --enable_fsdp --low_cpu_fsdp --use_peft --fsdp_config.pure_bf16 True --max_train_step 12 --output_dir $out/llama8b_lora_fsdp2
-run llama1b_full_fsdp2 $tr2 $ft $big --model_name /tmp/llama3.2-1b --enable_fsdp --low_cpu_fsdp --fsdp_config.pure_bf16 True --max_train_step 20 --output_dir $out/llama1b_full_fsdp2
-run llama8b_lora_1gpu env CUDA_VISIBLE_DEVICES=0 python3 $ft $big --model_name /tmp/llama3-8b --use_peft --max_train_step 12 --output_dir $out/llama8b_lora_1gpu
+run llama8b_lora_fsdp2 $tr2 $ft $big --model_name /tmp/llama3-8b --enable_fsdp --low_cpu_fsdp --use_peft --fsdp_config.pure_bf16 True --max_train_step 8 --output_dir $out/llama8b_lora_fsdp2
+run llama1b_full_fsdp2 $tr2 $ft $big --model_name /tmp/llama3.2-1b --enable_fsdp --low_cpu_fsdp --fsdp_config.pure_bf16 True --max_train_step 10 --output_dir $out/llama1b_full_fsdp2
+run llama8b_lora_1gpu env CUDA_VISIBLE_DEVICES=0 python3 $ft $big --model_name /tmp/llama3-8b --use_peft --max_train_step 8 --output_dir $out/llama8b_lora_1gpu
 python3 - "$out" <<'PY'
 import json, statistics, sys, glob, os
 for d in sorted(glob.glob(f"{sys.argv[1]}/*/metrics.jsonl")):

@@ -9,7 +9,6 @@ import functools
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (BackwardPrefetch, CPUOffload, FullyShardedDataParallel,
                                     MixedPrecision, ShardingStrategy)
@@ -47,14 +46,82 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def move_to_meta(model: torch.nn.Module) -> None:
+    """Replace every parameter and buffer by a meta tensor, keeping shared ones shared
+    (``Module.to("meta")`` gives each module its own copy and unties tied embeddings)."""
+    replaced = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None:
+                    continue
+                if id(tensor) not in replaced:
+                    meta = torch.empty_like(tensor, device="meta")
+                    if isinstance(tensor, torch.nn.Parameter):
+                        meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                    replaced[id(tensor)] = (tensor, meta)
+                table[name] = replaced[id(tensor)][1]
+
+
+class RankZeroInit:
+    """FSDP ``param_init_fn`` for ``low_cpu_fsdp``: fill every rank's tensors from rank 0.
+
+    Rank 0 loaded the weights; it keeps them as the source and moves its module tree to the
+    meta device like the other ranks. FSDP then materialises one unit at a time on every rank,
+    calling this for each module: it allocates the module's own parameters and buffers,
+    rank 0 copies its values in, and one broadcast per tensor gives them to the other ranks
+    before FSDP flattens and shards the unit. So no rank other than 0 ever holds more than one
+    unit unsharded, on CPU or GPU alike (FSDP1's ``sync_module_states`` refuses CPU tensors,
+    and DCP's ``broadcast_from_rank0`` loading unshards the whole model on every rank).
+    Tensors shared by two modules (tied embeddings) stay shared.
+    """
+
+    def __init__(self, model: torch.nn.Module, dist_info: DistInfo):
+        self.dist_info = dist_info
+        self.module_names = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.module_names.setdefault(module, name)
+        self.source = {}
+        if dist_info.is_main:
+            named = [*model.named_parameters(remove_duplicate=False),
+                     *model.named_buffers(remove_duplicate=False)]
+            self.source = {name: tensor.detach() for name, tensor in named}
+            move_to_meta(model)  # the detached tensors above keep the loaded values alive
+        self.shared = {}
+        for _, tensor in [*model.named_parameters(remove_duplicate=False),
+                          *model.named_buffers(remove_duplicate=False)]:
+            self.shared[id(tensor)] = self.shared.get(id(tensor), 0) + 1
+        # tensors registered under several names (ties): id(meta) -> (meta, materialised);
+        # only these are remembered, so FSDP can free every other unsharded tensor at once
+        self.done = {}
+
+    def _materialise(self, prefix: str, name: str, meta: torch.Tensor) -> torch.Tensor:
+        if id(meta) not in self.done:
+            tensor = torch.empty_like(meta, device=self.dist_info.device)
+            if self.dist_info.is_main:
+                tensor.copy_(self.source.pop(f"{prefix}.{name}" if prefix else name))
+            dist.broadcast(tensor, src=0)
+            if isinstance(meta, torch.nn.Parameter):
+                tensor = torch.nn.Parameter(tensor, requires_grad=meta.requires_grad)
+            if self.shared.get(id(meta), 0) < 2:
+                return tensor
+            self.done[id(meta)] = (meta, tensor)
+        return self.done[id(meta)][1]
+
+    def __call__(self, module: torch.nn.Module) -> None:
+        prefix = self.module_names[module]
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is not None and tensor.is_meta:
+                    table[name] = self._materialise(prefix, name, tensor)
+
+
 def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dtype: torch.dtype,
               from_rank0: bool) -> FullyShardedDataParallel:
     """Shard ``model`` with one FSDP unit per decoder layer.
 
-    ``from_rank0`` (``low_cpu_fsdp``): only rank 0 holds real weights; the other ranks hold the
-    model on the meta device. Their shards are allocated empty and then filled from rank 0's
-    full state dict one tensor at a time (``broadcast_from_rank0``), so no other rank ever holds
-    a full copy. This also works on CPU, where FSDP1's ``sync_module_states`` refuses to run.
+    ``from_rank0`` (``low_cpu_fsdp``): only rank 0 holds real weights and the other ranks hold
+    the model on the meta device; see ``RankZeroInit``.
     """
     strategy = ShardingStrategy[fsdp_cfg.sharding_strategy]
     mesh = None
@@ -68,24 +135,11 @@ def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dty
         else:
             mesh = init_device_mesh(dist_info.device.type, (replica, shard),
                                     mesh_dim_names=("replicate", "shard"))
-    full_state = model.state_dict() if from_rank0 and dist_info.is_main else {}
-    meta_rank = from_rank0 and not dist_info.is_main
-    if meta_rank and has_tied_parameters(model):
-        # Materialising module by module would give each side of a tie (input embedding and
-        # lm_head) its own tensor, so FSDP would lay out this rank differently from rank 0. Such
-        # models are small-vocabulary-heavy ones (1-3B); allocate them whole, uninitialised, and
-        # restore the ties before sharding.
-        model.to_empty(device=dist_info.device)
-        model.tie_weights()
-        meta_rank = False
-
-    def materialise(module: torch.nn.Module) -> None:
-        module.to_empty(device=dist_info.device, recurse=False)
-
-    sharded = FullyShardedDataParallel(
+    layer_classes = decoder_layer_classes(model)
+    return FullyShardedDataParallel(
         model,
         auto_wrap_policy=functools.partial(transformer_auto_wrap_policy,
-                                           transformer_layer_cls=decoder_layer_classes(model)),
+                                           transformer_layer_cls=layer_classes),
         sharding_strategy=strategy,
         device_mesh=mesh,
         mixed_precision=mixed_precision_policy(compute_dtype),
@@ -94,27 +148,6 @@ def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dty
                            else BackwardPrefetch[fsdp_cfg.backward_prefetch]),
         limit_all_gathers=fsdp_cfg.limit_all_gathers,
         device_id=dist_info.device,  # on CPU too: FSDP otherwise looks for an accelerator
-        param_init_fn=materialise if meta_rank else None,
+        param_init_fn=RankZeroInit(model, dist_info) if from_rank0 else None,
         use_orig_params=True,  # frozen and trainable PEFT parameters may share a unit
     )
-    if from_rank0:
-        set_model_state_dict(sharded, full_state, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=True))
-        del full_state
-        broadcast_non_persistent_buffers(sharded)
-    return sharded
-
-
-def has_tied_parameters(model: torch.nn.Module) -> bool:
-    """True when one parameter is registered under two names (e.g. tied embeddings)."""
-    return len(list(model.named_parameters(remove_duplicate=False))) > len(list(model.parameters()))
-
-
-def broadcast_non_persistent_buffers(model: torch.nn.Module) -> None:
-    """Buffers outside the state dict (e.g. rotary ``inv_freq``) are garbage after ``to_empty``
-    on the meta ranks; copy rank 0's. They are small and not sharded."""
-    for module in model.modules():
-        for name in sorted(getattr(module, "_non_persistent_buffers_set", ())):
-            buffer = getattr(module, name, None)
-            if isinstance(buffer, torch.Tensor):
-                dist.broadcast(buffer, src=0)
