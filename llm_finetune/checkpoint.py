@@ -64,6 +64,15 @@ def save_model(model, run, tokenizer, dist_info: DistInfo, optimizer=None) -> Pa
         return save_sharded(model, optimizer if t.save_optimizer else None, sharded_dir(run),
                             dist_info)
     final = model_dir(run)
+    if not t.enable_fsdp and t.use_peft:  # peft's own writer (works for 4/8-bit bases too)
+        if dist_info.is_main:
+            tmp = _tmp_dir(final)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if optimizer is not None and t.save_optimizer:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _publish(tmp, final)
+        return final
     # Full model: gathered to rank 0 only, moved to CPU as it arrives (not on a CPU-only run:
     # the tensors are there already, and FSDP's offload path crashes there). PEFT: only the
     # small trainable adapter, on every rank (rank-0-only gathering together with
@@ -74,7 +83,7 @@ def save_model(model, run, tokenizer, dist_info: DistInfo, optimizer=None) -> Pa
     state = get_model_state_dict(model, options=options)
     if dist_info.is_main:
         tmp = _tmp_dir(final)
-        if t.use_peft and t.enable_fsdp:
+        if t.use_peft:
             save_fsdp_adapter(unwrap(model), state, tmp)
         else:
             unwrap(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)

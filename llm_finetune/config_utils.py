@@ -268,6 +268,14 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
     if t.quantization == "8bit" and t.enable_fsdp:
         raise ConfigError("8-bit bitsandbytes weights cannot be sharded by FSDP. Use "
                           "--quantization 4bit with --enable_fsdp (QLoRA+FSDP), or 8-bit on one GPU")
+    if t.quantization == "4bit" and t.enable_fsdp:
+        raise ConfigError("--quantization 4bit with --enable_fsdp (QLoRA+FSDP) is not supported "
+                          "in this version: it trains, but saving the sharded 4-bit model fails. "
+                          "Run QLoRA in one process, or LoRA on bf16 weights with "
+                          "--fsdp_config.pure_bf16 True")
+    if t.one_gpu and world_size > 1:
+        raise ConfigError(f"--one_gpu asks for a single-process run, but {world_size} ranks "
+                          "were launched: drop --one_gpu or launch one process")
     if t.quantization and t.use_peft and t.peft_method != "lora":
         raise ConfigError(f"--quantization works with --peft_method lora only (got {t.peft_method})")
     if t.use_peft and t.peft_method == "prefix" and f.fsdp_activation_checkpointing:

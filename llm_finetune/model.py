@@ -74,6 +74,10 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
     """
     path = resolve_model_path(train_cfg.model_name)
     attn = attention_implementation(train_cfg.use_fast_kernels)
+    if quantization_config is not None and not has_weights(path):
+        raise ValueError(f"{train_cfg.model_name} has no weights on disk, and bitsandbytes "
+                         "quantises weights as they load: give a checkpoint, or drop "
+                         "--quantization")
     if on_meta or not has_weights(path):
         config = AutoConfig.from_pretrained(path)
         config.use_cache = False

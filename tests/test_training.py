@@ -108,3 +108,32 @@ def test_packed_batch_has_no_cross_talk(tiny_model_dir):
         alone = sum(token_loss_sum(model, pad_collate(2)([s]))[0] for s in samples)
     assert packed_tokens == sum(len(s["input_ids"]) - 1 for s in samples)
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_lora_trains_and_saves_in_one_process(bits, tiny_model_dir, tmp_path):
+    """bitsandbytes layers run forward and backward on CPU too; the adapter loads with peft."""
+    summary = finetuning.main(**{**FAST, "save_model": True, "lr": 1e-2},
+                              model_name=str(tiny_model_dir), use_peft=True, quantization=bits,
+                              output_dir=str(tmp_path))
+    untrained = finetuning.main(**{**FAST, "lr": 1e-12}, model_name=str(tiny_model_dir),
+                                use_peft=True, quantization=bits,
+                                output_dir=str(tmp_path / "untrained"))
+    assert summary["eval_loss"][-1] < untrained["eval_loss"][-1]
+    assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
+    quantized = [m for m in summary["model"].modules() if "bitsandbytes" in type(m).__module__]
+    assert quantized, "no bitsandbytes layer in the model"
+
+
+def test_lr_schedules():
+    from llm_finetune.config_utils import build_run_config
+    from llm_finetune.optim import lr_factor
+
+    step = build_run_config(gamma=0.5).train
+    assert [lr_factor(s, step, 10, 30) for s in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    warm = build_run_config(lr_scheduler="cosine", warmup_steps=4).train
+    assert lr_factor(0, warm, 10, 24) == 0.25 and lr_factor(3, warm, 10, 24) == 1.0
+    assert lr_factor(4, warm, 10, 24) == 1.0
+    assert lr_factor(24, warm, 10, 24) == pytest.approx(0.0)
+    linear = build_run_config(lr_scheduler="linear").train
+    assert lr_factor(5, linear, 10, 10) == pytest.approx(0.5)

@@ -14,7 +14,7 @@ class train_config:
     # Distributed
     enable_fsdp: bool = False
     low_cpu_fsdp: bool = False  # rank 0 alone reads the weights; other ranks start on "meta"
-    one_gpu: bool = False  # kept for llama-recipes command lines: a single-process run
+    one_gpu: bool = False  # llama-recipes' single-process flag: refuses a multi-rank launch
     # Data
     dataset: str = "alpaca_dataset"
     batching_strategy: str = "padding"  # padding | packing

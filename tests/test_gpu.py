@@ -1,0 +1,51 @@
+"""GPU-only paths (skipped without CUDA): bf16 mixed precision, fp16 with the sharded gradient
+scaler, and FSDP CPU offload, each against the fp32 run on the same data. Measured runs are in
+docs/gpu_runs.md."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BASE = ["--max_train_step", "10", "--max_eval_step", "2", "--batch_size_training", "4",
+        "--save_model", "False", "--num_workers_dataloader", "0",
+        "--lora_config.lora_dropout", "0"]
+
+
+def fsdp_losses(model_dir, out, *flags) -> list[float]:
+    nproc = min(2, torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), "-m", "llm_finetune.finetuning", "--enable_fsdp", "--model_name",
+           str(model_dir), "--output_dir", str(out), *BASE, *flags]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-6000:]
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+
+
+@pytest.fixture(scope="module")
+def fp32_losses(tiny_model_dir, tmp_path_factory):
+    return fsdp_losses(tiny_model_dir, tmp_path_factory.mktemp("fp32"),
+                       "--fsdp_config.mixed_precision", "False")
+
+
+@pytest.mark.parametrize("flags", [
+    ["--fsdp_config.mixed_precision", "True"],  # bf16 compute, fp32 weights and reduction
+    ["--use_fp16", "True"],  # fp16 compute, ShardedGradScaler
+    ["--fsdp_config.pure_bf16", "True"],
+])
+def test_low_precision_follows_fp32(flags, fp32_losses, tiny_model_dir, tmp_path):
+    losses = fsdp_losses(tiny_model_dir, tmp_path, *flags)
+    assert losses == pytest.approx(fp32_losses, rel=0.02)
+
+
+def test_cpu_offload_equals_on_gpu(fp32_losses, tiny_model_dir, tmp_path):
+    losses = fsdp_losses(tiny_model_dir, tmp_path, "--fsdp_config.mixed_precision", "False",
+                         "--fsdp_config.fsdp_cpu_offload", "True")
+    assert losses == pytest.approx(fp32_losses, rel=1e-4)
