@@ -68,7 +68,7 @@ def main(**kwargs) -> dict:
     total_steps = steps_per_epoch * run.train.num_epochs
     if run.train.max_train_step:
         total_steps = min(total_steps, run.train.max_train_step)
-    optimizer = build_optimizer(model, run.train)
+    optimizer = build_optimizer(model, run.train, grad_scaler=precision.grad_scaler)
     scheduler = build_scheduler(optimizer, run.train, steps_per_epoch, total_steps)
     metrics = MetricsLog(str(Path(run.train.output_dir) / "metrics.jsonl"),
                          enabled=run.train.save_metrics and dist_info.is_main)
