@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "train_config.batching_strategy": ("padding", "packing"),
+    "train_config.bad_rows": ("fail", "skip"),
     "train_config.lr_scheduler": ("step", "cosine", "linear", "constant"),
     "train_config.peft_method": ("lora", "llama_adapter", "prefix"),
     "train_config.quantization": ("", "4bit", "8bit"),
@@ -286,6 +287,11 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
     data_path = getattr(run.dataset, "data_path", "")
     if data_path and not os.path.exists(data_path):
         raise ConfigError(f"--{t.dataset}.data_path {data_path}: no such file")
+    if t.dataset == "file_dataset" and not run.dataset.data_files:
+        raise ConfigError("--dataset file_dataset needs --file_dataset.data_files PATH[,PATH...]")
+    if t.dataset == "custom_dataset" and not run.dataset.file:
+        raise ConfigError("--dataset custom_dataset needs --custom_dataset.file "
+                          "path/to/file.py[:function]")
 
 
 def hybrid_mesh_shape(f: fsdp_config, world_size: int) -> tuple[int, int]:

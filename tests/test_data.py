@@ -46,7 +46,7 @@ def test_shuffle_is_seeded_and_changes_with_epoch():
 def test_alpaca_masks_the_prompt_and_ends_with_eos():
     run = build_run_config()
     tokenizer = load_tokenizer(run.train)
-    rows = load_alpaca(run.dataset, tokenizer, "val", max_length=512)
+    rows = load_alpaca(run.dataset, tokenizer, "val", max_length=512, bad_rows="fail")
     assert len(rows) == run.dataset.eval_size
     sample = rows[0]
     masked = sample["labels"].index(next(x for x in sample["labels"] if x != -100))
@@ -56,3 +56,28 @@ def test_alpaca_masks_the_prompt_and_ends_with_eos():
     assert sample["input_ids"][-1] == tokenizer.eos_token_id
     prompt = tokenizer.decode(sample["input_ids"][1:masked])
     assert "### Instruction:" in prompt and prompt.endswith("### Response:\n")
+
+
+def test_sampler_resumes_mid_epoch():
+    lengths = [(i * 37) % 50 + 1 for i in range(103)]
+
+    def sampler():
+        return GlobalBatchSampler(lengths, 4, 0, 2, shuffle=True, seed=3, group_by_length=True)
+
+    full = sampler()
+    full.set_epoch(1)
+    expected = list(full)
+    interrupted = sampler()
+    interrupted.set_epoch(1)
+    stream = iter(interrupted)
+    first = [next(stream) for _ in range(5)]
+    state = interrupted.state_dict()
+    resumed = sampler()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    assert first + list(resumed) == expected
+    resumed.set_epoch(2)  # the next epoch starts from its beginning
+    assert len(list(resumed)) == len(expected)
+    with pytest.raises(ValueError, match="keep --seed"):
+        GlobalBatchSampler(lengths, 4, 0, 2, shuffle=True, seed=4,
+                           group_by_length=True).load_state_dict(state)

@@ -15,3 +15,26 @@ class alpaca_dataset:
     # the eval split, as in llama-recipes. The default is the shipped synthetic set.
     data_path: str = str(_ASSETS / "data" / "tiny_alpaca.json")
     eval_size: int = 200
+
+
+@dataclass
+class file_dataset:
+    # one or more files, comma-separated: .jsonl, .json, .parquet or .csv
+    data_files: str = ""
+    eval_files: str = ""  # empty: hold out val_split of data_files
+    val_split: float = 0.05
+    train_split: str = "train"
+    test_split: str = "test"
+    # instruction rows
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    # chat rows (used when this column exists): a list of {"role", "content"}
+    messages_column: str = "messages"
+
+
+@dataclass
+class custom_dataset:
+    file: str = ""  # path/to/file.py[:function], function(dataset_config, tokenizer, split)
+    train_split: str = "train"
+    test_split: str = "validation"

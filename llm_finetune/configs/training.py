@@ -18,6 +18,7 @@ class train_config:
     # Data
     dataset: str = "alpaca_dataset"
     batching_strategy: str = "padding"  # padding | packing
+    bad_rows: str = "fail"  # fail | skip: rows with a missing/wrong/empty field
     context_length: int = 512  # longest sample (padding) or block length (packing)
     batch_size_training: int = 8  # per rank, per micro-batch
     val_batch_size: int = 8

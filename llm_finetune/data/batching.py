@@ -36,13 +36,31 @@ class GlobalBatchSampler(Sampler):
         self.group_by_length = group_by_length
         self.accumulation = accumulation
         self.epoch = 0
+        self.consumed = 0  # micro-batches of this epoch already handed out
+        self._resume_at = 0
 
     @property
     def step_size(self) -> int:
         return self.batch_size * self.world_size * self.accumulation
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._resume_at = 0
         self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        """Where the data stream stands, for exact resume: the epoch and how many of its
+        micro-batches were used (the order itself is recomputed from seed and epoch)."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+                "step_size": self.step_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed or state["step_size"] != self.step_size:
+            raise ValueError(f"the data order was saved for seed {state['seed']} and "
+                             f"{state['step_size']} samples per step, this run has seed "
+                             f"{self.seed} and {self.step_size}: keep --seed and the global batch")
+        self.epoch = state["epoch"]
+        self._resume_at = state["consumed"]
 
     def step_batches(self) -> list[list[int]]:
         order = list(range(len(self.lengths)))
@@ -59,9 +77,12 @@ class GlobalBatchSampler(Sampler):
 
     def __iter__(self):
         micro = self.batch_size * self.world_size
-        for step in self.step_batches():
-            for start in range(0, len(step), micro):
-                yield step[start:start + micro][self.rank::self.world_size]
+        batches = [step[start:start + micro][self.rank::self.world_size]
+                   for step in self.step_batches() for start in range(0, len(step), micro)]
+        self.consumed, self._resume_at = self._resume_at, 0
+        for batch in batches[self.consumed:]:
+            self.consumed += 1
+            yield batch
 
     def __len__(self) -> int:
         return len(self.lengths) // self.step_size * self.accumulation

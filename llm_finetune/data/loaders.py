@@ -4,17 +4,26 @@ from torch.utils.data import DataLoader
 
 from llm_finetune.data.alpaca import load_alpaca
 from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_collate, packed_collate
+from llm_finetune.data.custom import load_custom
+from llm_finetune.data.files import load_files
 from llm_finetune.distributed import DistInfo, barrier
 
-DATASET_LOADERS = {"alpaca_dataset": load_alpaca}
+
+def load_dataset_split(run, tokenizer, split: str):
+    """The tokenised samples (input_ids, labels) of one split of the configured data set."""
+    t = run.train
+    if t.dataset == "file_dataset":
+        return load_files(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed)
+    if t.dataset == "custom_dataset":
+        return load_custom(run.dataset, tokenizer, split, t.context_length)
+    return load_alpaca(run.dataset, tokenizer, split, t.context_length, t.bad_rows)
 
 
 def load_split(run, tokenizer, split: str, dist_info: DistInfo):
     """Tokenise one split, rank 0 first so that the other ranks read its ``datasets`` cache."""
-    loader = DATASET_LOADERS[run.train.dataset]
     if not dist_info.is_main:
         barrier()
-    data = loader(run.dataset, tokenizer, split, run.train.context_length)
+    data = load_dataset_split(run, tokenizer, split)
     if dist_info.is_main:
         barrier()
     return data
@@ -46,6 +55,9 @@ def _loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuffle:
                                  shuffle=shuffle, seed=t.seed,
                                  group_by_length=t.batching_strategy == "padding",
                                  accumulation=accumulation)
+    if dist_info.is_main and shuffle:
+        print(f"{t.batching_strategy}: {padding_fraction(samples, sampler, t):.1%} of the "
+              "tokens in training batches are padding", flush=True)
     if len(sampler) == 0:
         raise ValueError(f"{len(lengths)} samples cannot fill one optimizer step of "
                          f"{batch_size} x {dist_info.world_size} ranks x {accumulation} "
@@ -53,3 +65,17 @@ def _loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuffle:
     return DataLoader(samples, batch_sampler=sampler, collate_fn=collate,
                       num_workers=t.num_workers_dataloader, pin_memory=dist_info.device.type == "cuda",
                       persistent_workers=False)
+
+
+def padding_fraction(samples, sampler: GlobalBatchSampler, train_cfg) -> float:
+    """Share of padding in this rank's batches of the first epoch (what the GPU wastes)."""
+    real = padded = 0
+    for batch in sampler:
+        if train_cfg.batching_strategy == "packing":
+            real += sum(samples[i]["num_tokens"] for i in batch)
+            padded += train_cfg.context_length * len(batch)
+        else:
+            lengths = [sampler.lengths[i] for i in batch]
+            real += sum(lengths)
+            padded += max(lengths) * len(lengths)
+    return 1 - real / padded if padded else 0.0

@@ -1,0 +1,99 @@
+"""Turning raw rows into training samples, with bad rows counted and reported.
+
+A builder gives one function ``row -> sample`` that raises ``BadRow`` with the reason when a row
+cannot be used (missing field, wrong type, empty response). ``tokenize_rows`` runs it over the
+whole split with ``datasets.map`` (cached: a second run does not re-tokenise) and then, by the
+``bad_rows`` policy, fails naming the first offending row, or drops the bad rows and says how many.
+Samples longer than ``context_length`` are truncated, and counted.
+"""
+
+import datasets
+
+
+class BadRow(ValueError):
+    """This row cannot become a training sample; the message says why."""
+
+
+class DataError(ValueError):
+    """The data set cannot be used as given; the message names the row and the fix."""
+
+
+def require_text(row: dict, field: str, allow_empty: bool = False) -> str:
+    if field not in row or row[field] is None:
+        raise BadRow(f"missing field {field!r}")
+    value = row[field]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # CSV and JSON numbers ("42") are text answers too
+    if not isinstance(value, str):
+        raise BadRow(f"field {field!r} is {type(value).__name__}, not text")
+    if not allow_empty and not value.strip():
+        raise BadRow(f"field {field!r} is empty")
+    return value
+
+
+def tokenize_rows(rows: datasets.Dataset, to_sample, name: str, policy: str) -> datasets.Dataset:
+    """Map ``to_sample`` over ``rows``; enforce ``policy`` ("fail" or "skip") on bad rows."""
+
+    def convert(row):
+        try:
+            sample = to_sample(row)
+        except BadRow as error:
+            return {"input_ids": [], "labels": [], "truncated": False, "error": str(error)}
+        return {**sample, "error": ""}
+
+    samples = rows.map(convert, remove_columns=rows.column_names, desc=f"tokenize {name}")
+    errors = [(i, e) for i, e in enumerate(samples["error"]) if e]
+    if errors:
+        first, reason = errors[0]
+        if policy == "fail":
+            raise DataError(f"{name}: {len(errors)} of {len(samples)} rows cannot be used; first "
+                            f"at row {first}: {reason}. Fix the data, or pass --bad_rows skip to "
+                            "drop such rows")
+        print(f"{name}: skipped {len(errors)} of {len(samples)} rows (first at row {first}: "
+              f"{reason})", flush=True)
+        samples = samples.filter(lambda error: not error, input_columns="error")
+    truncated = sum(samples["truncated"])
+    if truncated:
+        print(f"{name}: {truncated} of {len(samples)} samples truncated to the context length",
+              flush=True)
+    return samples.remove_columns(["error", "truncated"])
+
+
+def prompt_response_sample(tokenizer, prompt: str, response: str, max_length: int) -> dict:
+    """``<bos> prompt response <eos>`` with the prompt masked out of the loss (label -100)."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    response_ids = tokenizer.encode(response, add_special_tokens=False)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = bos + prompt_ids
+    response_ids = response_ids + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels,
+            "truncated": len(prompt_ids) + len(response_ids) > max_length}
+
+
+def chat_sample(tokenizer, messages, max_length: int) -> dict:
+    """A conversation rendered with the tokenizer's chat template; only assistant turns are
+    learned. Each turn's tokens are the difference between the rendering of the conversation up
+    to that turn and up to the previous one, so the template's own markup stays in place."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRow("'messages' must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise BadRow(f"message {i} needs 'role' and 'content'")
+        if not isinstance(message["content"], str):
+            raise BadRow(f"message {i} content is {type(message['content']).__name__}, not text")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise BadRow("no non-empty assistant message to learn from")
+    input_ids, labels, done = [], [], ""
+    for i, message in enumerate(messages):
+        text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not text.startswith(done):
+            raise BadRow("the chat template renders a conversation differently from its "
+                         "prefix; it cannot be split into turns")
+        ids = tokenizer.encode(text[len(done):], add_special_tokens=False)
+        input_ids += ids
+        labels += ids if message["role"] == "assistant" else [-100] * len(ids)
+        done = text
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length],
+            "truncated": len(input_ids) > max_length}

@@ -1,0 +1,119 @@
+"""file_dataset (instruction and chat rows, four file formats), custom_dataset, bad rows."""
+
+import json
+
+import pytest
+
+from llm_finetune import finetuning
+from llm_finetune.config_utils import ConfigError, build_run_config, validate
+from llm_finetune.data.loaders import load_dataset_split
+from llm_finetune.data.rows import DataError
+from llm_finetune.model import load_tokenizer
+
+ROWS = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"}
+        for i in range(40)]
+CHATS = [{"messages": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": f"What is {i} + {i}?"},
+                       {"role": "assistant", "content": f"{2 * i}"}]} for i in range(40)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def split(tmp_path, name="train", **settings):
+    run = build_run_config(dataset="file_dataset", **{f"file_dataset.{k}": v
+                                                      for k, v in settings.items()})
+    return load_dataset_split(run, load_tokenizer(run.train), name)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_instruction_rows_in_every_format(suffix, tmp_path):
+    import datasets
+
+    path = tmp_path / f"data{suffix}"
+    table = datasets.Dataset.from_list(ROWS)
+    {".jsonl": lambda: table.to_json(path), ".json": lambda: path.write_text(json.dumps(ROWS)),
+     ".csv": lambda: table.to_csv(path), ".parquet": lambda: table.to_parquet(path)}[suffix]()
+    train = split(tmp_path, data_files=str(path), val_split=0.25)
+    test = split(tmp_path, "test", data_files=str(path), val_split=0.25)
+    assert len(train) == 30 and len(test) == 10
+    sample = train[0]
+    first_learned = next(i for i, label in enumerate(sample["labels"]) if label != -100)
+    assert sample["labels"][first_learned:] == sample["input_ids"][first_learned:]
+    assert first_learned > 10  # the prompt is masked
+
+
+def test_chat_rows_learn_only_assistant_turns(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    sample = split(tmp_path, data_files=str(path), val_split=0.1)[0]
+    tokenizer = load_tokenizer(build_run_config().train)
+    learned = tokenizer.decode([t for t, l in zip(sample["input_ids"], sample["labels"]) if l != -100])
+    whole = tokenizer.decode(sample["input_ids"])
+    assert "Be brief." in whole and "What is" in whole
+    assert "What is" not in learned and "Be brief" not in learned
+    assert learned.startswith("<s>assistant\n") and learned.rstrip().endswith("</s>")
+
+
+def test_bad_rows_fail_with_the_row_or_are_skipped(tmp_path):
+    rows = ROWS[:10] + [{"instruction": "x", "output": ""}] + ROWS[10:20] + [{"instruction": "y"}]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"2 of 22 rows cannot be used; first at row 10: field 'output' is empty"):
+        build = build_run_config(dataset="file_dataset", **{"file_dataset.data_files": str(path),
+                                                            "file_dataset.eval_files": str(path)})
+        load_dataset_split(build, load_tokenizer(build.train), "train")
+    run = build_run_config(dataset="file_dataset", bad_rows="skip",
+                           **{"file_dataset.data_files": str(path), "file_dataset.eval_files": str(path)})
+    assert len(load_dataset_split(run, load_tokenizer(run.train), "train")) == 20
+
+
+@pytest.mark.parametrize("files,expected", [
+    ("nope.jsonl", "no such file"), ("data.txt", "unknown format"), ("a.jsonl,b.csv", "mixes formats")])
+def test_file_errors(files, expected, tmp_path):
+    for name in ("data.txt", "a.jsonl", "b.csv"):
+        (tmp_path / name).write_text("{}\n")
+    with pytest.raises(DataError, match=expected):
+        split(tmp_path, data_files=",".join(str(tmp_path / f) for f in files.split(",")))
+
+
+def test_file_dataset_needs_files():
+    with pytest.raises(ConfigError, match="needs --file_dataset.data_files"):
+        validate(build_run_config(dataset="file_dataset"), world_size=1, cuda=False)
+
+
+CUSTOM = '''
+def get_custom_dataset(config, tokenizer, split):
+    ids = tokenizer.encode("hello world " * 3)
+    return [{"input_ids": ids, "labels": ids} for _ in range(24)]
+
+def wrong_rows(config, tokenizer, split):
+    return [{"text": "hi"}]
+'''
+
+
+def test_custom_dataset_success_and_errors(tmp_path):
+    module = tmp_path / "my_data.py"
+    module.write_text(CUSTOM)
+
+    def load(spec):
+        run = build_run_config(dataset="custom_dataset", **{"custom_dataset.file": spec})
+        return load_dataset_split(run, load_tokenizer(run.train), "train")
+
+    assert len(load(str(module))) == 24
+    with pytest.raises(DataError, match="has no function 'missing'"):
+        load(f"{module}:missing")
+    with pytest.raises(DataError, match="without \\['input_ids', 'labels'\\]"):
+        load(f"{module}:wrong_rows")
+    with pytest.raises(DataError, match="is not a Python file"):
+        load(str(tmp_path / "absent.py"))
+
+
+def test_training_on_a_chat_file(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", CHATS * 3)
+    summary = finetuning.main(dataset="file_dataset", output_dir=str(tmp_path / "out"),
+                              max_train_step=6, num_workers_dataloader=0, save_model=False,
+                              val_batch_size=2,
+                              **{"file_dataset.data_files": str(path)})
+    assert len([m for m in summary["metrics"] if "loss" in m]) == 6
+    assert summary["eval_loss"][-1] < summary["metrics"][0]["loss"]
