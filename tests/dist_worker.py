@@ -37,7 +37,7 @@ CASES = {
     "packing": dict(FSDP, batching_strategy="packing", context_length=128, batch_size_training=2),
     "full_state_dict": dict(FSDP, save_model=True,
                             **{"fsdp_config.checkpoint_type": "FULL_STATE_DICT"}),
-    "sharded_state_dict": dict(FSDP, save_model=True,
+    "sharded_state_dict": dict(FSDP, save_model=True, save_optimizer=True,
                                **{"fsdp_config.checkpoint_type": "SHARDED_STATE_DICT"}),
     "low_cpu_fsdp": dict(FSDP, low_cpu_fsdp=True),
 }
@@ -70,8 +70,8 @@ def main(out: str, model_dir: str, tied_dir: str, only: str = "") -> None:
     for name, kwargs in CASES.items():
         if only and name not in only.split(","):
             continue
-        summary = finetuning.main(**kwargs, model_name=model_dir,
-                                  output_dir=f"{out}/{name}")
+        summary = finetuning.main(**kwargs, model_name=model_dir, output_dir=f"{out}/{name}",
+                                  dist_checkpoint_root_folder=f"{out}/{name}-dcp")
         results[name] = {"losses": [m["loss"] for m in summary["metrics"] if "loss" in m],
                          "eval_loss": summary["eval_loss"], "logits": probe_logits(summary["model"])}
     if not only or "weights" in only:

@@ -84,10 +84,13 @@ def test_full_state_dict_loads_with_plain_transformers(fsdp_results):
 def test_sharded_state_dict_is_a_dcp_checkpoint(fsdp_results, tiny_model_dir, tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    directory = fsdp_results["out"] / "sharded_state_dict" / f"fine-tuned-{tiny_model_dir.name}"
+    # lands in dist_checkpoint_root_folder/dist_checkpoint_folder-<model name>
+    directory = fsdp_results["out"] / "sharded_state_dict-dcp" / f"fine-tuned-{tiny_model_dir.name}"
     assert (directory / ".metadata").is_file()
     dcp_to_torch_save(directory, tmp_path / "full.pt")
-    state = torch.load(tmp_path / "full.pt", weights_only=True)["model"]
+    saved = torch.load(tmp_path / "full.pt", weights_only=True)
+    assert saved["optimizer"]["state"], "save_optimizer=True must store the AdamW states"
+    state = saved["model"]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.load_state_dict(state)
     with torch.no_grad():

@@ -137,3 +137,26 @@ def test_lr_schedules():
     assert lr_factor(24, warm, 10, 24) == pytest.approx(0.0)
     linear = build_run_config(lr_scheduler="linear").train
     assert lr_factor(5, linear, 10, 10) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("setting", [
+    {"gradient_clipping": True, "gradient_clipping_threshold": 1e-3},
+    {"weight_decay": 0.5, "lr": 1e-2},
+    {"lr_scheduler": "cosine", "warmup_steps": 2},
+])
+def test_optimisation_flags_change_training(setting, tiny_model_dir, tmp_path):
+    def losses(**extra):
+        summary = finetuning.main(**{**FAST, **extra}, model_name=str(tiny_model_dir),
+                                  output_dir=str(tmp_path))
+        return [m["loss"] for m in summary["metrics"] if "loss" in m]
+
+    assert losses(**setting)[1:] != pytest.approx(losses(lr=setting.get("lr", FAST["lr"]))[1:],
+                                                  rel=1e-6)
+
+
+def test_full_model_save_with_optimizer(tiny_model_dir, tmp_path):
+    finetuning.main(**{**FAST, "save_model": True}, save_optimizer=True,
+                    model_name=str(tiny_model_dir), output_dir=str(tmp_path))
+    state = torch.load(tmp_path / "model" / "optimizer.pt", weights_only=True)
+    assert state["state"], "AdamW moments were not saved"
+    assert not list(tmp_path.glob("*.tmp")), "a temporary directory was left behind"
