@@ -232,6 +232,12 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
+    if t.save_steps < 0 or t.save_total_limit < 0:
+        raise ConfigError("--save_steps and --save_total_limit must be 0 (off) or positive")
+    resume = t.resume_from_checkpoint
+    if resume and resume != "auto" and not (Path(resume) / "MANIFEST.json").is_file():
+        raise ConfigError(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no "
+                          "MANIFEST.json); give output_dir/checkpoints/step-N or auto")
     if t.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {t.lr}")
     if world_size > 1 and not t.enable_fsdp:

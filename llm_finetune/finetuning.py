@@ -24,6 +24,7 @@ from llm_finetune.model import decoder_layers, freeze_layers, load_model, load_t
 from llm_finetune.optim import build_optimizer, build_scheduler
 from llm_finetune.precision import choose_precision
 from llm_finetune.quantization import bnb_config
+from llm_finetune.resume import Checkpointer, resolve_resume
 from llm_finetune.train import Trainer
 
 
@@ -70,13 +71,20 @@ def main(**kwargs) -> dict:
         total_steps = min(total_steps, run.train.max_train_step)
     optimizer = build_optimizer(model, run.train, grad_scaler=precision.grad_scaler)
     scheduler = build_scheduler(optimizer, run.train, steps_per_epoch, total_steps)
+    resume_from = resolve_resume(run)
     metrics = MetricsLog(str(Path(run.train.output_dir) / "metrics.jsonl"),
-                         enabled=run.train.save_metrics and dist_info.is_main)
+                         enabled=run.train.save_metrics and dist_info.is_main,
+                         append=resume_from is not None)
     if dist_info.is_main:
         write_run_config(run)
-    trainer = Trainer(model, optimizer, scheduler, run, dist_info, precision, metrics,
-                      grad_scaler=grad_scaler(precision, run.train.enable_fsdp))
-    summary = trainer.fit(train_loader, eval_loader, total_steps)
+    scaler = grad_scaler(precision, run.train.enable_fsdp)
+    trainer = Trainer(model, optimizer, scheduler, run, dist_info, precision, metrics, scaler)
+    checkpoints = Checkpointer(run, dist_info, model, optimizer, scheduler,
+                               train_loader.batch_sampler, scaler)
+    if resume_from is not None:
+        checkpoints.restore(trainer, resume_from)
+    summary = trainer.fit(train_loader, eval_loader, total_steps,
+                          on_step_end=checkpoints.maybe_save)
 
     # 6. save
     if run.train.save_model:

@@ -8,13 +8,14 @@ import os
 
 
 class MetricsLog:
-    def __init__(self, path: str, enabled: bool):
+    def __init__(self, path: str, enabled: bool, append: bool = False):
+        """``append``: a resumed run continues the file of the run it resumes."""
         self.path = path
         self.enabled = enabled
-        self.records: list[dict] = []  # kept in memory too: main() returns them
+        self.records: list[dict] = []  # this process's records: main() returns them
         if enabled:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            open(path, "w").close()
+            open(path, "a" if append else "w").close()
 
     def log(self, record: dict) -> None:
         self.records.append(record)

@@ -68,7 +68,8 @@ class Trainer:
         self.precision = precision
         self.metrics = metrics
         self.grad_scaler = grad_scaler
-        self.step = 0
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # the epoch in progress
 
     def autocast(self):
         if not self.precision.autocast or self.run.train.enable_fsdp:  # FSDP casts itself
@@ -130,12 +131,15 @@ class Trainer:
         return {"step": self.step, "eval_loss": eval_loss,
                 "eval_perplexity": math.exp(min(eval_loss, 50.0))}
 
-    def fit(self, train_loader, eval_loader, total_steps: int, on_epoch_end=None) -> dict:
+    def fit(self, train_loader, eval_loader, total_steps: int, on_step_end=None) -> dict:
+        """Train from ``self.step``/``self.epoch`` (0, or a restored checkpoint's) to
+        ``total_steps``; ``on_step_end(trainer)`` runs after every optimizer step."""
         t = self.run.train
         summary = {"train_loss": [], "eval_loss": [], "eval_perplexity": []}
         started = time.perf_counter()
         tokens_seen = 0
-        for epoch in range(t.num_epochs):
+        for epoch in range(self.epoch, t.num_epochs):
+            self.epoch = epoch
             train_loader.batch_sampler.set_epoch(epoch)
             self.model.train()
             epoch_losses = []
@@ -160,6 +164,8 @@ class Trainer:
                                   "peak_gpu_mem_gib": peak_gpu_gib()})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 bar.update()
+                if on_step_end is not None:
+                    on_step_end(self)
             bar.close()
             if epoch_losses:
                 summary["train_loss"].append(sum(epoch_losses) / len(epoch_losses))
@@ -171,8 +177,6 @@ class Trainer:
             if self.dist.is_main:
                 shown = {k: round(v[-1], 4) for k, v in summary.items() if v}
                 print(f"epoch {epoch + 1}: {shown}", flush=True)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch)
             if self.step >= total_steps:
                 break
         wall = time.perf_counter() - started

@@ -55,3 +55,7 @@ class train_config:
     dist_checkpoint_root_folder: str = ""  # empty: output_dir
     dist_checkpoint_folder: str = "fine-tuned"
     save_metrics: bool = True  # output_dir/metrics.jsonl, one JSON object per step
+    # Training checkpoints (output_dir/checkpoints/step-N) and resuming from them
+    save_steps: int = 0  # every N optimizer steps; 0: none
+    save_total_limit: int = 0  # keep the newest K; 0: all
+    resume_from_checkpoint: str = ""  # "auto" (newest complete one in output_dir) or a path

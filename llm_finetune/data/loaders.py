@@ -1,5 +1,6 @@
 """Build the train and eval data loaders for the configured data set and batching strategy."""
 
+import torch
 from torch.utils.data import DataLoader
 
 from llm_finetune.data.alpaca import load_alpaca
@@ -62,7 +63,10 @@ def _loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuffle:
         raise ValueError(f"{len(lengths)} samples cannot fill one optimizer step of "
                          f"{batch_size} x {dist_info.world_size} ranks x {accumulation} "
                          "accumulation steps: lower the batch size")
-    return DataLoader(samples, batch_sampler=sampler, collate_fn=collate,
+    # its own generator: creating an iterator draws a seed, which must not come from the global
+    # RNG that dropout uses (a resumed run would otherwise draw different dropout masks)
+    generator = torch.Generator().manual_seed(t.seed)
+    return DataLoader(samples, batch_sampler=sampler, collate_fn=collate, generator=generator,
                       num_workers=t.num_workers_dataloader, pin_memory=dist_info.device.type == "cuda",
                       persistent_workers=False)
 
