@@ -232,6 +232,9 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
+    if t.flop_counter and t.use_profiler:
+        raise ConfigError("--flop_counter and --use_profiler at once would count the profiler's "
+                          "own work: use one of them per run")
     if t.save_steps < 0 or t.save_total_limit < 0:
         raise ConfigError("--save_steps and --save_total_limit must be 0 (off) or positive")
     resume = t.resume_from_checkpoint

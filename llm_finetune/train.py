@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llm_finetune.distributed import DistInfo, all_reduce_sum
+from llm_finetune.profiling import StepProfiler
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -138,6 +139,7 @@ class Trainer:
         summary = {"train_loss": [], "eval_loss": [], "eval_perplexity": []}
         started = time.perf_counter()
         tokens_seen = 0
+        profiler = StepProfiler(t, self.dist.is_main)
         for epoch in range(self.epoch, t.num_epochs):
             self.epoch = epoch
             train_loader.batch_sampler.set_epoch(epoch)
@@ -151,7 +153,8 @@ class Trainer:
                     break
                 step_start = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss, tokens = self.train_step(micro_batches)
+                with profiler.step(self.step + 1):
+                    loss, tokens = self.train_step(micro_batches)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.step + 1}: stopping; "
                                              "lower --lr or enable --gradient_clipping")
@@ -179,7 +182,10 @@ class Trainer:
                 print(f"epoch {epoch + 1}: {shown}", flush=True)
             if self.step >= total_steps:
                 break
+        profiler.close()
         wall = time.perf_counter() - started
         summary.update(steps=self.step, train_time_s=wall, tokens_per_s=tokens_seen / wall,
                        peak_gpu_mem_gib=peak_gpu_gib())
+        if profiler.flops_per_step is not None:
+            summary["flops_per_step"] = profiler.flops_per_step
         return summary

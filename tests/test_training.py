@@ -160,3 +160,25 @@ def test_full_model_save_with_optimizer(tiny_model_dir, tmp_path):
     state = torch.load(tmp_path / "model" / "optimizer.pt", weights_only=True)
     assert state["state"], "AdamW moments were not saved"
     assert not list(tmp_path.glob("*.tmp")), "a temporary directory was left behind"
+
+
+def test_flop_counter_measures_a_training_step(tiny_model_dir, tmp_path):
+    summary = finetuning.main(**FAST, model_name=str(tiny_model_dir), flop_counter=True,
+                              flop_counter_start=1, output_dir=str(tmp_path))
+    # a step of forward + backward (+ recompute) is 6-8 x parameters x tokens, plus attention
+    params = sum(p.numel() for p in summary["model"].parameters())
+    flops = summary["flops_per_step"]
+    assert 4 * params * 8 * 16 < flops < 20 * params * 8 * 512  # 8 samples of 16-512 tokens
+
+
+def test_profiler_writes_a_trace(tiny_model_dir, tmp_path):
+    finetuning.main(**{**FAST, "max_train_step": 7}, model_name=str(tiny_model_dir),
+                    use_profiler=True, output_dir=str(tmp_path))
+    assert list((tmp_path / "profiler").glob("*.pt.trace.json*"))
+
+
+def test_flop_counter_and_profiler_are_exclusive():
+    from llm_finetune.config_utils import ConfigError, build_run_config, validate
+
+    with pytest.raises(ConfigError, match="one of them"):
+        validate(build_run_config(flop_counter=True, use_profiler=True), world_size=1, cuda=False)

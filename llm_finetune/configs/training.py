@@ -55,6 +55,11 @@ class train_config:
     dist_checkpoint_root_folder: str = ""  # empty: output_dir
     dist_checkpoint_folder: str = "fine-tuned"
     save_metrics: bool = True  # output_dir/metrics.jsonl, one JSON object per step
+    # Observability
+    flop_counter: bool = False  # count FLOPs of one optimizer step
+    flop_counter_start: int = 3  # steps to run before the counted one
+    use_profiler: bool = False  # torch.profiler trace of steps 4-6 for TensorBoard
+    profiler_dir: str = ""  # empty: output_dir/profiler
     # Training checkpoints (output_dir/checkpoints/step-N) and resuming from them
     save_steps: int = 0  # every N optimizer steps; 0: none
     save_total_limit: int = 0  # keep the newest K; 0: all
