@@ -137,19 +137,3 @@ def save_sharded(model, optimizer, final: Path, dist_info: DistInfo) -> Path:
         _publish(tmp, final)
     barrier()
     return final
-
-
-def load_sharded(model, final: Path, optimizer=None) -> None:
-    """Load a DCP checkpoint written by ``save_sharded`` into an FSDP model (any world size)."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-
-    if optimizer is not None:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=str(final))
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
-    else:
-        state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(final))
-        set_model_state_dict(model, state["model"])

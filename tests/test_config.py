@@ -120,3 +120,12 @@ def test_cli_reports_unknown_flag_and_exits_2():
     assert done.returncode == 2
     assert "unknown setting --lerning_rate" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cli_help_settings_lists_every_config():
+    done = subprocess.run([sys.executable, "-m", "llm_finetune.finetuning", "--help_settings"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0
+    for name in ("train_config:", "fsdp_config:", "lora_config:", "file_dataset:",
+                 "--fsdp_config.pure_bf16=False", "--resume_from_checkpoint=''"):
+        assert name in done.stdout
