@@ -107,3 +107,29 @@ def test_fsdp_adapter_loads_with_plain_peft(method, fsdp_results, tiny_model_dir
         logits = model(input_ids=probe_input()).logits
     torch.testing.assert_close(logits, torch.tensor(fsdp_results[method]["logits"]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_checkpoint_converts_to_a_hugging_face_model(fsdp_results, tiny_model_dir,
+                                                             tmp_path):
+    from llm_finetune.convert import dcp_to_hf
+
+    directory = fsdp_results["out"] / "sharded_state_dict-dcp" / f"fine-tuned-{tiny_model_dir.name}"
+    dcp_to_hf(str(directory), str(tiny_model_dir), str(tmp_path / "hf"), dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        logits = model(input_ids=probe_input()).logits
+    torch.testing.assert_close(logits, torch.tensor(fsdp_results["sharded_state_dict"]["logits"]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_merged_adapter_needs_no_peft(fsdp_results, tiny_model_dir, tmp_path):
+    from llm_finetune.convert import merge_adapters
+
+    merge_adapters(str(tiny_model_dir), str(fsdp_results["out"] / "lora" / "model"),
+                   str(tmp_path / "merged"), dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        logits = model(input_ids=probe_input()).logits
+    torch.testing.assert_close(logits, torch.tensor(fsdp_results["lora"]["logits"]),
+                               rtol=1e-4, atol=1e-4)
