@@ -25,6 +25,42 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from llm_finetune.distributed import DistInfo, barrier
 
 
+def expected_save_bytes(model, run, world_size: int) -> int:
+    """What the run's saves will write at most: the trainable (PEFT) or all weights, plus AdamW
+    moments in fp32 when optimizer states are saved. Under FSDP each rank sees its shard."""
+    params = [p for p in model.parameters() if p.requires_grad or not run.train.use_peft]
+    total = sum(p.numel() * p.element_size() for p in params)
+    moments = sum(p.numel() * 8 for p in model.parameters() if p.requires_grad)
+    if run.train.save_optimizer or run.train.save_steps:
+        total += moments
+    return total * (world_size if run.train.enable_fsdp else 1)
+
+
+def check_output_dir(model, run, dist_info: DistInfo) -> None:
+    """Fail before training, not at the first save hours later: output_dir must be writable and
+    have room for two copies of what the run saves (the new one is written before the old one
+    is removed)."""
+    if not dist_info.is_main:
+        return
+    directory = Path(run.train.output_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"--output_dir {directory} is not writable ({error.strerror}): choose "
+                      "another directory") from error
+    if not (run.train.save_model or run.train.save_steps):
+        return
+    needed = 2 * expected_save_bytes(model, run, dist_info.world_size)
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise OSError(f"--output_dir {directory} has {free / 2**30:.1f} GiB free, the run's "
+                      f"checkpoints need about {needed / 2**30:.1f} GiB: free space, choose "
+                      "another directory, or lower --save_total_limit")
+
+
 def model_dir(run) -> Path:
     return Path(run.train.output_dir) / "model"
 

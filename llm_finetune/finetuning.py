@@ -15,7 +15,7 @@ import torch
 
 from llm_finetune import distributed
 from llm_finetune.adapters import apply_peft
-from llm_finetune.checkpoint import save_model
+from llm_finetune.checkpoint import check_output_dir, save_model
 from llm_finetune.config_utils import ConfigError, build_run_config, field_help, validate
 from llm_finetune.data import build_dataloaders
 from llm_finetune.engine import enable_activation_checkpointing, wrap_fsdp
@@ -60,6 +60,7 @@ def main(**kwargs) -> dict:
     elif run.train.quantization == "":
         model.to(dist_info.device)
     report_parameters(model, dist_info)
+    check_output_dir(model, run, dist_info)
 
     # 4. data
     train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info)

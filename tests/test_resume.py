@@ -102,3 +102,20 @@ def test_fsdp_run_killed_with_sigkill_resumes(tiny_model_dir, tmp_path):
     assert max(got) == 40
     after = [s for s in expected if s > resumed_from]
     assert [got[s] for s in after] == pytest.approx([expected[s] for s in after], rel=1e-5)
+
+
+def test_full_disk_and_unwritable_output_fail_before_training(tiny_model_dir, tmp_path,
+                                                             monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(OSError, match="GiB free, the run's checkpoints need"):
+        finetuning.main(**RUN, model_name=str(tiny_model_dir), save_steps=5,
+                        output_dir=str(tmp_path / "full"))
+    assert not (tmp_path / "full" / "metrics.jsonl").exists(), "training must not have started"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="is not writable"):
+        finetuning.main(**RUN, model_name=str(tiny_model_dir), output_dir=str(blocker / "out"))
