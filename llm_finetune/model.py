@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from llm_finetune.shapes import SHAPES
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama"}
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
@@ -31,7 +33,11 @@ def has_weights(path: str) -> bool:
 
 
 def load_tokenizer(train_cfg):
-    name = resolve_model_path(train_cfg.tokenizer_name or train_cfg.model_name)
+    name = train_cfg.tokenizer_name or train_cfg.model_name
+    if name in SHAPES:
+        raise ValueError(f"{name} is a built-in shape without a tokenizer: add --tokenizer_name "
+                         "(a hub name, a directory, or tiny-llama for token ids below 1024)")
+    name = resolve_model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token_id is None:  # Llama tokenizers ship without one
         tokenizer.pad_token = tokenizer.eos_token
@@ -74,12 +80,14 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
     """
     path = resolve_model_path(train_cfg.model_name)
     attn = attention_implementation(train_cfg.use_fast_kernels)
-    if quantization_config is not None and not has_weights(path):
+    shape = SHAPES.get(train_cfg.model_name)  # a built-in shape: a config, no weights
+    weights_on_disk = shape is None and has_weights(path)
+    if quantization_config is not None and not weights_on_disk:
         raise ValueError(f"{train_cfg.model_name} has no weights on disk, and bitsandbytes "
                          "quantises weights as they load: give a checkpoint, or drop "
                          "--quantization")
-    if on_meta or not has_weights(path):
-        config = AutoConfig.from_pretrained(path)
+    if on_meta or not weights_on_disk:
+        config = shape() if shape else AutoConfig.from_pretrained(path)
         config.use_cache = False
         if on_meta:
             with torch.device("meta"):

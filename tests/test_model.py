@@ -84,3 +84,18 @@ def test_meta_load_allocates_nothing(tiny_model_dir):
     run = build_run_config(model_name=str(tiny_model_dir))
     model = load_model(run.train, torch.float32, on_meta=True)
     assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,billions", [("llama3.2-1b", 1.236), ("llama3-8b", 8.030),
+                                            ("llama3-70b", 70.554), ("qwen2.5-7b", 7.616)])
+def test_builtin_shapes_have_the_real_parameter_counts(name, billions):
+    run = build_run_config(model_name=name)
+    model = load_model(run.train, torch.bfloat16, on_meta=True)
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.002)
+
+
+def test_builtin_shape_needs_a_tokenizer_name():
+    from llm_finetune.model import load_tokenizer
+
+    with pytest.raises(ValueError, match="--tokenizer_name"):
+        load_tokenizer(build_run_config(model_name="llama3-8b").train)
