@@ -117,3 +117,35 @@ def test_training_on_a_chat_file(tmp_path):
                               **{"file_dataset.data_files": str(path)})
     assert len([m for m in summary["metrics"] if "loss" in m]) == 6
     assert summary["eval_loss"][-1] < summary["metrics"][0]["loss"]
+
+
+def test_samsum_and_grammar_from_local_files(tmp_path):
+    dialogs = [{"id": str(i), "dialogue": f"Ann: hi {i}\nBob: hello", "summary": f"They greet {i}."}
+               for i in range(12)]
+    samsum = write_jsonl(tmp_path / "samsum.jsonl", dialogs)
+    run = build_run_config(dataset="samsum_dataset", **{"samsum_dataset.train_file": str(samsum)})
+    tokenizer = load_tokenizer(run.train)
+    sample = load_dataset_split(run, tokenizer, "train")[0]
+    first = next(i for i, label in enumerate(sample["labels"]) if label != -100)
+    assert tokenizer.decode(sample["input_ids"][1:first]) == \
+        "Summarize this dialog:\nAnn: hi 0\nBob: hello\n---\nSummary:\n"
+    assert tokenizer.decode(sample["labels"][first:-1]) == "They greet 0."
+
+    grammar = tmp_path / "grammar.csv"
+    grammar.write_text("input,target\n" + "".join(f"he go {i},he goes {i}\n" for i in range(10)))
+    run = build_run_config(dataset="grammar_dataset", **{"grammar_dataset.train_file": str(grammar)})
+    sample = load_dataset_split(run, tokenizer, "train")[3]
+    assert tokenizer.decode(sample["input_ids"][1:]).startswith(
+        "Correct this to standard English: he go 3\n---\nCorrected: he goes 3")
+
+
+def test_hub_data_set_offline_says_what_to_do(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    run = build_run_config(dataset="samsum_dataset")
+    with pytest.raises(DataError, match="--samsum_dataset.train_file and --samsum_dataset.eval_file"):
+        load_dataset_split(run, load_tokenizer(run.train), "train")

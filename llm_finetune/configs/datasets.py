@@ -38,3 +38,27 @@ class custom_dataset:
     file: str = ""  # path/to/file.py[:function], function(dataset_config, tokenizer, split)
     train_split: str = "train"
     test_split: str = "validation"
+
+
+@dataclass
+class samsum_dataset:
+    """Dialogue summarisation (llama-recipes' default data set)."""
+    hub_name: str = "Samsung/samsum"
+    train_file: str = ""  # local files instead of the hub (JSON/JSONL/CSV/Parquet)
+    eval_file: str = ""
+    train_split: str = "train"
+    test_split: str = "validation"
+    prompt: str = "Summarize this dialog:\n{dialogue}\n---\nSummary:\n"
+    response_column: str = "summary"
+
+
+@dataclass
+class grammar_dataset:
+    """Grammar correction (llama-recipes' jfleg/C4 200k CSVs: input, target)."""
+    hub_name: str = "jhu-clsp/jfleg"
+    train_file: str = ""  # e.g. gtrain_10k.csv
+    eval_file: str = ""  # e.g. grammar_validation.csv
+    train_split: str = "train"
+    test_split: str = "validation"
+    prompt: str = "Correct this to standard English: {input}\n---\nCorrected: "
+    response_column: str = "target"

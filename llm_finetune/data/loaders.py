@@ -7,6 +7,7 @@ from llm_finetune.data.alpaca import load_alpaca
 from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_collate, packed_collate
 from llm_finetune.data.custom import load_custom
 from llm_finetune.data.files import load_files
+from llm_finetune.data.templated import load_templated
 from llm_finetune.distributed import DistInfo, barrier
 
 
@@ -17,6 +18,8 @@ def load_dataset_split(run, tokenizer, split: str):
         return load_files(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed)
     if t.dataset == "custom_dataset":
         return load_custom(run.dataset, tokenizer, split, t.context_length)
+    if t.dataset in ("samsum_dataset", "grammar_dataset"):
+        return load_templated(run.dataset, tokenizer, split, t.context_length, t.bad_rows)
     return load_alpaca(run.dataset, tokenizer, split, t.context_length, t.bad_rows)
 
 

@@ -1,0 +1,36 @@
+"""Prompt-template data sets of llama-recipes (samsum, grammar): each row's columns fill a
+prompt template, and one column is the response, the only part with a loss. Rows come from the
+Hugging Face hub (``hub_name``) or, always offline, from local files (``train_file`` /
+``eval_file``: JSON, JSONL, CSV or Parquet)."""
+
+import string
+
+import datasets
+
+from llm_finetune.data.files import read_files
+from llm_finetune.data.rows import DataError, prompt_response_sample, require_text, tokenize_rows
+
+
+def read_split(config, split: str) -> datasets.Dataset:
+    local = config.train_file if split == config.train_split else config.eval_file
+    if local:
+        return read_files(local)
+    name = type(config).__name__
+    try:
+        return datasets.load_dataset(config.hub_name, split=split)
+    except Exception as error:  # offline, unknown repo, gated data set
+        raise DataError(f"{name}: could not load {config.hub_name!r} split {split!r} from the "
+                        f"hub ({type(error).__name__}: {str(error)[:200]}). Download it and pass "
+                        f"--{name}.train_file and --{name}.eval_file") from error
+
+
+def load_templated(config, tokenizer, split: str, max_length: int, bad_rows: str):
+    rows = read_split(config, split)
+    fields = [f for _, f, _, _ in string.Formatter().parse(config.prompt) if f]
+
+    def to_sample(row):
+        prompt = config.prompt.format(**{f: require_text(row, f) for f in fields})
+        response = require_text(row, config.response_column)
+        return prompt_response_sample(tokenizer, prompt, response, max_length)
+
+    return tokenize_rows(rows, to_sample, f"{type(config).__name__} {split}", bad_rows)
