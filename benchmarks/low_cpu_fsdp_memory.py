@@ -26,7 +26,7 @@ def worker(model_dir: str, low_cpu: str) -> None:
 
     from llm_finetune.config_utils import build_run_config
     from llm_finetune.distributed import setup
-    from llm_finetune.engine import wrap_fsdp
+    from llm_finetune.engine import RankZeroInit, wrap_fsdp
     from llm_finetune.model import load_model
 
     dist.init_process_group("gloo")
@@ -34,7 +34,8 @@ def worker(model_dir: str, low_cpu: str) -> None:
     run = build_run_config(model_name=model_dir, enable_fsdp=True, low_cpu_fsdp=low_cpu == "1")
     info, _ = setup(need_group=True)
     model = load_model(run.train, torch.float32, on_meta=run.train.low_cpu_fsdp and not info.is_main)
-    model = wrap_fsdp(model, run.fsdp, info, torch.float32, from_rank0=run.train.low_cpu_fsdp)
+    init_fn = RankZeroInit(model, info) if run.train.low_cpu_fsdp else None
+    model = wrap_fsdp(model, run.fsdp, info, torch.float32, init_fn)
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20  # KiB -> GiB
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak)

@@ -17,6 +17,7 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from llm_finetune.config_utils import hybrid_mesh_shape
 from llm_finetune.distributed import DistInfo
 from llm_finetune.model import decoder_layer_classes
+from llm_finetune.random_init import SeededInit
 
 
 def mixed_precision_policy(compute_dtype: torch.dtype) -> MixedPrecision | None:
@@ -116,13 +117,25 @@ class RankZeroInit:
                     table[name] = self._materialise(prefix, name, tensor)
 
 
-def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dtype: torch.dtype,
-              from_rank0: bool) -> FullyShardedDataParallel:
-    """Shard ``model`` with one FSDP unit per decoder layer.
+def meta_init_fn(model: torch.nn.Module, dist_info: DistInfo, seed: int,
+                 seeded_init: bool, from_rank0: bool):
+    """FSDP's ``param_init_fn`` for a model (partly) on the meta device, or None.
 
-    ``from_rank0`` (``low_cpu_fsdp``): only rank 0 holds real weights and the other ranks hold
-    the model on the meta device; see ``RankZeroInit``.
+    ``seeded_init``: every rank holds the model on meta and initialises its units itself
+    (``SeededInit``, random weights). ``from_rank0`` (``low_cpu_fsdp``): rank 0 holds the real
+    weights, the other ranks the model on meta (``RankZeroInit``).
     """
+    if seeded_init:
+        return SeededInit(model, seed, dist_info.device)
+    if from_rank0:
+        return RankZeroInit(model, dist_info)
+    return None
+
+
+def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dtype: torch.dtype,
+              param_init_fn=None) -> FullyShardedDataParallel:
+    """Shard ``model`` with one FSDP unit per decoder layer; ``param_init_fn`` (from
+    ``meta_init_fn``) materialises the units of a model built on the meta device."""
     strategy = ShardingStrategy[fsdp_cfg.sharding_strategy]
     mesh = None
     if strategy == ShardingStrategy.HYBRID_SHARD:
@@ -148,6 +161,6 @@ def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dty
                            else BackwardPrefetch[fsdp_cfg.backward_prefetch]),
         limit_all_gathers=fsdp_cfg.limit_all_gathers,
         device_id=dist_info.device,  # on CPU too: FSDP otherwise looks for an accelerator
-        param_init_fn=RankZeroInit(model, dist_info) if from_rank0 else None,
+        param_init_fn=param_init_fn,
         use_orig_params=True,  # frozen and trainable PEFT parameters may share a unit
     )

@@ -18,12 +18,14 @@ from llm_finetune.adapters import apply_peft
 from llm_finetune.checkpoint import check_output_dir, save_model
 from llm_finetune.config_utils import ConfigError, build_run_config, field_help, validate
 from llm_finetune.data import build_dataloaders
-from llm_finetune.engine import enable_activation_checkpointing, wrap_fsdp
-from llm_finetune.metrics import MetricsLog
-from llm_finetune.model import decoder_layers, freeze_layers, load_model, load_tokenizer
+from llm_finetune.engine import enable_activation_checkpointing, meta_init_fn, wrap_fsdp
+from llm_finetune.metrics import MetricsLog, PhaseTimer
+from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
+                                load_tokenizer)
 from llm_finetune.optim import build_optimizer, build_scheduler
 from llm_finetune.precision import choose_precision
 from llm_finetune.quantization import bnb_config
+from llm_finetune.random_init import SeededInit
 from llm_finetune.resume import Checkpointer, resolve_resume
 from llm_finetune.train import Trainer
 
@@ -40,10 +42,13 @@ def main(**kwargs) -> dict:
     # 2. distributed set-up (a one-rank group when FSDP runs in a single process)
     dist_info, owns_group = distributed.setup(need_group=run.train.enable_fsdp)
     torch.manual_seed(run.train.seed)
-    # 3. model: rank 0 alone reads weights under low_cpu_fsdp
+    phases = PhaseTimer(verbose=dist_info.is_main)
+    # 3. model: rank 0 alone reads weights under low_cpu_fsdp; a random-init model stays on
+    #    the meta device until its adapters are in place, then each rank initialises its units
     tokenizer = load_tokenizer(run.train)
+    seeded_init = init_after_adapters(run.train)
     model = load_model(run.train, precision.weight_dtype,
-                       on_meta=run.train.low_cpu_fsdp and not dist_info.is_main,
+                       on_meta=seeded_init or (run.train.low_cpu_fsdp and not dist_info.is_main),
                        quantization_config=bnb_config(run, precision),
                        init_device="cpu" if run.train.enable_fsdp else dist_info.device)
     num_layers = len(decoder_layers(model))
@@ -54,16 +59,22 @@ def main(**kwargs) -> dict:
                            adapter_dtype=precision.weight_dtype if run.train.enable_fsdp else None)
     if run.fsdp.fsdp_activation_checkpointing:
         enable_activation_checkpointing(model)
+    phases.mark("load")
     if run.train.enable_fsdp:
-        model = wrap_fsdp(model, run.fsdp, dist_info, precision.compute_dtype,
-                          from_rank0=run.train.low_cpu_fsdp)
+        init_fn = meta_init_fn(model, dist_info, run.train.seed, seeded_init,
+                               from_rank0=run.train.low_cpu_fsdp)
+        model = wrap_fsdp(model, run.fsdp, dist_info, precision.compute_dtype, init_fn)
+    elif seeded_init:
+        SeededInit(model, run.train.seed, dist_info.device)(model)
     elif run.train.quantization == "":
         model.to(dist_info.device)
+    phases.mark("shard" if run.train.enable_fsdp else "to_device")
     report_parameters(model, dist_info)
     check_output_dir(model, run, dist_info)
 
     # 4. data
     train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info)
+    phases.mark("data")
 
     # 5. train
     steps_per_epoch = math.ceil(len(train_loader) / run.train.gradient_accumulation_steps)
@@ -86,10 +97,13 @@ def main(**kwargs) -> dict:
         checkpoints.restore(trainer, resume_from)
     summary = trainer.fit(train_loader, eval_loader, total_steps,
                           on_step_end=checkpoints.maybe_save)
+    phases.mark("train")
 
     # 6. save
     if run.train.save_model:
         summary["saved_to"] = str(save_model(model, run, tokenizer, dist_info, optimizer))
+        phases.mark("save")
+    summary["phase_s"] = phases.seconds
     summary["metrics"] = metrics.records
     if dist_info.is_main:
         print_summary(summary)

@@ -5,6 +5,7 @@ eval_loss, eval_perplexity."""
 
 import json
 import os
+import time
 
 
 class MetricsLog:
@@ -22,3 +23,21 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class PhaseTimer:
+    """Wall time of each phase of a run (load, shard, data, train, save), printed on rank 0 as
+    each ends, so a slow or stuck phase (an 8B model loading on one CPU thread, say) shows in
+    the log while the run goes, and the run summary keeps them."""
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self.last, 2)
+        self.last = now
+        if self.verbose:
+            print(f"[{phase}] done in {self.seconds[phase]:.1f} s", flush=True)

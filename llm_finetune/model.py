@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from llm_finetune.random_init import SeededInit
 from llm_finetune.shapes import SHAPES
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -54,18 +55,36 @@ def attention_implementation(use_fast_kernels: bool) -> str:
 
 
 def random_init(config, dtype: torch.dtype, attn: str, seed: int, device) -> torch.nn.Module:
-    """A randomly initialised model, built directly on ``device`` (a GPU initialises an 8B model
-    in a second; one CPU thread, torchrun's default, takes minutes, so use this rank's share of
-    the cores meanwhile)."""
-    torch.manual_seed(seed)
+    """A randomly initialised model, built on the meta device and materialised directly on
+    ``device`` with ``SeededInit``: the same weights FSDP ranks build unit by unit (a GPU
+    initialises an 8B model in seconds; on a CPU use this rank's share of the cores, since
+    torchrun gives each rank one thread)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     threads = torch.get_num_threads()
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) // ranks_here))
     try:
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        SeededInit(model, seed, device)(model)
     finally:
         torch.set_num_threads(threads)
+    return model
+
+
+def weights_on_disk(train_cfg) -> bool:
+    return train_cfg.model_name not in SHAPES and has_weights(resolve_model_path(train_cfg.model_name))
+
+
+def init_after_adapters(train_cfg) -> bool:
+    """Whether the model is a random-init one (a config without weights) built on the meta
+    device and materialised by ``SeededInit`` only once its adapters are in place: by each FSDP
+    rank unit by unit on its own device, or whole in one process, with the same weights either
+    way. True with no adapter or new LoRA adapters, whose initialisation ``SeededInit`` knows;
+    other PEFT methods start from a base initialised on the CPU (by rank 0 alone under
+    ``low_cpu_fsdp``)."""
+    plain_or_lora = not train_cfg.use_peft or (train_cfg.peft_method == "lora"
+                                               and not train_cfg.from_peft_checkpoint)
+    return plain_or_lora and not weights_on_disk(train_cfg)
 
 
 def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config=None,
@@ -81,12 +100,12 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
     path = resolve_model_path(train_cfg.model_name)
     attn = attention_implementation(train_cfg.use_fast_kernels)
     shape = SHAPES.get(train_cfg.model_name)  # a built-in shape: a config, no weights
-    weights_on_disk = shape is None and has_weights(path)
-    if quantization_config is not None and not weights_on_disk:
+    on_disk = weights_on_disk(train_cfg)
+    if quantization_config is not None and not on_disk:
         raise ValueError(f"{train_cfg.model_name} has no weights on disk, and bitsandbytes "
                          "quantises weights as they load: give a checkpoint, or drop "
                          "--quantization")
-    if on_meta or not weights_on_disk:
+    if on_meta or not on_disk:
         config = shape() if shape else AutoConfig.from_pretrained(path)
         config.use_cache = False
         if on_meta:

@@ -86,7 +86,10 @@ class Trainer:
                 [p for p in self.model.parameters() if p.requires_grad], threshold)
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, int]:
-        """One optimizer step; returns (mean token loss over all ranks, tokens processed)."""
+        """One optimizer step; returns (mean token loss over all ranks, tokens processed).
+
+        Under fp16 loss scaling a step whose gradients overflow is skipped by the scaler, which
+        then halves its scale: ``metrics.jsonl`` records the scale so skipped steps are visible."""
         local_tokens = sum(count_label_tokens(b) for b in micro_batches)
         input_tokens = sum(int(b["num_tokens"]) for b in micro_batches)
         total_tokens, total_inputs = all_reduce_sum([local_tokens, input_tokens], self.dist.device)
@@ -162,9 +165,12 @@ class Trainer:
                 tokens_seen += tokens
                 elapsed = time.perf_counter() - step_start
                 epoch_losses.append(loss)
-                self.metrics.log({"step": self.step, "epoch": epoch + 1, "loss": loss, "lr": lr,
-                                  "tokens_per_s": tokens / max(elapsed, 1e-9),
-                                  "peak_gpu_mem_gib": peak_gpu_gib()})
+                record = {"step": self.step, "epoch": epoch + 1, "loss": loss, "lr": lr,
+                          "tokens_per_s": tokens / max(elapsed, 1e-9),
+                          "peak_gpu_mem_gib": peak_gpu_gib()}
+                if self.grad_scaler is not None:
+                    record["grad_scale"] = float(self.grad_scaler.get_scale())
+                self.metrics.log(record)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 bar.update()
                 if on_step_end is not None:

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -17,3 +18,11 @@ def tiny_model_dir(tmp_path_factory):
 def tied_model_dir(tmp_path_factory):
     """Input embedding and lm_head share one tensor (Llama-3.2-1B, small Qwen models)."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-tied"), tie_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tied_config_dir(tmp_path_factory, tied_model_dir):
+    """Only the tied model's config.json: a model that exists as a config (random init)."""
+    directory = tmp_path_factory.mktemp("tiny-llama-tied-config")
+    shutil.copy(tied_model_dir / "config.json", directory / "config.json")
+    return directory

@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from llm_finetune import finetuning
 from llm_finetune.distributed import setup
-from llm_finetune.engine import wrap_fsdp
+from llm_finetune.engine import RankZeroInit, wrap_fsdp
 from llm_finetune.config_utils import build_run_config
 from llm_finetune.model import load_model
 from tests.helpers import FAST, probe_input
@@ -40,7 +40,18 @@ CASES = {
     "sharded_state_dict": dict(FSDP, save_model=True, save_optimizer=True,
                                **{"fsdp_config.checkpoint_type": "SHARDED_STATE_DICT"}),
     "low_cpu_fsdp": dict(FSDP, low_cpu_fsdp=True),
+    # random-init models (config only): each rank initialises its own units (SeededInit)
+    "seeded_init": dict(FSDP, model_name="tiny-llama"),
+    "seeded_init_lora": dict(FSDP, model_name="tiny-llama", use_peft=True, lr=1e-2),
+    "seeded_init_tied": dict(FSDP, model_name="{tied_config}", tokenizer_name="tiny-llama"),
 }
+
+
+def case_settings(name: str, model_dir: str, tied_config_dir: str) -> dict:
+    """A case's settings, on ``model_dir`` unless the case names its own model."""
+    kwargs = {"model_name": model_dir, **CASES[name]}
+    kwargs["model_name"] = kwargs["model_name"].format(tied_config=tied_config_dir)
+    return kwargs
 
 
 def probe_logits(model) -> list:
@@ -55,7 +66,7 @@ def low_cpu_fsdp_weights(model_dir: str) -> dict:
     info, _ = setup(need_group=True)
     model = load_model(run.train, torch.float32, on_meta=not info.is_main)
     on_meta = all(p.is_meta for p in model.parameters())
-    model = wrap_fsdp(model, run.fsdp, info, torch.float32, from_rank0=True)
+    model = wrap_fsdp(model, run.fsdp, info, torch.float32, RankZeroInit(model, info))
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     checksums = {k: float(v.double().sum()) for k, v in state.items()}
     gathered = [None] * dist.get_world_size()
@@ -63,14 +74,15 @@ def low_cpu_fsdp_weights(model_dir: str) -> dict:
     return gathered
 
 
-def main(out: str, model_dir: str, tied_dir: str, only: str = "") -> None:
+def main(out: str, model_dir: str, tied_dir: str, tied_config_dir: str, only: str = "") -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {}
-    for name, kwargs in CASES.items():
+    for name in CASES:
         if only and name not in only.split(","):
             continue
-        summary = finetuning.main(**kwargs, model_name=model_dir, output_dir=f"{out}/{name}",
+        summary = finetuning.main(**case_settings(name, model_dir, tied_config_dir),
+                                  output_dir=f"{out}/{name}",
                                   dist_checkpoint_root_folder=f"{out}/{name}-dcp")
         results[name] = {"losses": [m["loss"] for m in summary["metrics"] if "loss" in m],
                          "eval_loss": summary["eval_loss"], "logits": probe_logits(summary["model"])}

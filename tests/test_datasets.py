@@ -149,3 +149,33 @@ def test_hub_data_set_offline_says_what_to_do(tmp_path, monkeypatch):
     run = build_run_config(dataset="samsum_dataset")
     with pytest.raises(DataError, match="--samsum_dataset.train_file and --samsum_dataset.eval_file"):
         load_dataset_split(run, load_tokenizer(run.train), "train")
+
+
+def test_llamaguard_toxicchat_learns_only_the_verdict(tmp_path):
+    """toxic-chat rows in Llama Guard's prompt: the label is safe / unsafe + the top moderation
+    category as a Llama Guard code; the prompt has no loss; a malformed row is named."""
+    rows = [{"user_input": "How do I bake bread?", "toxicity": 0, "openai_moderation": "[]"},
+            {"user_input": "I hate them all", "toxicity": 1,
+             "openai_moderation": "[['sexual', 0.01], ['harassment', 0.8], ['hate', 0.4]]"},
+            {"user_input": "something", "toxicity": 1, "openai_moderation": "[]"}] * 4
+    path = write_jsonl(tmp_path / "toxic.jsonl", rows)
+    run = build_run_config(dataset="llamaguard_toxicchat_dataset", tokenize_num_proc=2,
+                           context_length=1024,
+                           **{"llamaguard_toxicchat_dataset.train_file": str(path)})
+    tokenizer = load_tokenizer(run.train)
+    samples = load_dataset_split(run, tokenizer, "train")
+    verdicts = []
+    for sample in samples.select(range(3)):
+        first = next(i for i, label in enumerate(sample["labels"]) if label != -100)
+        prompt = tokenizer.decode(sample["input_ids"][1:first])
+        assert "S10: Hate." in prompt and prompt.rstrip().endswith("violated categories.")
+        verdicts.append(tokenizer.decode(sample["labels"][first:-1]))
+    assert verdicts == ["safe", "unsafe\nS10", "unsafe"]
+    assert "User: I hate them all" in tokenizer.decode(samples[1]["input_ids"])
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows[:2] + [{"user_input": "x", "toxicity": 7,
+                                                         "openai_moderation": "[]"}])
+    run = build_run_config(dataset="llamaguard_toxicchat_dataset",
+                           **{"llamaguard_toxicchat_dataset.train_file": str(bad)})
+    with pytest.raises(DataError, match="row 2: field 'toxicity' is 7"):
+        load_dataset_split(run, tokenizer, "train")

@@ -13,24 +13,25 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from llm_finetune import finetuning
-from tests.dist_worker import CASES
+from tests.dist_worker import CASES, case_settings
 from tests.helpers import REPO, probe_input, torchrun
 
 RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory, tiny_model_dir, tied_model_dir):
+def fsdp_results(tmp_path_factory, tiny_model_dir, tied_model_dir, tied_config_dir):
     out = tmp_path_factory.mktemp("fsdp")
-    torchrun(REPO / "tests" / "dist_worker.py", str(out), str(tiny_model_dir), str(tied_model_dir))
+    torchrun(REPO / "tests" / "dist_worker.py", str(out), str(tiny_model_dir), str(tied_model_dir),
+             str(tied_config_dir))
     results = json.loads((out / "results.json").read_text())
     results["out"] = out
     return results
 
 
-def single_process(case: str, model_dir, tmp_path) -> dict:
+def single_process(case: str, model_dir, tmp_path, tied_config_dir) -> dict:
     """The same run in one process, with a per-rank batch twice as large (the global batch)."""
-    kwargs = dict(CASES[case])
+    kwargs = case_settings(case, str(model_dir), str(tied_config_dir))
     for key in ("enable_fsdp", "low_cpu_fsdp", "fsdp_config.sharding_strategy",
                 "fsdp_config.sharding_group_size", "fsdp_config.replica_group_size",
                 "fsdp_config.checkpoint_type", "fsdp_config.hsdp"):
@@ -38,16 +39,20 @@ def single_process(case: str, model_dir, tmp_path) -> dict:
     kwargs["batch_size_training"] *= 2
     kwargs["val_batch_size"] *= 2
     kwargs["save_model"] = False
-    return finetuning.main(**kwargs, model_name=str(model_dir), output_dir=str(tmp_path))
+    return finetuning.main(**kwargs, output_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize("case", ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD",
                                   "HYBRID_SHARD_replicas",
                                   "lora", "llama_adapter", "prefix", "grad_accum_clip",
                                   "packing",
-                                  "low_cpu_fsdp"])
-def test_fsdp_matches_single_process(case, fsdp_results, tiny_model_dir, tmp_path):
-    reference = single_process(case, tiny_model_dir, tmp_path)
+                                  "low_cpu_fsdp", "seeded_init", "seeded_init_lora",
+                                  "seeded_init_tied"])
+def test_fsdp_matches_single_process(case, fsdp_results, tiny_model_dir, tied_config_dir,
+                                     tmp_path):
+    """Also for random-init models, whose ranks each initialised their own units: they hold
+    the single-process model's weights, so they train the same."""
+    reference = single_process(case, tiny_model_dir, tmp_path, tied_config_dir)
     expected = [m["loss"] for m in reference["metrics"] if "loss" in m]
     got = fsdp_results[case]["losses"]
     assert len(got) == len(expected) == CASES[case]["max_train_step"]

@@ -3,6 +3,7 @@ scaler, and FSDP CPU offload, each against the fp32 run on the same data. Measur
 docs/gpu_runs.md."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -18,15 +19,19 @@ BASE = ["--max_train_step", "10", "--max_eval_step", "2", "--batch_size_training
         "--lora_config.lora_dropout", "0"]
 
 
-def fsdp_losses(model_dir, out, *flags) -> list[float]:
+def fsdp_metrics(model_dir, out, *flags) -> list[dict]:
     nproc = min(2, torch.cuda.device_count())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(nproc), "-m", "llm_finetune.finetuning", "--enable_fsdp", "--model_name",
            str(model_dir), "--output_dir", str(out), *BASE, *flags]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in line]
+
+
+def fsdp_losses(model_dir, out, *flags) -> list[float]:
+    return [m["loss"] for m in fsdp_metrics(model_dir, out, *flags)]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,6 @@ def fp32_losses(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("flags", [
     ["--fsdp_config.mixed_precision", "True"],  # bf16 compute, fp32 weights and reduction
-    ["--use_fp16", "True"],  # fp16 compute, ShardedGradScaler
     ["--fsdp_config.pure_bf16", "True"],
 ])
 def test_low_precision_follows_fp32(flags, fp32_losses, tiny_model_dir, tmp_path):
@@ -49,3 +53,18 @@ def test_cpu_offload_equals_on_gpu(fp32_losses, tiny_model_dir, tmp_path):
     losses = fsdp_losses(tiny_model_dir, tmp_path, "--fsdp_config.mixed_precision", "False",
                          "--fsdp_config.fsdp_cpu_offload", "True")
     assert losses == pytest.approx(fp32_losses, rel=1e-4)
+
+
+def test_fp16_with_sharded_grad_scaler_trains(fp32_losses, tiny_model_dir, tmp_path):
+    """fp16 compute with ShardedGradScaler. Steps whose gradients overflow are skipped by the
+    scaler (its scale halves), so the curve lags fp32's by those steps rather than matching it
+    step for step (measured on 2 H200s: 2 of 10 steps off by up to 7%). It must still train
+    to the same place, with few skipped steps and finite losses."""
+    steps = fsdp_metrics(tiny_model_dir, tmp_path, "--use_fp16", "True")
+    losses = [s["loss"] for s in steps]
+    scales = [s["grad_scale"] for s in steps]
+    skipped = sum(b < a for a, b in zip(scales, scales[1:]))
+    assert all(map(math.isfinite, losses))
+    assert skipped <= 3, scales
+    assert losses[-1] < losses[0] - 0.5
+    assert losses[-1] == pytest.approx(fp32_losses[-1], rel=0.05)

@@ -3,12 +3,14 @@
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from llm_finetune.config_utils import build_run_config
 from llm_finetune.distributed import setup
 from llm_finetune.engine import enable_activation_checkpointing, wrap_fsdp
-from llm_finetune.model import decoder_layer_classes, has_weights, load_model
+from llm_finetune.adapters import apply_peft
+from llm_finetune.model import BUILTIN_MODELS, decoder_layer_classes, has_weights, load_model
+from llm_finetune.random_init import SeededInit
 
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2)
@@ -36,7 +38,7 @@ def test_fsdp_wraps_one_unit_per_decoder_layer(config_cls, one_rank_group):
 
     model = AutoModelForCausalLM.from_config(config_cls(**SMALL))
     run = build_run_config(enable_fsdp=True)
-    wrapped = wrap_fsdp(model, run.fsdp, one_rank_group, torch.float32, from_rank0=False)
+    wrapped = wrap_fsdp(model, run.fsdp, one_rank_group, torch.float32)
     units = [m for m in wrapped.modules() if isinstance(m, FSDP)]
     assert len(units) == SMALL["num_hidden_layers"] + 1  # each layer, plus the root
     assert all(type(u.module) in decoder_layer_classes(model) for u in units[1:])
@@ -99,3 +101,38 @@ def test_builtin_shape_needs_a_tokenizer_name():
 
     with pytest.raises(ValueError, match="--tokenizer_name"):
         load_tokenizer(build_run_config(model_name="llama3-8b").train)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_seeded_init_follows_the_architecture_scheme(family):
+    """A random-init model built on meta and filled by SeededInit has transformers' own init:
+    the real rotary table, norms at one, linear weights at the config's std; adding LoRA does
+    not change the base weights, and the training RNG stream is not consumed."""
+    if family == "llama":
+        config = AutoConfig.from_pretrained(BUILTIN_MODELS["tiny-llama"])
+    else:
+        config = Qwen2Config(**SMALL)
+    reference = AutoModelForCausalLM.from_config(config)
+    state = torch.random.get_rng_state()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    SeededInit(model, seed=3, device="cpu")(model)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+    assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.std().item() == pytest.approx(config.initializer_range, rel=0.1)
+
+    with torch.device("meta"):
+        with_lora = AutoModelForCausalLM.from_config(config)
+    run = build_run_config(use_peft=True, model_name="tiny-llama")
+    with_lora = apply_peft(with_lora, run, config.num_hidden_layers)
+    SeededInit(with_lora, seed=3, device="cpu")(with_lora)
+    base = with_lora.get_base_model()
+    assert torch.equal(base.model.layers[1].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(base.model.layers[1].self_attn.q_proj.base_layer.weight,
+                       model.model.layers[1].self_attn.q_proj.weight)
+    lora_q = base.model.layers[1].self_attn.q_proj
+    assert lora_q.lora_B["default"].weight.abs().sum() == 0
+    assert lora_q.lora_A["default"].weight.abs().sum() > 0

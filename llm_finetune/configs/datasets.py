@@ -62,3 +62,16 @@ class grammar_dataset:
     test_split: str = "validation"
     prompt: str = "Correct this to standard English: {input}\n---\nCorrected: "
     response_column: str = "target"
+
+
+@dataclass
+class llamaguard_toxicchat_dataset:
+    """Safety classification in Llama Guard 3's prompt format (lmsys/toxic-chat: user_input,
+    toxicity, openai_moderation): the model learns the verdict, "safe" or "unsafe" and the
+    violated category, with no loss on the prompt."""
+    hub_name: str = "lmsys/toxic-chat"
+    hub_config: str = "toxicchat0124"
+    train_file: str = ""  # local files instead of the hub (JSON/JSONL/CSV/Parquet)
+    eval_file: str = ""
+    train_split: str = "train"
+    test_split: str = "test"

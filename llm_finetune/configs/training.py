@@ -20,6 +20,7 @@ class train_config:
     batching_strategy: str = "padding"  # padding | packing
     bad_rows: str = "fail"  # fail | skip: rows with a missing/wrong/empty field
     context_length: int = 512  # longest sample (padding) or block length (packing)
+    tokenize_num_proc: int = 1  # processes that tokenise the data set (datasets.map num_proc)
     batch_size_training: int = 8  # per rank, per micro-batch
     val_batch_size: int = 8
     num_workers_dataloader: int = 1

@@ -32,8 +32,8 @@ def instruction_sample(tokenizer, row: dict, max_length: int, columns=("instruct
                                   max_length)
 
 
-def load_alpaca(dataset_config, tokenizer, split: str, max_length: int,
-                bad_rows: str) -> datasets.Dataset:
+def load_alpaca(dataset_config, tokenizer, split: str, max_length: int, bad_rows: str,
+                num_proc: int = 1) -> datasets.Dataset:
     rows = datasets.load_dataset("json", data_files=dataset_config.data_path, split="train")
     eval_size = dataset_config.eval_size
     if split == dataset_config.train_split:
@@ -41,4 +41,4 @@ def load_alpaca(dataset_config, tokenizer, split: str, max_length: int,
     else:
         rows = rows.select(range(min(eval_size, len(rows))))
     return tokenize_rows(rows, lambda row: instruction_sample(tokenizer, row, max_length),
-                         f"alpaca_dataset {split}", bad_rows)
+                         f"alpaca_dataset {split}", bad_rows, num_proc)

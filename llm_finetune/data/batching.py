@@ -8,6 +8,7 @@ the same number of batches (samples that cannot fill a whole step are dropped), 
 waits forever at the end of an epoch.
 """
 
+import bisect
 import random
 
 import torch
@@ -110,28 +111,40 @@ def pad_collate(pad_token_id: int):
 def pack_samples(samples, context_length: int, pad_token_id: int) -> list[dict]:
     """Pack whole samples into blocks of ``context_length`` tokens, never splitting a sample.
 
+    Best-fit decreasing: the longest samples are placed first, each into the block with the
+    least room that still holds it. Filling blocks in data order instead leaves the tail of a
+    block empty whenever the next sample is long (measured: 23% padding against under 1% on a
+    data set of mixed short and long answers; benchmarks/batching.py).
+
     ``position_ids`` restart at 0 at each sample, and no attention mask is passed: transformers
     then builds a block-diagonal causal mask (SDPA/eager) or uses varlen flash-attention, so no
     token attends across a sample boundary. Each sample starts with a masked prompt token, so no
     loss term predicts one sample from another.
     """
-    blocks, ids, labels, positions = [], [], [], []
-
-    def flush():
+    lengths = [len(s["input_ids"]) for s in samples]
+    members: list[list[int]] = []  # sample indices per block
+    rooms: list[tuple[int, int]] = []  # (room left, block index), sorted
+    for index in sorted(range(len(samples)), key=lambda i: -lengths[i]):
+        need = lengths[index]
+        at = bisect.bisect_left(rooms, (need, -1))
+        if at == len(rooms):
+            members.append([])
+            room, block = context_length, len(members) - 1
+        else:
+            room, block = rooms.pop(at)
+        members[block].append(index)
+        if room - need > 0:
+            bisect.insort(rooms, (room - need, block))
+    blocks = []
+    for indices in members:
+        ids, labels, positions = [], [], []
+        for index in indices:
+            ids += list(samples[index]["input_ids"])
+            labels += list(samples[index]["labels"])
+            positions += list(range(lengths[index]))
         pad = context_length - len(ids)
         blocks.append({"input_ids": ids + [pad_token_id] * pad, "labels": labels + [-100] * pad,
                        "position_ids": positions + list(range(pad)), "num_tokens": len(ids)})
-
-    for sample in samples:
-        n = len(sample["input_ids"])
-        if ids and len(ids) + n > context_length:
-            flush()
-            ids, labels, positions = [], [], []
-        ids = ids + list(sample["input_ids"])
-        labels = labels + list(sample["labels"])
-        positions = positions + list(range(n))
-    if ids:
-        flush()
     return blocks
 
 

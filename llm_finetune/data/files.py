@@ -37,7 +37,8 @@ def read_files(spec: str) -> datasets.Dataset:
     return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
 
 
-def load_files(config, tokenizer, split: str, max_length: int, bad_rows: str, seed: int):
+def load_files(config, tokenizer, split: str, max_length: int, bad_rows: str, seed: int,
+               num_proc: int = 1):
     if split == config.train_split or not config.eval_files:
         rows = read_files(config.data_files)
         if not config.eval_files:
@@ -60,4 +61,4 @@ def load_files(config, tokenizer, split: str, max_length: int, bad_rows: str, se
 
         def to_sample(row):
             return instruction_sample(tokenizer, row, max_length, columns)
-    return tokenize_rows(rows, to_sample, f"file_dataset {split}", bad_rows)
+    return tokenize_rows(rows, to_sample, f"file_dataset {split}", bad_rows, num_proc)

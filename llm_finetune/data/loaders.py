@@ -8,6 +8,7 @@ from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_col
 from llm_finetune.data.custom import load_custom
 from llm_finetune.data.files import load_files
 from llm_finetune.data.templated import load_templated
+from llm_finetune.data.toxicchat import load_toxicchat
 from llm_finetune.distributed import DistInfo, barrier
 
 
@@ -15,12 +16,18 @@ def load_dataset_split(run, tokenizer, split: str):
     """The tokenised samples (input_ids, labels) of one split of the configured data set."""
     t = run.train
     if t.dataset == "file_dataset":
-        return load_files(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed)
+        return load_files(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed,
+                          t.tokenize_num_proc)
     if t.dataset == "custom_dataset":
         return load_custom(run.dataset, tokenizer, split, t.context_length)
     if t.dataset in ("samsum_dataset", "grammar_dataset"):
-        return load_templated(run.dataset, tokenizer, split, t.context_length, t.bad_rows)
-    return load_alpaca(run.dataset, tokenizer, split, t.context_length, t.bad_rows)
+        return load_templated(run.dataset, tokenizer, split, t.context_length, t.bad_rows,
+                              t.tokenize_num_proc)
+    if t.dataset == "llamaguard_toxicchat_dataset":
+        return load_toxicchat(run.dataset, tokenizer, split, t.context_length, t.bad_rows,
+                              t.tokenize_num_proc)
+    return load_alpaca(run.dataset, tokenizer, split, t.context_length, t.bad_rows,
+                       t.tokenize_num_proc)
 
 
 def load_split(run, tokenizer, split: str, dist_info: DistInfo):
@@ -38,14 +45,14 @@ def build_dataloaders(run, tokenizer, dist_info: DistInfo):
     t = run.train
     train = load_split(run, tokenizer, run.dataset.train_split, dist_info)
     evals = load_split(run, tokenizer, run.dataset.test_split, dist_info) if t.run_validation else None
-    return (_loader(train, t.batch_size_training, run, tokenizer, dist_info, shuffle=True,
+    return (make_loader(train, t.batch_size_training, run, tokenizer, dist_info, shuffle=True,
                     accumulation=t.gradient_accumulation_steps),
-            _loader(evals, t.val_batch_size, run, tokenizer, dist_info, shuffle=False)
+            make_loader(evals, t.val_batch_size, run, tokenizer, dist_info, shuffle=False)
             if evals is not None else None)
 
 
-def _loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuffle: bool,
-            accumulation: int = 1):
+def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuffle: bool,
+                accumulation: int = 1):
     t = run.train
     rows = data.remove_columns([c for c in data.column_names if c not in ("input_ids", "labels")])
     if t.batching_strategy == "packing":

@@ -31,8 +31,10 @@ def require_text(row: dict, field: str, allow_empty: bool = False) -> str:
     return value
 
 
-def tokenize_rows(rows: datasets.Dataset, to_sample, name: str, policy: str) -> datasets.Dataset:
-    """Map ``to_sample`` over ``rows``; enforce ``policy`` ("fail" or "skip") on bad rows."""
+def tokenize_rows(rows: datasets.Dataset, to_sample, name: str, policy: str,
+                  num_proc: int = 1) -> datasets.Dataset:
+    """Map ``to_sample`` over ``rows`` in ``num_proc`` processes; enforce ``policy`` ("fail" or
+    "skip") on bad rows."""
 
     def convert(row):
         try:
@@ -41,7 +43,8 @@ def tokenize_rows(rows: datasets.Dataset, to_sample, name: str, policy: str) -> 
             return {"input_ids": [], "labels": [], "truncated": False, "error": str(error)}
         return {**sample, "error": ""}
 
-    samples = rows.map(convert, remove_columns=rows.column_names, desc=f"tokenize {name}")
+    samples = rows.map(convert, remove_columns=rows.column_names, desc=f"tokenize {name}",
+                       num_proc=num_proc if num_proc > 1 else None)
     errors = [(i, e) for i, e in enumerate(samples["error"]) if e]
     if errors:
         first, reason = errors[0]

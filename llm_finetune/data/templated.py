@@ -12,19 +12,22 @@ from llm_finetune.data.rows import DataError, prompt_response_sample, require_te
 
 
 def read_split(config, split: str) -> datasets.Dataset:
+    """The split's rows from local files when given, else from the hub."""
     local = config.train_file if split == config.train_split else config.eval_file
     if local:
         return read_files(local)
     name = type(config).__name__
     try:
-        return datasets.load_dataset(config.hub_name, split=split)
+        return datasets.load_dataset(config.hub_name, getattr(config, "hub_config", None) or None,
+                                     split=split)
     except Exception as error:  # offline, unknown repo, gated data set
         raise DataError(f"{name}: could not load {config.hub_name!r} split {split!r} from the "
                         f"hub ({type(error).__name__}: {str(error)[:200]}). Download it and pass "
                         f"--{name}.train_file and --{name}.eval_file") from error
 
 
-def load_templated(config, tokenizer, split: str, max_length: int, bad_rows: str):
+def load_templated(config, tokenizer, split: str, max_length: int, bad_rows: str,
+                   num_proc: int = 1):
     rows = read_split(config, split)
     fields = [f for _, f, _, _ in string.Formatter().parse(config.prompt) if f]
 
@@ -33,4 +36,4 @@ def load_templated(config, tokenizer, split: str, max_length: int, bad_rows: str
         response = require_text(row, config.response_column)
         return prompt_response_sample(tokenizer, prompt, response, max_length)
 
-    return tokenize_rows(rows, to_sample, f"{type(config).__name__} {split}", bad_rows)
+    return tokenize_rows(rows, to_sample, f"{type(config).__name__} {split}", bad_rows, num_proc)
