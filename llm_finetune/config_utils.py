@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from llm_finetune.resume import latest_checkpoint
+
 from llm_finetune.configs import (
     DATASET_CONFIGS,
     fsdp_config,
@@ -241,6 +243,17 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
     if resume and resume != "auto" and not (Path(resume) / "MANIFEST.json").is_file():
         raise ConfigError(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no "
                           "MANIFEST.json); give output_dir/checkpoints/step-N or auto")
+    checkpoint = latest_checkpoint(t.output_dir) if resume == "auto" else resume
+    if checkpoint:
+        saved = json.loads((Path(checkpoint) / "MANIFEST.json").read_text())
+        ours = t.batch_size_training * world_size * t.gradient_accumulation_steps
+        if saved.get("global_batch", ours) != ours:
+            raise ConfigError(
+                f"{checkpoint} was saved with {saved['global_batch']} samples per optimizer step "
+                f"and this run has {ours} ({t.batch_size_training} per rank x {world_size} ranks "
+                f"x {t.gradient_accumulation_steps} accumulation steps). The data order resumes "
+                "only with the same global batch: another world size works when batch_size_"
+                "training x ranks x gradient_accumulation_steps stays the same")
     if t.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {t.lr}")
     if world_size > 1 and not t.enable_fsdp:

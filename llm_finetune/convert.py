@@ -3,20 +3,26 @@ GPUs and without a process group.
 
     python -m llm_finetune.convert dcp_to_hf --checkpoint DIR --model_name BASE --output OUT
     python -m llm_finetune.convert merge_adapters --model_name BASE --adapter DIR --output OUT
+    python -m llm_finetune.convert hf_to_dcp --model_name BASE --output DIR
 
 ``dcp_to_hf`` reads a sharded checkpoint (``<dist_checkpoint_folder>-<model>/`` or a training
-checkpoint ``checkpoints/step-N/`` of a full fine-tune) straight into an empty model skeleton:
-one copy of the weights in memory, no random initialisation. ``merge_adapters`` folds a LoRA
+checkpoint ``checkpoints/step-N/`` of a full fine-tune) one output shard at a time: no model is
+built and at most one shard of tensors is in memory. ``hf_to_dcp`` goes the other way. ``merge_adapters`` folds a LoRA
 adapter into its base (``peft``'s ``merge_and_unload``). Both write safetensors shards of at
 most 5 GB, the config, generation config and tokenizer.
 """
 
+import json
+import math
 from pathlib import Path
 
 import fire
 import torch
 import torch.distributed.checkpoint as dcp
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from llm_finetune.model import resolve_model_path
 
@@ -28,21 +34,78 @@ def _save(model, tokenizer_source: str, output: str) -> str:
     return output
 
 
-def dcp_to_hf(checkpoint: str, model_name: str, output: str, dtype: str = "bfloat16") -> str:
+def _shard_groups(names: list[str], sizes: dict[str, int], limit: int) -> list[list[str]]:
+    groups, current, used = [], [], 0
+    for name in names:
+        if current and used + sizes[name] > limit:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += sizes[name]
+    return groups + [current] if current else groups
+
+
+def dcp_to_hf(checkpoint: str, model_name: str, output: str, dtype: str = "bfloat16",
+              max_shard_gb: float = 5.0) -> str:
     """``model_name``: the base model (hub name, directory or built-in) the run trained, for its
-    config and tokenizer; ``dtype``: of the written weights."""
+    config and tokenizer; ``dtype``: of the written weights.
+
+    Streams: reads the checkpoint's index, then loads one output shard's tensors at a time
+    (DCP loads any subset of a checkpoint's keys) and writes it, so converting a 70B model
+    needs about one shard (5 GB) of memory, not the model."""
     if not (Path(checkpoint) / ".metadata").is_file():
         raise SystemExit(f"{checkpoint}: not a torch.distributed.checkpoint directory "
                          "(no .metadata)")
     path = resolve_model_path(model_name)
     config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=checkpoint, no_dist=True)  # fills the tensors in place
-    return _save(model, path, output)
+    out_dtype = getattr(torch, dtype)
+    stored = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    tensors = {key[len("model."):]: meta for key, meta in stored.items()
+               if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    if not tensors:
+        raise SystemExit(f"{checkpoint} holds no model tensors (a PEFT run's checkpoint holds "
+                         "only its adapter: use merge_adapters)")
+    if getattr(config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)  # saved once, as the input embedding
+    itemsize = torch.empty(0, dtype=out_dtype).element_size()
+    sizes = {name: math.prod(meta.size) * itemsize for name, meta in tensors.items()}
+    groups = _shard_groups(sorted(tensors), sizes, int(max_shard_gb * 2**30))
+    Path(output).mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for index, names in enumerate(groups, start=1):
+        file = ("model.safetensors" if len(groups) == 1
+                else f"model-{index:05d}-of-{len(groups):05d}.safetensors")
+        shard = {name: torch.empty(tensors[name].size, dtype=tensors[name].properties.dtype)
+                 for name in names}
+        dcp.load({"model": shard}, checkpoint_id=checkpoint, no_dist=True)
+        save_file({n: t.to(out_dtype).contiguous() for n, t in shard.items()},
+                  str(Path(output) / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        del shard
+    if len(groups) > 1:
+        (Path(output) / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
+            indent=2))
+    config.dtype = out_dtype
+    config.save_pretrained(output)
+    try:
+        GenerationConfig.from_pretrained(path).save_pretrained(output)
+    except OSError:
+        GenerationConfig.from_model_config(config).save_pretrained(output)
+    AutoTokenizer.from_pretrained(path).save_pretrained(output)
+    print(f"saved a Hugging Face model ({len(groups)} shard(s)) to {output}", flush=True)
+    return output
+
+
+def hf_to_dcp(model_name: str, output: str, dtype: str = "bfloat16") -> str:
+    """A Hugging Face model as a DCP checkpoint, in the layout of a run's SHARDED_STATE_DICT save
+    (``{"model": state_dict}``): what ``dcp_to_hf`` reads back, and what DCP loads into a model
+    sharded over any number of ranks."""
+    path = resolve_model_path(model_name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    dcp.save({"model": model.state_dict()}, checkpoint_id=output, no_dist=True)
+    print(f"saved a torch.distributed.checkpoint of {model_name} to {output}", flush=True)
+    return output
 
 
 def merge_adapters(model_name: str, adapter: str, output: str, dtype: str = "bfloat16") -> str:
@@ -58,4 +121,4 @@ def merge_adapters(model_name: str, adapter: str, output: str, dtype: str = "bfl
 
 
 if __name__ == "__main__":
-    fire.Fire({"dcp_to_hf": dcp_to_hf, "merge_adapters": merge_adapters})
+    fire.Fire({"dcp_to_hf": dcp_to_hf, "hf_to_dcp": hf_to_dcp, "merge_adapters": merge_adapters})

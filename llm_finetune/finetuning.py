@@ -26,7 +26,7 @@ from llm_finetune.optim import build_optimizer, build_scheduler
 from llm_finetune.precision import choose_precision
 from llm_finetune.quantization import bnb_config
 from llm_finetune.random_init import SeededInit
-from llm_finetune.resume import Checkpointer, resolve_resume
+from llm_finetune.resume import Checkpointer, checkpoint_step, resolve_resume
 from llm_finetune.train import Trainer
 
 
@@ -86,7 +86,7 @@ def main(**kwargs) -> dict:
     resume_from = resolve_resume(run)
     metrics = MetricsLog(str(Path(run.train.output_dir) / "metrics.jsonl"),
                          enabled=run.train.save_metrics and dist_info.is_main,
-                         append=resume_from is not None)
+                         resumed_step=checkpoint_step(resume_from) if resume_from else None)
     if dist_info.is_main:
         write_run_config(run)
     scaler = grad_scaler(precision, run.train.enable_fsdp)

@@ -9,14 +9,24 @@ import time
 
 
 class MetricsLog:
-    def __init__(self, path: str, enabled: bool, append: bool = False):
-        """``append``: a resumed run continues the file of the run it resumes."""
+    def __init__(self, path: str, enabled: bool, resumed_step: int | None = None):
+        """``resumed_step``: this run resumes a checkpoint of that step, and continues the file
+        of the run it resumes: records up to that step are kept, later ones (written by the
+        stopped run after its last checkpoint, and written again now) dropped, so the file
+        stays one curve."""
         self.path = path
         self.enabled = enabled
         self.records: list[dict] = []  # this process's records: main() returns them
-        if enabled:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            open(path, "a" if append else "w").close()
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        kept = []
+        if resumed_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f
+                        if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
 
     def log(self, record: dict) -> None:
         self.records.append(record)

@@ -37,6 +37,10 @@ def latest_checkpoint(output_dir: str) -> Path | None:
     return max(complete, key=lambda d: int(d.name.split("-")[1]), default=None)
 
 
+def checkpoint_step(path: Path) -> int:
+    return json.loads((Path(path) / MANIFEST).read_text())["step"]
+
+
 def resolve_resume(run) -> Path | None:
     """``auto``: the newest complete checkpoint in output_dir (None: start fresh)."""
     choice = run.train.resume_from_checkpoint
@@ -73,8 +77,15 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.options)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-        torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
+        try:
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+            torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
+        except OSError as error:  # disk full, quota, lost mount: say so, keep the last one
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = latest_checkpoint(self.run.train.output_dir)
+            raise OSError(error.errno, f"saving checkpoint {final.name} failed ({error}); "
+                          f"the newest complete checkpoint, {previous or 'none'}, is untouched. "
+                          "Free space and rerun with --resume_from_checkpoint auto") from error
         barrier()
         if self.dist.is_main:
             torch.save({"step": trainer.step, "epoch": trainer.epoch,
@@ -86,6 +97,7 @@ class Checkpointer:
             (tmp / MANIFEST).write_text(json.dumps(
                 {"step": trainer.step, "epoch": trainer.epoch,
                  "world_size": self.dist.world_size, "model_name": self.run.train.model_name,
+                 "global_batch": self.sampler.step_size,
                  "files": files}, indent=1))
             os.replace(tmp, final)
             self.prune()

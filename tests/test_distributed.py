@@ -127,6 +127,26 @@ def test_sharded_checkpoint_converts_to_a_hugging_face_model(fsdp_results, tiny_
                                rtol=1e-4, atol=1e-4)
 
 
+def test_conversion_round_trip_writes_shards_one_at_a_time(tied_model_dir, tmp_path):
+    """HF -> DCP -> HF with 1 MB shards: several safetensors files and an index, the tied
+    lm_head stored once, and the same logits as the original model."""
+    from llm_finetune.convert import dcp_to_hf, hf_to_dcp
+
+    hf_to_dcp(str(tied_model_dir), str(tmp_path / "dcp"), dtype="float32")
+    dcp_to_hf(str(tmp_path / "dcp"), str(tied_model_dir), str(tmp_path / "hf"), dtype="float32",
+              max_shard_gb=2**-10)
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert "lm_head.weight" not in index["weight_map"]
+    original = AutoModelForCausalLM.from_pretrained(tied_model_dir)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(converted(input_ids=probe_input()).logits,
+                                   original(input_ids=probe_input()).logits)
+
+
 def test_merged_adapter_needs_no_peft(fsdp_results, tiny_model_dir, tmp_path):
     from llm_finetune.convert import merge_adapters
 

@@ -1,5 +1,6 @@
 """Resume: a run stopped after step k and resumed continues the same loss curve; a run killed
-with SIGKILL under torchrun resumes from its newest complete checkpoint."""
+with SIGKILL under torchrun resumes from its newest complete checkpoint, by hand or through
+torchrun's restarts, and on another world size; a full disk mid-run keeps the last checkpoint."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -77,31 +79,118 @@ def run_losses(out) -> dict[int, float]:
             if "loss" in r}
 
 
-def test_fsdp_run_killed_with_sigkill_resumes(tiny_model_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    subprocess.run(torchrun_cmd(tiny_model_dir, tmp_path / "straight"), env=env, check=True,
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def straight_fsdp(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted 2-rank FSDP run of 40 steps, with a checkpoint at step 20."""
+    out = tmp_path_factory.mktemp("straight")
+    subprocess.run(torchrun_cmd(tiny_model_dir, out, "--save_steps", "20"), env=ENV, check=True,
                    capture_output=True, timeout=300)
-    expected = run_losses(tmp_path / "straight")
-    out = tmp_path / "killed"
-    job = subprocess.Popen(torchrun_cmd(tiny_model_dir, out, "--save_steps", "5"), env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    return out
+
+
+def assert_continues(got: dict, expected: dict, resumed_from: int, rel=1e-5) -> None:
+    assert 0 < resumed_from < 40 and sorted(got) == list(range(1, 41))
+    after = [s for s in expected if s > resumed_from]
+    assert [got[s] for s in after] == pytest.approx([expected[s] for s in after], rel=rel)
+
+
+def wait_for_checkpoint(job, out) -> None:
     deadline = time.time() + 240
     while latest_checkpoint(str(out)) is None and job.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    assert latest_checkpoint(str(out)) is not None, "the run never saved a checkpoint"
+
+
+def test_fsdp_run_killed_with_sigkill_resumes(straight_fsdp, tiny_model_dir, tmp_path):
+    out = tmp_path / "killed"
+    job = subprocess.Popen(torchrun_cmd(tiny_model_dir, out, "--save_steps", "5"), env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    wait_for_checkpoint(job, out)
     os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks, no clean exit
     job.wait()
     checkpoint = latest_checkpoint(str(out))
-    assert checkpoint is not None
     subprocess.run(torchrun_cmd(tiny_model_dir, out, "--save_steps", "5",
                                 "--resume_from_checkpoint", "auto"),
-                   env=env, check=True, capture_output=True, timeout=300)
-    got = run_losses(out)
-    resumed_from = int(checkpoint.name.split("-")[1])
-    assert resumed_from < 40
-    assert max(got) == 40
-    after = [s for s in expected if s > resumed_from]
-    assert [got[s] for s in after] == pytest.approx([expected[s] for s in after], rel=1e-5)
+                   env=ENV, check=True, capture_output=True, timeout=300)
+    # metrics.jsonl is one curve: the steps the killed run did after its checkpoint are
+    # replaced by the resumed run's
+    assert_continues(run_losses(out), run_losses(straight_fsdp),
+                     int(checkpoint.name.split("-")[1]))
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_torchrun_max_restarts_resumes_by_itself(straight_fsdp, tiny_model_dir, tmp_path):
+    """One rank is SIGKILLed mid-run; torchrun restarts the job (--max_restarts 1), which picks
+    up the newest checkpoint through --resume_from_checkpoint auto and finishes the curve."""
+    out = tmp_path / "restarted"
+    cmd = torchrun_cmd(tiny_model_dir, out, "--save_steps", "5", "--resume_from_checkpoint", "auto")
+    cmd.insert(cmd.index("--standalone"), "--max_restarts=1")
+    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)
+    wait_for_checkpoint(job, out)
+    checkpoint = latest_checkpoint(str(out))
+    workers = children(job.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    log, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, log[-4000:]
+    assert "resumed from" in log
+    assert_continues(run_losses(out), run_losses(straight_fsdp),
+                     int(checkpoint.name.split("-")[1]))
+
+
+def test_resume_on_another_world_size(straight_fsdp, tiny_model_dir, tmp_path):
+    """The 2-rank FSDP checkpoint of step 20 resumes in one process without FSDP (DCP reshards
+    the model and optimizer) with the same global batch, and continues the 2-rank curve; a
+    different global batch is refused before anything loads."""
+    checkpoint = straight_fsdp / "checkpoints" / "step-00000020"
+    settings = dict(model_name=str(tiny_model_dir), max_train_step=40, run_validation=False,
+                    save_model=False, num_workers_dataloader=0, lr_scheduler="cosine",
+                    resume_from_checkpoint=str(checkpoint), output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="saved with 4 samples per optimizer step"):
+        finetuning.main(**settings, batch_size_training=2)
+    resumed = finetuning.main(**settings, batch_size_training=2, gradient_accumulation_steps=2)
+    got = {m["step"]: m["loss"] for m in resumed["metrics"] if "loss" in m}
+    expected = run_losses(straight_fsdp)
+    assert sorted(got) == list(range(21, 41))
+    assert [got[s] for s in got] == pytest.approx([expected[s] for s in got], rel=1e-5)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    real_save, calls = dcp.save, []
+
+    def save_until_disk_full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            real_save(*args, **kwargs)  # half the files written, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(dcp, "save", save_until_disk_full)
+    with pytest.raises(OSError, match="saving checkpoint step-00000004 failed .*No space left"
+                                      ".*step-00000002, is untouched"):
+        finetuning.main(**RUN, model_name=str(tiny_model_dir), save_steps=2,
+                        output_dir=str(tmp_path))
+    assert sorted(d.name for d in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]
+    assert latest_checkpoint(str(tmp_path)).name == "step-00000002"
 
 
 def test_full_disk_and_unwritable_output_fail_before_training(tiny_model_dir, tmp_path,

@@ -51,9 +51,11 @@ class GlobalBatchSampler(Sampler):
 
     def state_dict(self) -> dict:
         """Where the data stream stands, for exact resume: the epoch and how many of its
-        micro-batches were used (the order itself is recomputed from seed and epoch)."""
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
-                "step_size": self.step_size}
+        optimizer steps were done (the order itself is recomputed from seed and epoch). Counted
+        in steps, not this rank's micro-batches, so a run may resume with another split of the
+        same global batch: other world size, micro-batch and accumulation."""
+        return {"epoch": self.epoch, "steps": self.consumed // self.accumulation,
+                "seed": self.seed, "step_size": self.step_size}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed or state["step_size"] != self.step_size:
@@ -61,7 +63,7 @@ class GlobalBatchSampler(Sampler):
                              f"{state['step_size']} samples per step, this run has seed "
                              f"{self.seed} and {self.step_size}: keep --seed and the global batch")
         self.epoch = state["epoch"]
-        self._resume_at = state["consumed"]
+        self._resume_at = state["steps"] * self.accumulation
 
     def step_batches(self) -> list[list[int]]:
         order = list(range(len(self.lengths)))
