@@ -289,8 +289,9 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
         raise ConfigError(f"--quantization {t.quantization} freezes the base weights in a form "
                           "that cannot be trained: add --use_peft (QLoRA)")
     if t.quantization == "8bit" and t.enable_fsdp:
-        raise ConfigError("8-bit bitsandbytes weights cannot be sharded by FSDP. Use "
-                          "--quantization 4bit with --enable_fsdp (QLoRA+FSDP), or 8-bit on one GPU")
+        raise ConfigError("8-bit bitsandbytes weights cannot be sharded by FSDP (their row "
+                          "statistics live outside the weight tensor). Use 8-bit in one process, "
+                          "or LoRA on bf16 weights with --enable_fsdp --fsdp_config.pure_bf16 True")
     if t.quantization == "4bit" and t.enable_fsdp:
         raise ConfigError("--quantization 4bit with --enable_fsdp (QLoRA+FSDP) is not supported "
                           "in this version: it trains, but saving the sharded 4-bit model fails. "

@@ -7,6 +7,7 @@
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from llm_finetune.metrics import MetricsLog, PhaseTimer
 from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
                                 load_tokenizer)
 from llm_finetune.optim import build_optimizer, build_scheduler
+from llm_finetune.plan import plan_run
 from llm_finetune.precision import choose_precision
 from llm_finetune.quantization import bnb_config
 from llm_finetune.random_init import SeededInit
@@ -37,6 +39,10 @@ def main(**kwargs) -> dict:
     run = build_run_config(**kwargs)
     cuda = torch.cuda.is_available()
     validate(run, distributed.world_size_from_env(), cuda)
+    if run.train.dry_run:  # the memory plan instead of the run (printed by the first rank)
+        world_size = distributed.world_size_from_env()
+        first = os.environ.get("RANK", "0") == "0"
+        return {"plan": plan_run(run, world_size, run.train.gpu_memory or None) if first else ""}
     precision = choose_precision(run, cuda)
 
     # 2. distributed set-up (a one-rank group when FSDP runs in a single process)

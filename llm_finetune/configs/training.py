@@ -57,6 +57,8 @@ class train_config:
     dist_checkpoint_folder: str = "fine-tuned"
     save_metrics: bool = True  # output_dir/metrics.jsonl, one JSON object per step
     # Observability
+    dry_run: bool = False  # print the memory plan (python -m llm_finetune.plan) and exit
+    gpu_memory: str = ""  # for --dry_run: GPU memory to plan for, e.g. 80GiB ("": the GPU here)
     flop_counter: bool = False  # count FLOPs of one optimizer step
     flop_counter_start: int = 3  # steps to run before the counted one
     use_profiler: bool = False  # torch.profiler trace of steps 4-6 for TensorBoard

@@ -1,0 +1,359 @@
+"""Will this run fit? Per-GPU and per-rank CPU memory of a run, before launching it.
+
+    python -m llm_finetune.plan --model_name llama3-8b --use_peft --world_size 2 --gpu_memory 80GiB
+    python -m llm_finetune.finetuning --dry_run ...        # the same table, then exit
+
+Takes the same settings as ``finetuning``. Parameter counts are exact: the model is built on the
+meta device from its config (no weights read, no memory used) with the run's adapters applied.
+Activations and logits follow a per-token model of a Llama-style decoder layer, checked against
+``torch.cuda.max_memory_allocated`` of real runs on H100/H200 (docs/memory.md). When the run
+does not fit, the planner tries the usual fixes one at a time and lists those that would fit.
+"""
+
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import fire
+import torch
+
+from llm_finetune.config_utils import ConfigError, build_run_config, hybrid_mesh_shape, validate
+from llm_finetune.precision import choose_precision
+
+GIB = 2**30
+# what the CUDA caching allocator, cuBLAS/attention workspaces and NCCL add beyond the tensors
+WORKSPACE_BYTES = 0.35 * GIB
+
+
+@dataclass
+class ModelCounts:
+    """Parameter counts of the model as the run will train it."""
+    total: int
+    trainable: int
+    quantizable: int  # frozen nn.Linear weights inside decoder layers (what bitsandbytes packs)
+    largest_layer: int  # parameters of one decoder layer (an FSDP unit)
+    outside_layers: int  # embeddings, final norm, lm_head (FSDP's root unit)
+    num_layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    vocab: int
+    supports_checkpointing: bool
+
+
+@dataclass
+class Plan:
+    gpu: dict[str, float] = field(default_factory=dict)  # bytes per GPU, by component
+    cpu: dict[str, float] = field(default_factory=dict)  # bytes per rank in CPU RAM
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_peak(self) -> float:
+        return sum(self.gpu.values())
+
+
+def model_config(train_cfg):
+    from transformers import AutoConfig
+
+    from llm_finetune.model import resolve_model_path
+    from llm_finetune.shapes import SHAPES
+
+    if train_cfg.model_name in SHAPES:
+        return SHAPES[train_cfg.model_name]()
+    return AutoConfig.from_pretrained(resolve_model_path(train_cfg.model_name))
+
+
+def count_parameters(run) -> ModelCounts:
+    """Exact counts from the model built on the meta device, with the run's adapters."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_finetune.adapters import apply_peft
+    from llm_finetune.model import decoder_layers
+
+    config = model_config(run.train)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = decoder_layers(model)
+    supports_checkpointing = model.supports_gradient_checkpointing
+    if run.train.use_peft:
+        model = apply_peft(model, run, len(layers))
+    else:
+        model.requires_grad_(True)
+    unique = {id(p): p for p in model.parameters()}.values()
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    quantizable = sum(m.weight.numel() for layer in layers for m in layer.modules()
+                      if type(m) is torch.nn.Linear and not m.weight.requires_grad)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return ModelCounts(
+        total=sum(p.numel() for p in unique),
+        trainable=sum(p.numel() for p in unique if p.requires_grad),
+        quantizable=quantizable,
+        largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+        outside_layers=sum(p.numel() for p in unique if id(p) not in in_layers),
+        num_layers=len(layers),
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        kv_dim=getattr(text, "num_key_value_heads", heads) * head_dim,
+        vocab=text.vocab_size,
+        supports_checkpointing=supports_checkpointing)
+
+
+def shard_group(run, world_size: int) -> int:
+    """How many ranks share one copy of the parameters, gradients and optimizer states."""
+    if not run.train.enable_fsdp:
+        return 1
+    strategy = "HYBRID_SHARD" if run.fsdp.hsdp else run.fsdp.sharding_strategy
+    if strategy == "NO_SHARD":
+        return 1
+    if strategy == "HYBRID_SHARD":
+        return hybrid_mesh_shape(run.fsdp, world_size)[0]
+    return world_size
+
+
+def quantized_bytes_per_param(run) -> float:
+    """bitsandbytes storage: 4-bit NF4/FP4 packs two weights per byte plus one fp32 absmax per
+    64 weights (double quant: an 8-bit absmax plus an fp32 one per 256 of those); 8-bit stores
+    one byte per weight plus fp32 row statistics."""
+    if run.train.quantization == "8bit":
+        return 1.0 + 4 / 4096
+    absmax = (1 + 4 / 256) / 64 if run.quantization.use_double_quant else 4 / 64
+    return 0.5 + absmax
+
+
+def activation_bytes_per_token_per_layer(counts: ModelCounts, compute_bytes: int) -> float:
+    """Tensors a Llama-style decoder layer keeps for backward, per token: about ten hidden-size
+    vectors (norm inputs and outputs, q and its rotated copy, attention output, residuals), four
+    of the key/value width (k, v and their rotated or repeated copies) and four of the MLP width
+    (gate, up, activation, product). Checked on Llama-3 shapes: 200 KB per token and layer for
+    8B in bf16, as measured."""
+    return compute_bytes * (10 * counts.hidden + 4 * counts.kv_dim + 4 * counts.intermediate)
+
+
+def estimate(run, world_size: int, counts: ModelCounts | None = None,
+             local_world_size: int | None = None) -> Plan:
+    """Peak memory per GPU and per rank's CPU RAM of ``run`` on ``world_size`` GPUs."""
+    counts = counts or count_parameters(run)
+    t, f = run.train, run.fsdp
+    local_world_size = local_world_size or min(world_size, 8)
+    precision = choose_precision(run, cuda=True, bf16_supported=True)
+    weight_bytes = precision.weight_dtype.itemsize
+    compute_bytes = precision.compute_dtype.itemsize
+    adapter_bytes = weight_bytes if (t.enable_fsdp or not t.use_peft) else 4  # peft: fp32
+    shards = shard_group(run, world_size)
+    offload = t.enable_fsdp and f.fsdp_cpu_offload
+    plan = Plan()
+
+    frozen = counts.total - counts.trainable
+    quantized = counts.quantizable if t.quantization else 0
+    weights = ((frozen - quantized) * weight_bytes + quantized * quantized_bytes_per_param(run)
+               + counts.trainable * adapter_bytes)
+    grads = counts.trainable * adapter_bytes
+    optimizer = 2 * counts.trainable * adapter_bytes  # AdamW: two moments per trainable weight
+    states = {"weights": weights / shards, "gradients": grads / shards,
+              "optimizer states (AdamW)": optimizer / shards}
+    if offload:
+        plan.cpu.update({f"{k} (CPU offload)": v for k, v in states.items()})
+        plan.gpu["weights (CPU offload: none resident)"] = 0.0
+    else:
+        plan.gpu.update(states)
+    if t.enable_fsdp and (shards > 1 or offload or compute_bytes != weight_bytes):
+        # FSDP1 keeps the root unit (embeddings, lm_head) gathered from forward to backward, and
+        # gathers at most two decoder layers ahead (prefetch); mixed precision casts them too
+        gathered = (counts.outside_layers + 2 * counts.largest_layer) * compute_bytes
+        gathered += counts.largest_layer * 4 if counts.trainable else 0  # unsharded fp32 grads
+        plan.gpu["gathered FSDP units (root + 2 layers)"] = gathered
+
+    tokens = t.batch_size_training * t.context_length
+    per_layer = activation_bytes_per_token_per_layer(counts, compute_bytes) * tokens
+    if f.fsdp_activation_checkpointing:
+        plan.gpu["activations (checkpointed: layer inputs + 1 layer)"] = (
+            counts.num_layers * tokens * counts.hidden * compute_bytes + per_layer)
+    else:
+        plan.gpu["activations (all layers)"] = counts.num_layers * per_layer
+    # logits in the compute dtype, their fp32 copy for the loss, and the fp32 log-softmax
+    # that cross-entropy keeps for backward: the largest single item for 128k vocabularies
+    plan.gpu["logits and loss"] = tokens * counts.vocab * (compute_bytes + 8)
+    plan.gpu["workspace (allocator, cuBLAS, NCCL)"] = WORKSPACE_BYTES
+
+    # CPU RAM per rank while loading
+    from llm_finetune.model import init_after_adapters, weights_on_disk
+
+    full_model = counts.total * weight_bytes
+    if init_after_adapters(t) or t.quantization:
+        plan.cpu["loading"] = 0.0  # built on meta / quantised onto the GPU as it loads
+    elif t.low_cpu_fsdp:
+        plan.cpu["loading (rank 0 only; other ranks ~0)"] = full_model
+    else:
+        plan.cpu["loading (every rank)"] = full_model
+    notes(plan, run, counts, world_size, local_world_size, full_model, weights_on_disk(t))
+    return plan
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def notes(plan: Plan, run, counts: ModelCounts, world_size: int, local_world_size: int,
+          full_model: float, on_disk: bool) -> None:
+    """The traps users hit, said before the launch."""
+    t, f = run.train, run.fsdp
+    if (t.enable_fsdp and not t.low_cpu_fsdp and on_disk and not t.quantization
+            and local_world_size * full_model > 0.8 * host_memory()):
+        plan.notes.append(
+            f"every one of {local_world_size} ranks per node loads the whole model "
+            f"({full_model / GIB:.1f} GiB each, {local_world_size * full_model / GIB:.0f} GiB "
+            f"together) into {host_memory() / GIB:.0f} GiB of RAM: the loader would be "
+            "SIGKILLed. Add --low_cpu_fsdp (rank 0 alone reads the weights)")
+    if f.fsdp_activation_checkpointing and not counts.supports_checkpointing:
+        plan.notes.append("this model does not support activation checkpointing: set "
+                          "--fsdp_config.fsdp_activation_checkpointing False and plan for all "
+                          "activations")
+    if f.fsdp_activation_checkpointing:
+        plan.notes.append("activation checkpointing is non-reentrant and the model trains in "
+                          "train mode (transformers skips checkpointing in eval mode, the mode "
+                          "from_pretrained returns), so it is really on; PEFT needs no "
+                          "enable_input_require_grads")
+    if t.batching_strategy == "padding":
+        plan.notes.append("padding batches are planned at the full context_length; shorter "
+                          "batches need less")
+
+
+def parse_bytes(text) -> float:
+    """``80GiB``, ``80GB``, ``141G`` or a number of GiB."""
+    if isinstance(text, (int, float)):
+        return float(text) * GIB
+    match = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|G|MiB|MB|M)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--gpu_memory {text!r}: give a size such as 80GiB or 141GB")
+    unit = (match.group(2) or "GiB").lower()
+    scale = {"gib": GIB, "g": GIB, "gb": 1e9, "mib": 2**20, "m": 2**20, "mb": 1e6}[unit]
+    return float(match.group(1)) * scale
+
+
+def candidate_fixes(run, world_size: int):
+    """(description, changed run, world size) for each usual fix that applies."""
+    t, f = run.train, run.fsdp
+
+    def changed(**settings):
+        new = dataclasses.replace(run, train=dataclasses.replace(t), fsdp=dataclasses.replace(f))
+        for key, value in settings.items():
+            section, name = key.split(".") if "." in key else ("train", key)
+            setattr(getattr(new, section), name, value)
+        return new
+
+    if not f.fsdp_activation_checkpointing:
+        yield "--fsdp_config.fsdp_activation_checkpointing True", changed(
+            **{"fsdp.fsdp_activation_checkpointing": True}), world_size
+    if t.use_peft and not t.quantization and not t.enable_fsdp:
+        yield "--quantization 4bit (QLoRA)", changed(quantization="4bit"), world_size
+    if t.enable_fsdp and not f.pure_bf16 and not f.use_fp16:
+        yield "--fsdp_config.pure_bf16 True", changed(**{"fsdp.pure_bf16": True}), world_size
+    for more in (2, 4, 8, 16, 32, 64):
+        if more > world_size:
+            yield (f"{more} GPUs with --enable_fsdp (FULL_SHARD)",
+                   changed(enable_fsdp=True, **{"fsdp.sharding_strategy": "FULL_SHARD",
+                                                "fsdp.hsdp": False}), more)
+    batch = t.batch_size_training
+    while batch > 1:
+        batch //= 2
+        accumulation = t.gradient_accumulation_steps * t.batch_size_training // batch
+        yield (f"--batch_size_training {batch} --gradient_accumulation_steps {accumulation} "
+               "(same global batch)",
+               changed(batch_size_training=batch, gradient_accumulation_steps=accumulation),
+               world_size)
+    if t.enable_fsdp and not f.fsdp_cpu_offload:
+        yield "--fsdp_config.fsdp_cpu_offload True", changed(
+            **{"fsdp.fsdp_cpu_offload": True}), world_size
+
+
+def planned_fixes(run, world_size: int):
+    """(description, run, world size, peak) of each valid single fix."""
+    for description, new_run, new_world in candidate_fixes(run, world_size):
+        try:
+            validate(new_run, new_world, cuda=True)
+        except ConfigError:
+            continue
+        yield (description, new_run, new_world,
+               estimate(new_run, new_world, count_parameters(new_run)).gpu_peak)
+
+
+def combined_fix(run, world_size: int, gpu_memory: float) -> list[str]:
+    """No single fix is enough: take the best fix, then the best on top of it, until it fits."""
+    steps, peak = [], estimate(run, world_size).gpu_peak
+    for _ in range(4):
+        options = [option for option in planned_fixes(run, world_size) if option[3] < peak]
+        if not options:
+            break
+        description, run, world_size, peak = min(options, key=lambda option: option[3])
+        steps.append(description)
+        if peak <= gpu_memory:
+            return [f"  - together: {' and '.join(steps)}: {peak / GIB:.1f} GiB"]
+    return ["  - none of the usual changes: a larger GPU, or more GPUs with CPU offload"]
+
+
+def report(run, world_size: int, gpu_memory: float | None, counts: ModelCounts) -> str:
+    plan = estimate(run, world_size, counts)
+    t = run.train
+    lines = [f"memory plan: {t.model_name}, {counts.total / 1e9:.2f}B parameters "
+             f"({counts.trainable / 1e6:.1f}M trainable), {world_size} GPU(s), "
+             f"batch {t.batch_size_training} x {t.context_length} tokens per GPU",
+             "", "| per GPU | GiB |", "| --- | ---: |"]
+    lines += [f"| {name} | {value / GIB:.2f} |" for name, value in plan.gpu.items()]
+    lines.append(f"| **peak** | **{plan.gpu_peak / GIB:.2f}** |")
+    lines += ["", "| CPU RAM per rank | GiB |", "| --- | ---: |"]
+    lines += [f"| {name} | {value / GIB:.2f} |" for name, value in plan.cpu.items()]
+    if gpu_memory is None:
+        lines.append("\nno GPU found and no --gpu_memory given: cannot say whether it fits")
+    elif plan.gpu_peak <= gpu_memory:
+        lines.append(f"\nfits: {plan.gpu_peak / GIB:.1f} of {gpu_memory / GIB:.1f} GiB per GPU")
+    else:
+        lines.append(f"\ndoes NOT fit: {plan.gpu_peak / GIB:.1f} GiB needed per GPU, "
+                     f"{gpu_memory / GIB:.1f} GiB available. Changes that would fit:")
+        fixes = [f"  - {description}: {peak / GIB:.1f} GiB"
+                 for description, _, _, peak in planned_fixes(run, world_size)
+                 if peak <= gpu_memory]
+        lines += fixes[:4] or combined_fix(run, world_size, gpu_memory)
+    lines += [f"note: {note}" for note in plan.notes]
+    return "\n".join(lines)
+
+
+def gpu_memory_available(gpu_memory) -> float | None:
+    if gpu_memory:
+        return parse_bytes(gpu_memory)
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    return None
+
+
+def plan_run(run, world_size: int, gpu_memory=None) -> str:
+    """Print and return the memory plan of a validated run (``finetuning --dry_run`` too)."""
+    text = report(run, world_size, gpu_memory_available(gpu_memory), count_parameters(run))
+    print(text, flush=True)
+    return text
+
+
+def main(world_size: int = 0, gpu_memory=None, **kwargs) -> str:
+    """The memory plan of the run ``kwargs`` describe on ``world_size`` GPUs (default: the
+    torchrun world, else 1); ``gpu_memory`` (e.g. 80GiB) defaults to the GPU present."""
+    from llm_finetune.distributed import world_size_from_env
+
+    run = build_run_config(**kwargs)
+    world_size = world_size or world_size_from_env()
+    validate(run, world_size, cuda=True)
+    return plan_run(run, world_size, gpu_memory)
+
+
+def cli(**kwargs) -> None:
+    try:
+        main(**kwargs)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    fire.Fire(cli)

@@ -1,0 +1,91 @@
+"""The memory planner's arithmetic and its warnings (its accuracy against measured GPU peaks
+is in docs/memory.md)."""
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from llm_finetune import finetuning, plan
+from llm_finetune.adapters import apply_peft
+from llm_finetune.config_utils import ConfigError, build_run_config
+from llm_finetune.model import BUILTIN_MODELS
+
+GIB = 2**30
+
+
+def test_parameter_counts_are_the_real_models():
+    run = build_run_config(use_peft=True)
+    counts = plan.count_parameters(run)
+    real = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(BUILTIN_MODELS["tiny-llama"]))
+    assert counts.total - counts.trainable == sum(p.numel() for p in real.parameters())
+    peft_model = apply_peft(real, run, real.config.num_hidden_layers)
+    assert counts.trainable == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert plan.count_parameters(build_run_config(model_name="llama3-8b")).total == 8_030_261_248
+
+
+def test_sharded_state_scales_with_the_world_and_checkpointing_saves_activations():
+    run = build_run_config(model_name="llama3.2-1b", enable_fsdp=True, context_length=2048,
+                           batch_size_training=4)
+    counts = plan.count_parameters(run)
+    two, four = plan.estimate(run, 2, counts), plan.estimate(run, 4, counts)
+    for part in ("weights", "gradients", "optimizer states (AdamW)"):
+        assert four.gpu[part] == pytest.approx(two.gpu[part] / 2)
+    assert four.gpu["logits and loss"] == two.gpu["logits and loss"]  # per-GPU batch unchanged
+    no_ac = build_run_config(model_name="llama3.2-1b", enable_fsdp=True, context_length=2048,
+                             batch_size_training=4,
+                             **{"fsdp_config.fsdp_activation_checkpointing": False})
+    with_ac = two.gpu["activations (checkpointed: layer inputs + 1 layer)"]
+    without = plan.estimate(no_ac, 2, counts).gpu["activations (all layers)"]
+    assert without > 5 * with_ac
+
+
+def test_quantization_shrinks_the_frozen_weights():
+    lora = build_run_config(model_name="llama3-8b", use_peft=True)
+    qlora = build_run_config(model_name="llama3-8b", use_peft=True, quantization="4bit")
+    counts = plan.count_parameters(lora)
+    ratio = plan.estimate(qlora, 1, counts).gpu["weights"] / plan.estimate(lora, 1, counts).gpu["weights"]
+    assert 0.3 < ratio < 0.4  # decoder linears at ~4.5 bits, embeddings and lm_head in bf16
+
+
+def test_a_run_that_does_not_fit_gets_fixes_that_fit(capsys):
+    text = plan.main(model_name="llama3-8b", tokenizer_name="tiny-llama", use_peft=True,
+                     context_length=2048, batch_size_training=8, gpu_memory="48GiB",
+                     **{"fsdp_config.fsdp_activation_checkpointing": False})
+    assert "does NOT fit" in text
+    fixes = [line for line in text.splitlines() if line.startswith("  - ")]
+    assert any("--fsdp_config.fsdp_activation_checkpointing True" in f for f in fixes)
+    assert fixes and all(float(line.rsplit(":", 1)[1].split()[0]) <= 48 for line in fixes)
+    # on a 24 GiB GPU no single change is enough: several together
+    text = plan.main(model_name="llama3-8b", tokenizer_name="tiny-llama", use_peft=True,
+                     context_length=2048, batch_size_training=8, gpu_memory="24GiB",
+                     **{"fsdp_config.fsdp_activation_checkpointing": False})
+    together = [line for line in text.splitlines() if "together:" in line]
+    assert together and " and " in together[0]
+    assert float(together[0].rsplit(":", 1)[1].split()[0]) <= 24
+    assert plan.main(model_name="tiny-llama", gpu_memory="1GiB").count("fits: ") == 1
+
+
+def test_traps_are_named(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(plan, "host_memory", lambda: 2**20)  # a node with 1 MiB of RAM
+    run = build_run_config(model_name=str(tiny_model_dir), enable_fsdp=True)
+    notes = plan.estimate(run, 8, local_world_size=8).notes
+    assert any("every one of 8 ranks per node loads the whole model" in n and
+               "--low_cpu_fsdp" in n for n in notes)
+    low_cpu = build_run_config(model_name=str(tiny_model_dir), enable_fsdp=True, low_cpu_fsdp=True)
+    assert not any("--low_cpu_fsdp" in n for n in plan.estimate(low_cpu, 8).notes)
+
+    counts = plan.count_parameters(run)
+    counts.supports_checkpointing = False
+    assert any("does not support activation checkpointing" in n
+               for n in plan.estimate(run, 2, counts).notes)
+    with pytest.raises(ConfigError, match="8-bit bitsandbytes weights cannot be sharded"):
+        plan.main(model_name=str(tiny_model_dir), enable_fsdp=True, use_peft=True,
+                  quantization="8bit", world_size=2)
+    with pytest.raises(ConfigError, match="--gpu_memory"):
+        plan.parse_bytes("lots")
+    assert plan.parse_bytes("80GiB") == 80 * GIB and plan.parse_bytes("141GB") == 141e9
+
+
+def test_dry_run_plans_and_trains_nothing(tmp_path):
+    summary = finetuning.main(dry_run=True, gpu_memory="16GiB", output_dir=str(tmp_path / "o"))
+    assert "memory plan: tiny-llama" in summary["plan"] and "fits:" in summary["plan"]
+    assert not (tmp_path / "o").exists()
