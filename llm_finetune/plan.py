@@ -54,15 +54,16 @@ class Plan:
         return sum(self.gpu.values())
 
 
-def model_config(train_cfg):
+def model_config(model_name: str):
+    """The config of a built-in shape, a local directory or a hub model (no weights read)."""
     from transformers import AutoConfig
 
     from llm_finetune.model import resolve_model_path
     from llm_finetune.shapes import SHAPES
 
-    if train_cfg.model_name in SHAPES:
-        return SHAPES[train_cfg.model_name]()
-    return AutoConfig.from_pretrained(resolve_model_path(train_cfg.model_name))
+    if model_name in SHAPES:
+        return SHAPES[model_name]()
+    return AutoConfig.from_pretrained(resolve_model_path(model_name))
 
 
 def count_parameters(run) -> ModelCounts:
@@ -72,7 +73,7 @@ def count_parameters(run) -> ModelCounts:
     from llm_finetune.adapters import apply_peft
     from llm_finetune.model import decoder_layers
 
-    config = model_config(run.train)
+    config = model_config(run.train.model_name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layers = decoder_layers(model)

@@ -1,0 +1,58 @@
+"""The memory planner against measured runs: for each finished run directory, the planner's
+predicted peak GPU memory (from the run's own run_config.json) beside the peak the run measured
+(``torch.cuda.max_memory_allocated``, last step of metrics.jsonl).
+
+    python benchmarks/planner_accuracy.py RUN_DIR:WORLD_SIZE [RUN_DIR:WORLD_SIZE ...]
+
+Prints a markdown table (docs/memory.md records it).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from llm_finetune.config_utils import build_run_config
+from llm_finetune.plan import GIB, estimate
+
+
+def settings_of(run_dir: Path) -> dict:
+    saved = json.loads((run_dir / "run_config.json").read_text())
+    settings = {}
+    for section, values in saved.items():
+        for key, value in values.items():
+            if value is not None:
+                settings[key if section == "train_config" else f"{section}.{key}"] = value
+    return settings
+
+
+def measured_peak(run_dir: Path) -> float:
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    return steps[-1]["peak_gpu_mem_gib"]
+
+
+def describe(run) -> str:
+    t, f = run.train, run.fsdp
+    kind = (f"QLoRA ({t.quantization})" if t.quantization else
+            "LoRA" if t.use_peft else "full")
+    parts = [t.model_name.rsplit("/", 1)[-1], kind, f"batch {t.batch_size_training} x "
+             f"{t.context_length}", "AC" if f.fsdp_activation_checkpointing else "no AC"]
+    if t.enable_fsdp:
+        parts.append("FSDP" + (" pure_bf16" if f.pure_bf16 else ""))
+    return ", ".join(parts)
+
+
+def main(*specs: str) -> None:
+    print("| run | GPUs | predicted GiB | measured GiB | error |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for spec in specs:
+        directory, _, world = spec.rpartition(":")
+        run = build_run_config(**settings_of(Path(directory)))
+        predicted = estimate(run, int(world)).gpu_peak / GIB
+        measured = measured_peak(Path(directory))
+        print(f"| {describe(run)} | {world} | {predicted:.1f} | {measured:.1f} | "
+              f"{(predicted - measured) / measured:+.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
