@@ -6,7 +6,8 @@ each run in its own process, one after the other; prints a markdown table and wr
 
 Models are random-init from built-in shapes (no weights downloaded); the QLoRA scenarios need
 weights on disk, so the harness first writes a random Llama-3-8B checkpoint (``--workdir``).
-Our runs train on the shipped data packed into 2048-token blocks; tokens/s counts real tokens
+Our runs train on the shipped data packed into 2048-token blocks (``--data long``: one
+2048-token sample per row, the baseline's shape); tokens/s counts real tokens
 (packing padding excluded) and is the median over steps 3 and later; peak is
 ``torch.cuda.max_memory_allocated``. MFU counts model FLOPs only (6 x parameters per token for
 full fine-tuning, 4 x for a frozen base: no weight gradients; no recompute, no attention) over
@@ -45,9 +46,31 @@ def run_json(cmd: list[str], env: dict) -> tuple[str, dict | None]:
                                 if line.startswith("RESULT "))[len("RESULT "):])
 
 
-def ours(model: str, batch: int, ac: bool, extra: list[str], steps: int, out: Path, env: dict):
+def long_rows(path: Path) -> Path:
+    """Rows of over 2048 tokens (truncated to it): one sample per row and no padding, the
+    baseline's batch shape, so attention needs no mask."""
+    from llm_finetune.model import BUILTIN_MODELS
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(BUILTIN_MODELS["tiny-llama"])
+    generator = __import__("random").Random(0)
+    with path.open("w") as f:
+        for i in range(400):
+            text = tokenizer.decode([generator.randrange(3, 1024) for _ in range(2300)])
+            f.write(json.dumps({"instruction": f"Continue {i}.", "input": "", "output": text}) + "\n")
+    return path
+
+
+def ours(model: str, batch: int, ac: bool, extra: list[str], steps: int, out: Path, env: dict,
+         data: str = "packed"):
+    if data == "long":
+        rows = long_rows(out.parent / "long_rows.jsonl")
+        data_flags = ["--dataset", "file_dataset", "--file_dataset.data_files", str(rows),
+                      "--batching_strategy", "padding"]
+    else:
+        data_flags = ["--batching_strategy", "packing"]
     cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", model,
-           "--tokenizer_name", "tiny-llama", "--batching_strategy", "packing",
+           "--tokenizer_name", "tiny-llama", *data_flags,
            "--context_length", "2048", "--batch_size_training", str(batch),
            "--max_train_step", str(steps), "--num_epochs", "5", "--run_validation", "False",
            "--save_model", "False", "--num_workers_dataloader", "2", "--output_dir", str(out),
@@ -76,11 +99,15 @@ def write_checkpoint(directory: Path, env: dict) -> None:
 
 
 def main(only: str = "", steps: int = 8, out: str = "benchmark.json", peak_tflops: float = 790,
-         workdir: str = "") -> list[dict]:
+         workdir: str = "", data: str = "packed", fast_kernels: bool = False) -> list[dict]:
+    """``fast_kernels``: our runs with ``--use_fast_kernels``. ``data``: ``packed`` (the shipped samples packed into 2048-token blocks, kept apart by
+    the attention mask) or ``long`` (one 2048-token sample per row, the baseline's shape)."""
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     work = Path(workdir or tempfile.mkdtemp(prefix="llm-finetune-bench-"))
-    names = [n for n in SCENARIOS if not only or n in only.split(",")]
+    work.mkdir(parents=True, exist_ok=True)
+    wanted = only.split(",") if isinstance(only, str) else list(only)  # fire: a,b -> tuple
+    names = [n for n in SCENARIOS if not only or n in wanted]
     rows = []
     for name in names:
         model, mode, batch, ac, extra = SCENARIOS[name]
@@ -90,7 +117,9 @@ def main(only: str = "", steps: int = 8, out: str = "benchmark.json", peak_tflop
         base_log, base = run_json(
             [sys.executable, "benchmarks/baseline_hf_peft.py", "--mode", mode, "--model", model,
              "--batch", str(batch), "--seq", "2048", "--steps", str(steps), "--ac", str(ac)], env)
-        our_log, mine = ours(model, batch, ac, extra, steps + 2, work / name, env)
+        our_extra = [*extra, "--use_fast_kernels", "True"] if fast_kernels else extra
+        our_log, mine = ours(model, batch, ac, our_extra, steps + 2, work / f"{name}-{data}", env,
+                             data)
         for label, result, log in (("baseline", base, base_log), ("ours", mine, our_log)):
             if result is None:
                 print(f"{name} {label} failed:\n{log[-3000:]}", flush=True)

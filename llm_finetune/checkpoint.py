@@ -31,7 +31,7 @@ def expected_save_bytes(model, run, world_size: int) -> int:
     params = [p for p in model.parameters() if p.requires_grad or not run.train.use_peft]
     total = sum(p.numel() * p.element_size() for p in params)
     moments = sum(p.numel() * 8 for p in model.parameters() if p.requires_grad)
-    if run.train.save_optimizer or run.train.save_steps:
+    if run.train.save_optimizer or run.train.save_steps or run.train.save_each_epoch:
         total += moments
     return total * (world_size if run.train.enable_fsdp else 1)
 
@@ -51,7 +51,7 @@ def check_output_dir(model, run, dist_info: DistInfo) -> None:
     except OSError as error:
         raise OSError(f"--output_dir {directory} is not writable ({error.strerror}): choose "
                       "another directory") from error
-    if not (run.train.save_model or run.train.save_steps):
+    if not (run.train.save_model or run.train.save_steps or run.train.save_each_epoch):
         return
     needed = 2 * expected_save_bytes(model, run, dist_info.world_size)
     free = shutil.disk_usage(directory).free

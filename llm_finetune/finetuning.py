@@ -102,7 +102,8 @@ def main(**kwargs) -> dict:
     if resume_from is not None:
         checkpoints.restore(trainer, resume_from)
     summary = trainer.fit(train_loader, eval_loader, total_steps,
-                          on_step_end=checkpoints.maybe_save)
+                          on_step_end=checkpoints.maybe_save,
+                          on_epoch_end=checkpoints.epoch_end)
     phases.mark("train")
 
     # 6. save

@@ -63,10 +63,17 @@ class Checkpointer:
         self.grad_scaler = grad_scaler
         # a PEFT run's frozen base is already on disk: store only what trains
         self.options = StateDictOptions(ignore_frozen_params=run.train.use_peft, strict=False)
+        self.last_saved_step = -1
 
     def maybe_save(self, trainer) -> None:
         every = self.run.train.save_steps
         if every and trainer.step % every == 0:
+            self.save(trainer)
+
+    def epoch_end(self, trainer) -> None:
+        """``save_each_epoch``: a checkpoint after each epoch (and its evaluation), unless the
+        last step's checkpoint is already this one."""
+        if self.run.train.save_each_epoch and trainer.step != self.last_saved_step:
             self.save(trainer)
 
     def save(self, trainer) -> Path:
@@ -102,6 +109,7 @@ class Checkpointer:
             os.replace(tmp, final)
             self.prune()
         barrier()
+        self.last_saved_step = trainer.step
         return final
 
     def prune(self) -> None:

@@ -135,9 +135,12 @@ class Trainer:
         return {"step": self.step, "eval_loss": eval_loss,
                 "eval_perplexity": math.exp(min(eval_loss, 50.0))}
 
-    def fit(self, train_loader, eval_loader, total_steps: int, on_step_end=None) -> dict:
+    def fit(self, train_loader, eval_loader, total_steps: int, on_step_end=None,
+            on_epoch_end=None) -> dict:
         """Train from ``self.step``/``self.epoch`` (0, or a restored checkpoint's) to
-        ``total_steps``; ``on_step_end(trainer)`` runs after every optimizer step."""
+        ``total_steps``; ``on_step_end(trainer)`` runs after every optimizer step,
+        ``on_epoch_end(trainer)`` after each epoch and its evaluation, with ``self.epoch``
+        already the next one (a checkpoint taken there resumes at the next epoch)."""
         t = self.run.train
         summary = {"train_loss": [], "eval_loss": [], "eval_perplexity": []}
         started = time.perf_counter()
@@ -186,6 +189,9 @@ class Trainer:
             if self.dist.is_main:
                 shown = {k: round(v[-1], 4) for k, v in summary.items() if v}
                 print(f"epoch {epoch + 1}: {shown}", flush=True)
+            self.epoch = epoch + 1
+            if on_epoch_end is not None:
+                on_epoch_end(self)
             if self.step >= total_steps:
                 break
         profiler.close()

@@ -136,3 +136,22 @@ def test_seeded_init_follows_the_architecture_scheme(family):
     lora_q = base.model.layers[1].self_attn.q_proj
     assert lora_q.lora_B["default"].weight.abs().sum() == 0
     assert lora_q.lora_A["default"].weight.abs().sum() > 0
+
+
+def test_fast_kernels_choose_flex_attention_for_packed_batches_on_a_gpu(monkeypatch):
+    """--use_fast_kernels: flash-attention 2 when installed, else flex attention for packed
+    batches (measured faster than SDPA's dense mask), else SDPA; never on a CPU."""
+    import importlib.util
+
+    from llm_finetune import model as model_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    choose = model_module.attention_implementation
+    assert choose(True, packing=True) == "flex_attention"
+    assert choose(True, packing=False) == "sdpa"
+    assert choose(False, packing=True) == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert choose(True, packing=True) == "flash_attention_2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose(True, packing=True) == "sdpa"

@@ -208,3 +208,21 @@ def test_full_disk_and_unwritable_output_fail_before_training(tiny_model_dir, tm
     blocker.write_text("x")
     with pytest.raises(OSError, match="is not writable"):
         finetuning.main(**RUN, model_name=str(tiny_model_dir), output_dir=str(blocker / "out"))
+
+
+def test_checkpoint_each_epoch_resumes_at_the_next_epoch(tiny_model_dir, tmp_path):
+    """--save_each_epoch: a checkpoint after each epoch's evaluation; resuming from the first
+    one runs epochs 2 and 3 exactly as the uninterrupted run did, evaluations included."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i + 1}.", "input": "",
+                                        "output": f"{2 * i + 1}"}) + "\n" for i in range(60)))
+    kwargs = dict(FAST, model_name=str(tiny_model_dir), dataset="file_dataset", num_epochs=3,
+                  max_train_step=0, batch_size_training=8, lr_scheduler="step",
+                  **{"file_dataset.data_files": str(data), "file_dataset.val_split": 0.2})
+    straight = finetuning.main(**kwargs, save_each_epoch=True, output_dir=str(tmp_path / "a"))
+    epochs = sorted(d.name for d in (tmp_path / "a" / "checkpoints").iterdir())
+    assert epochs == [f"step-{6 * k:08d}" for k in (1, 2, 3)]  # 48 rows / 8 = 6 steps
+    resumed = finetuning.main(**kwargs, output_dir=str(tmp_path / "b"),
+                              resume_from_checkpoint=str(tmp_path / "a" / "checkpoints" / epochs[0]))
+    assert step_losses(resumed) == step_losses(straight)[6:]
+    assert resumed["eval_loss"] == straight["eval_loss"][1:]

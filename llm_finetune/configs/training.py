@@ -65,5 +65,6 @@ class train_config:
     profiler_dir: str = ""  # empty: output_dir/profiler
     # Training checkpoints (output_dir/checkpoints/step-N) and resuming from them
     save_steps: int = 0  # every N optimizer steps; 0: none
+    save_each_epoch: bool = False  # also at the end of every epoch
     save_total_limit: int = 0  # keep the newest K; 0: all
     resume_from_checkpoint: str = ""  # "auto" (newest complete one in output_dir) or a path
