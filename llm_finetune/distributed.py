@@ -7,6 +7,7 @@ One code path serves ``torchrun`` on N GPUs (NCCL), ``torchrun`` on CPU (gloo) a
 
 import os
 import socket
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,29 @@ def setup(need_group: bool) -> tuple[DistInfo, bool]:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group(backend="nccl" if cuda else "gloo",
+        dist.init_process_group(backend="nccl" if cuda else "gloo", store=attempt_store(),
+                                rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]),
                                 device_id=device if cuda else None)
     return DistInfo(rank, local_rank, world_size, device), created
+
+
+def attempt_store() -> dist.Store:
+    """The rendezvous store (as ``env://`` makes it), under a prefix of torchrun's restart count.
+
+    torchrun shares its own TCP store with the workers, and after ``--max_restarts`` restarts
+    them the keys the killed attempt wrote (each rank's address) are still there: a new rank
+    can read its peer's old address and fail with "Connection refused" (measured here about
+    one restart in two; pytorch/pytorch#135712). Each attempt gets its own key space. On
+    several nodes, where restart counts can differ between nodes, launch with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (docs/checkpoints.md)."""
+    rank = int(os.environ["RANK"])
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]),
+                          is_master=rank == 0 and not agent_hosts_store,
+                          timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:
