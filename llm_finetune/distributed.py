@@ -64,10 +64,12 @@ def setup(need_group: bool) -> tuple[DistInfo, bool]:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group(backend="nccl" if cuda else "gloo", store=attempt_store(),
-                                rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]),
-                                device_id=device if cuda else None)
+        rendezvous = {}
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:  # under torchrun's elastic agent
+            rendezvous = dict(store=attempt_store(), rank=int(os.environ["RANK"]),
+                              world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group(backend="nccl" if cuda else "gloo",
+                                device_id=device if cuda else None, **rendezvous)
     return DistInfo(rank, local_rank, world_size, device), created
 
 

@@ -158,3 +158,37 @@ def test_merged_adapter_needs_no_peft(fsdp_results, tiny_model_dir, tmp_path):
         logits = model(input_ids=probe_input()).logits
     torch.testing.assert_close(logits, torch.tensor(fsdp_results["lora"]["logits"]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_two_nodes_hybrid_shard_equals_single_process(tiny_model_dir, tmp_path):
+    """Two torchrun launches on this machine act as two nodes of 2 ranks (c10d rendezvous, the
+    multi-node command line): HYBRID_SHARD shards inside each node and replicates across them,
+    and the losses equal one process training the same global batch."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = dict(model_name=str(tiny_model_dir), max_train_step=4, run_validation=False,
+                    save_model=False, num_workers_dataloader=0)
+    flags = [f"--{k}={v}" for k, v in settings.items()]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+            "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+            "--rdzv_id", "two-nodes", "-m", "llm_finetune.finetuning", "--enable_fsdp", *flags,
+            "--fsdp_config.sharding_strategy=HYBRID_SHARD",
+            "--fsdp_config.sharding_group_size=2", "--batch_size_training=2",
+            f"--output_dir={tmp_path / 'hsdp'}"]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    nodes = [subprocess.Popen(node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    logs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(log[-3000:] for log in logs)
+    got = [json.loads(line)["loss"] for line in
+           (tmp_path / "hsdp" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    reference = finetuning.main(**settings, batch_size_training=8,
+                                output_dir=str(tmp_path / "one"))
+    expected = [m["loss"] for m in reference["metrics"] if "loss" in m]
+    assert len(got) == 4
+    assert got == pytest.approx(expected, rel=RTOL)
