@@ -21,7 +21,8 @@ def apply_peft(model, run, num_layers: int, adapter_dtype=None) -> PeftModel:
     """New adapters, or the saved ones of ``from_peft_checkpoint``, trainable.
 
     ``adapter_dtype``: peft creates adapters in fp32 over a bf16 base; FSDP can only flatten
-    parameters of one dtype into a unit, so under FSDP the adapters take the base's dtype.
+    parameters of one dtype into a unit, so under FSDP (and with ``pure_bf16``, which stores
+    everything in bf16) the adapters take the base's dtype.
 
     Wrapping a model that already has adapters nests them and silently trains the wrong
     weights (a common trap with ``get_peft_model`` called twice), so that is an error.

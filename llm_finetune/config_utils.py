@@ -292,11 +292,6 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
         raise ConfigError("8-bit bitsandbytes weights cannot be sharded by FSDP (their row "
                           "statistics live outside the weight tensor). Use 8-bit in one process, "
                           "or LoRA on bf16 weights with --enable_fsdp --fsdp_config.pure_bf16 True")
-    if t.quantization == "4bit" and t.enable_fsdp:
-        raise ConfigError("--quantization 4bit with --enable_fsdp (QLoRA+FSDP) is not supported "
-                          "in this version: it trains, but saving the sharded 4-bit model fails. "
-                          "Run QLoRA in one process, or LoRA on bf16 weights with "
-                          "--fsdp_config.pure_bf16 True")
     if t.one_gpu and world_size > 1:
         raise ConfigError(f"--one_gpu asks for a single-process run, but {world_size} ranks "
                           "were launched: drop --one_gpu or launch one process")

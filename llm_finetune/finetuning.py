@@ -53,22 +53,25 @@ def main(**kwargs) -> dict:
     #    the meta device until its adapters are in place, then each rank initialises its units
     tokenizer = load_tokenizer(run.train)
     seeded_init = init_after_adapters(run.train)
+    # a quantised model loads straight onto each rank's GPU, layer by layer: little CPU RAM
+    rank0_loads = run.train.low_cpu_fsdp and not run.train.quantization
     model = load_model(run.train, precision.weight_dtype,
-                       on_meta=seeded_init or (run.train.low_cpu_fsdp and not dist_info.is_main),
+                       on_meta=seeded_init or (rank0_loads and not dist_info.is_main),
                        quantization_config=bnb_config(run, precision),
                        init_device="cpu" if run.train.enable_fsdp else dist_info.device)
     num_layers = len(decoder_layers(model))
     if run.train.freeze_layers:
         freeze_layers(model, run.train.num_freeze_layers)
     if run.train.use_peft:
+        bf16_adapters = run.train.enable_fsdp or run.fsdp.pure_bf16
         model = apply_peft(model, run, num_layers,
-                           adapter_dtype=precision.weight_dtype if run.train.enable_fsdp else None)
+                           adapter_dtype=precision.weight_dtype if bf16_adapters else None)
     if run.fsdp.fsdp_activation_checkpointing:
         enable_activation_checkpointing(model)
     phases.mark("load")
     if run.train.enable_fsdp:
         init_fn = meta_init_fn(model, dist_info, run.train.seed, seeded_init,
-                               from_rank0=run.train.low_cpu_fsdp)
+                               from_rank0=rank0_loads)
         model = wrap_fsdp(model, run.fsdp, dist_info, precision.compute_dtype, init_fn)
     elif seeded_init:
         SeededInit(model, run.train.seed, dist_info.device)(model)

@@ -125,8 +125,23 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
             kwargs["quantization_config"] = quantization_config
             kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if quantization_config is not None:
+            keep_4bit_layout_on_cpu(model)
     model.train()
     return model
+
+
+def keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from re-packing 4-bit weights for its CPU inference kernel.
+
+    In eval mode on a CPU with AVX512-bf16, ``Linear4bit`` replaces its weight's data by a
+    differently shaped uint8 layout. Under FSDP that weight is a view into the flat parameter,
+    and any state dict taken afterwards fails (bitsandbytes asserts uint8 storage, ours is the
+    FSDP dtype): a QLoRA run on CPU crashed at the first save after an evaluation. Training
+    never uses that kernel, so turn it off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> set[type]:

@@ -164,7 +164,8 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
     if t.enable_fsdp and (shards > 1 or offload or compute_bytes != weight_bytes):
         # FSDP1 keeps the root unit (embeddings, lm_head) gathered from forward to backward, and
         # gathers at most two decoder layers ahead (prefetch); mixed precision casts them too
-        gathered = (counts.outside_layers + 2 * counts.largest_layer) * compute_bytes
+        layer_bytes = quantized_bytes_per_param(run) if t.quantization else compute_bytes
+        gathered = counts.outside_layers * compute_bytes + 2 * counts.largest_layer * layer_bytes
         gathered += counts.largest_layer * 4 if counts.trainable else 0  # unsharded fp32 grads
         plan.gpu["gathered FSDP units (root + 2 layers)"] = gathered
 

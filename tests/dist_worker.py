@@ -40,6 +40,9 @@ CASES = {
     "sharded_state_dict": dict(FSDP, save_model=True, save_optimizer=True,
                                **{"fsdp_config.checkpoint_type": "SHARDED_STATE_DICT"}),
     "low_cpu_fsdp": dict(FSDP, low_cpu_fsdp=True),
+    # QLoRA: 4-bit weights stored as bf16 so FSDP can flatten them, bf16 adapters
+    "qlora": dict(FSDP, use_peft=True, quantization="4bit", lr=1e-2, save_model=True,
+                  save_steps=2, max_eval_step=2),
     # random-init models (config only): each rank initialises its own units (SeededInit)
     "seeded_init": dict(FSDP, model_name="tiny-llama"),
     "seeded_init_lora": dict(FSDP, model_name="tiny-llama", use_peft=True, lr=1e-2),

@@ -68,3 +68,22 @@ def test_fp16_with_sharded_grad_scaler_trains(fp32_losses, tiny_model_dir, tmp_p
     assert skipped <= 3, scales
     assert losses[-1] < losses[0] - 0.5
     assert losses[-1] == pytest.approx(fp32_losses[-1], rel=0.05)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_qlora_under_fsdp_matches_one_gpu(tiny_model_dir, tmp_path):
+    """QLoRA (NF4 stored as bf16, bf16 adapters) sharded over 2 GPUs against QLoRA on one GPU
+    with the same global batch, both in bf16."""
+    flags = ["--use_peft", "--quantization", "4bit", "--lr", "1e-2"]
+    sharded = fsdp_losses(tiny_model_dir, tmp_path / "fsdp", *flags)
+    cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", str(tiny_model_dir),
+           "--output_dir", str(tmp_path / "one"), *BASE, *flags, "--fsdp_config.pure_bf16",
+           "True"]
+    cmd[cmd.index("--batch_size_training") + 1] = "8"  # the global batch of 2 x 4
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert done.returncode == 0, done.stderr[-6000:]
+    single = [json.loads(line)["loss"] for line in
+              (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert sharded == pytest.approx(single, rel=1e-2)
+    assert sharded[-1] < sharded[0]
