@@ -101,7 +101,6 @@ def test_missing_config_file():
     ({"quantization": "4bit"}, 1, True, "add --use_peft"),
     ({"quantization": "8bit", "use_peft": True, "enable_fsdp": True}, 2, True, "cannot be sharded"),
     ({"freeze_layers": True, "use_peft": True}, 1, False, "Drop one"),
-    ({"quantization": "4bit", "use_peft": True, "enable_fsdp": True}, 2, True, "not supported"),
     ({"one_gpu": True, "enable_fsdp": True}, 2, True, "single-process"),
     ({"from_peft_checkpoint": "/nowhere", "use_peft": True}, 1, False, "no such directory"),
     ({"from_peft_checkpoint": "/tmp"}, 1, False, "add --use_peft"),
