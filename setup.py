@@ -20,6 +20,11 @@ setup(
         "pyyaml",
         "safetensors",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "tracking": ["tensorboard", "wandb"],
+        "plot": ["matplotlib"],
+        # the optional paths are tested too: TensorBoard, plots, the executed notebook
+        "test": ["pytest>=8", "tensorboard", "matplotlib", "nbclient", "nbformat", "ipykernel"],
+    },
     entry_points={"console_scripts": ["llm-finetune=llm_finetune.finetuning:console_main"]},
 )

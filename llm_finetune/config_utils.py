@@ -8,6 +8,7 @@ Unlike llama-recipes, an unknown key is an error, not a warning: a misspelt flag
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
 import types
@@ -25,6 +26,7 @@ from llm_finetune.configs import (
     prefix_config,
     quantization_config,
     train_config,
+    wandb_config,
 )
 
 
@@ -46,6 +48,7 @@ CHOICES = {
     "quantization_config.quant_type": ("nf4", "fp4"),
     "quantization_config.compute_dtype": ("bfloat16", "float16", "float32"),
     "quantization_config.quant_storage": ("", "bfloat16", "float16", "float32", "uint8"),
+    "wandb_config.mode": ("", "online", "offline", "disabled"),
 }
 
 
@@ -59,6 +62,7 @@ class RunConfig:
     llama_adapter: llama_adapter_config
     prefix: prefix_config
     quantization: quantization_config
+    wandb: wandb_config
     datasets: dict
 
     @property
@@ -72,7 +76,7 @@ class RunConfig:
 
     def all_configs(self) -> list:
         return [self.train, self.fsdp, self.lora, self.llama_adapter, self.prefix,
-                self.quantization, *self.datasets.values()]
+                self.quantization, self.wandb, *self.datasets.values()]
 
     def to_dict(self) -> dict:
         """A nested, JSON-serialisable view (written next to checkpoints and metrics)."""
@@ -81,7 +85,7 @@ class RunConfig:
 
 def default_run_config() -> RunConfig:
     return RunConfig(train_config(), fsdp_config(), lora_config(), llama_adapter_config(),
-                     prefix_config(), quantization_config(),
+                     prefix_config(), quantization_config(), wandb_config(),
                      {name: cls() for name, cls in DATASET_CONFIGS.items()})
 
 
@@ -234,6 +238,10 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
+    for flag, package in (("use_tensorboard", "tensorboard"), ("use_wandb", "wandb")):
+        if getattr(t, flag) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"--{flag} needs the {package} package, which is not installed: "
+                              f"pip install {package} (or drop --{flag})")
     if t.flop_counter and t.use_profiler:
         raise ConfigError("--flop_counter and --use_profiler at once would count the profiler's "
                           "own work: use one of them per run")

@@ -5,6 +5,7 @@
     python -m llm_finetune.finetuning --config configs/llama3_8b_lora.yaml --lr 2e-4
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -20,15 +21,17 @@ from llm_finetune.checkpoint import check_output_dir, save_model
 from llm_finetune.config_utils import ConfigError, build_run_config, field_help, validate
 from llm_finetune.data import build_dataloaders
 from llm_finetune.engine import enable_activation_checkpointing, meta_init_fn, wrap_fsdp
-from llm_finetune.metrics import MetricsLog, PhaseTimer
+from llm_finetune.metrics import MetricsLog, PhaseTimer, model_flops_utilization
 from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
                                 load_tokenizer)
 from llm_finetune.optim import build_optimizer, build_scheduler
 from llm_finetune.plan import plan_run
+from llm_finetune.plot import plot
 from llm_finetune.precision import choose_precision
 from llm_finetune.quantization import bnb_config
 from llm_finetune.random_init import SeededInit
 from llm_finetune.resume import Checkpointer, checkpoint_step, resolve_resume
+from llm_finetune.trackers import Trackers
 from llm_finetune.train import Trainer
 
 
@@ -78,7 +81,7 @@ def main(**kwargs) -> dict:
     elif run.train.quantization == "":
         model.to(dist_info.device)
     phases.mark("shard" if run.train.enable_fsdp else "to_device")
-    report_parameters(model, dist_info)
+    total_params, trainable_params = count_parameters(model, dist_info)
     check_output_dir(model, run, dist_info)
 
     # 4. data
@@ -93,9 +96,11 @@ def main(**kwargs) -> dict:
     optimizer = build_optimizer(model, run.train, grad_scaler=precision.grad_scaler)
     scheduler = build_scheduler(optimizer, run.train, steps_per_epoch, total_steps)
     resume_from = resolve_resume(run)
+    resumed_step = checkpoint_step(resume_from) if resume_from else None
+    trackers = Trackers(run, enabled=dist_info.is_main, resumed_step=resumed_step)
     metrics = MetricsLog(str(Path(run.train.output_dir) / "metrics.jsonl"),
                          enabled=run.train.save_metrics and dist_info.is_main,
-                         resumed_step=checkpoint_step(resume_from) if resume_from else None)
+                         resumed_step=resumed_step, trackers=trackers)
     if dist_info.is_main:
         write_run_config(run)
     scaler = grad_scaler(precision, run.train.enable_fsdp)
@@ -108,12 +113,18 @@ def main(**kwargs) -> dict:
                           on_step_end=checkpoints.maybe_save,
                           on_epoch_end=checkpoints.epoch_end)
     phases.mark("train")
+    summary["mfu"] = model_flops_utilization(summary["tokens_per_s"], total_params,
+                                             trainable_params, dist_info.world_size)
 
     # 6. save
     if run.train.save_model:
         summary["saved_to"] = str(save_model(model, run, tokenizer, dist_info, optimizer))
         phases.mark("save")
     summary["phase_s"] = phases.seconds
+    trackers.close()
+    if (dist_info.is_main and run.train.save_metrics and run.train.plot_metrics
+            and importlib.util.find_spec("matplotlib") is not None):
+        summary["plots"] = plot(run.train.output_dir)
     summary["metrics"] = metrics.records
     if dist_info.is_main:
         print_summary(summary)
@@ -136,17 +147,19 @@ def grad_scaler(precision, fsdp: bool):
     return torch.amp.GradScaler("cuda")
 
 
-def report_parameters(model, dist_info) -> None:
-    if not dist_info.is_main:
-        return
-    # under FSDP each rank holds a shard: scale the local count back to the model's size
+def count_parameters(model, dist_info) -> tuple[int, int]:
+    """(total, trainable) parameters of the model, printed on rank 0. Under FSDP each rank holds
+    a shard: the local counts are scaled back to the model's size (approximate: padding)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     scale = dist_info.world_size if hasattr(model, "sharding_strategy") and \
         model.sharding_strategy.name != "NO_SHARD" else 1
-    print(f"parameters: {total * scale / 1e6:.2f}M, trainable {trainable * scale / 1e6:.2f}M "
-          f"(approx. under FSDP), world size {dist_info.world_size}, device {dist_info.device}",
-          flush=True)
+    total, trainable = total * scale, trainable * scale
+    if dist_info.is_main:
+        print(f"parameters: {total / 1e6:.2f}M, trainable {trainable / 1e6:.2f}M "
+              f"(approx. under FSDP), world size {dist_info.world_size}, device "
+              f"{dist_info.device}", flush=True)
+    return total, trainable
 
 
 def write_run_config(run) -> None:

@@ -9,12 +9,14 @@ import time
 
 
 class MetricsLog:
-    def __init__(self, path: str, enabled: bool, resumed_step: int | None = None):
+    def __init__(self, path: str, enabled: bool, resumed_step: int | None = None,
+                 trackers=None):
         """``resumed_step``: this run resumes a checkpoint of that step, and continues the file
         of the run it resumes: records up to that step are kept, later ones (written by the
         stopped run after its last checkpoint, and written again now) dropped, so the file
-        stays one curve."""
+        stays one curve. ``trackers`` (``trackers.Trackers``) get every record too."""
         self.path = path
+        self.trackers = trackers
         self.enabled = enabled
         self.records: list[dict] = []  # this process's records: main() returns them
         if not enabled:
@@ -30,6 +32,8 @@ class MetricsLog:
 
     def log(self, record: dict) -> None:
         self.records.append(record)
+        if self.trackers is not None:
+            self.trackers.log(record)
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -51,3 +55,25 @@ class PhaseTimer:
         self.last = now
         if self.verbose:
             print(f"[{phase}] done in {self.seconds[phase]:.1f} s", flush=True)
+
+
+# dense bf16 matrix throughput per GPU that MFU is measured against: for Hopper the rate
+# measured on these machines (issue 6), not the datasheet's 989 TFLOP/s
+PEAK_BF16_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12}
+
+
+def model_flops_utilization(tokens_per_s: float, total_params: int, trainable_params: int,
+                            world_size: int) -> float | None:
+    """Model FLOPs per second over the GPUs' peak: per token 2 x parameters forward, 2 x
+    backward through the activations, and 2 x trainable parameters for weight gradients
+    (6 x parameters for full fine-tuning); no recompute, no attention. None off known GPUs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+    if peak is None:
+        return None
+    flops_per_token = 4 * total_params + 2 * trainable_params
+    return tokens_per_s * flops_per_token / (world_size * peak)

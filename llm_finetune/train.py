@@ -10,6 +10,7 @@ samples more and makes sharded losses differ from single-process ones.
 
 import contextlib
 import math
+import resource
 import time
 
 import torch
@@ -43,6 +44,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def peak_gpu_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def memory_trace() -> dict:
+    """Peak GPU memory allocated and reserved by the caching allocator (what nvidia-smi sees,
+    minus the CUDA context), and this process's peak resident CPU memory, in GiB."""
+    trace = {"peak_cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if torch.cuda.is_available():
+        trace["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        trace["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    return trace
 
 
 def grouped(loader, size: int):
@@ -174,7 +185,8 @@ class Trainer:
                 if self.grad_scaler is not None:
                     record["grad_scale"] = float(self.grad_scaler.get_scale())
                 self.metrics.log(record)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
                 bar.update()
                 if on_step_end is not None:
                     on_step_end(self)
@@ -188,7 +200,7 @@ class Trainer:
                 summary["eval_perplexity"].append(result["eval_perplexity"])
             if self.dist.is_main:
                 shown = {k: round(v[-1], 4) for k, v in summary.items() if v}
-                print(f"epoch {epoch + 1}: {shown}", flush=True)
+                print(f"epoch {epoch + 1}: {shown} memory {memory_trace()}", flush=True)
             self.epoch = epoch + 1
             if on_epoch_end is not None:
                 on_epoch_end(self)
@@ -197,7 +209,7 @@ class Trainer:
         profiler.close()
         wall = time.perf_counter() - started
         summary.update(steps=self.step, train_time_s=wall, tokens_per_s=tokens_seen / wall,
-                       peak_gpu_mem_gib=peak_gpu_gib())
+                       peak_gpu_mem_gib=peak_gpu_gib(), **memory_trace())
         if profiler.flops_per_step is not None:
             summary["flops_per_step"] = profiler.flops_per_step
         return summary

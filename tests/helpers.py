@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Small, fast settings on the tiny model: a few fp32 steps, no dropout in LoRA so that runs are
 # deterministic and sharded runs can be compared with single-process ones step for step.
 FAST = dict(max_train_step=4, max_eval_step=2, batch_size_training=4, val_batch_size=4,
-            num_epochs=1, num_workers_dataloader=0, lr=1e-3, save_model=False,
+            num_epochs=1, num_workers_dataloader=0, lr=1e-3, save_model=False, plot_metrics=False,
             **{"lora_config.lora_dropout": 0.0})
 
 

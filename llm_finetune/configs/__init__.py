@@ -8,6 +8,7 @@ from llm_finetune.configs.fsdp import fsdp_config
 from llm_finetune.configs.peft import lora_config, llama_adapter_config, prefix_config
 from llm_finetune.configs.quantization import quantization_config
 from llm_finetune.configs.training import train_config
+from llm_finetune.configs.wandb import wandb_config
 
 DATASET_CONFIGS = {cls.__name__: cls for cls in (alpaca_dataset, file_dataset, custom_dataset,
                                                  samsum_dataset, grammar_dataset,
@@ -15,6 +16,6 @@ DATASET_CONFIGS = {cls.__name__: cls for cls in (alpaca_dataset, file_dataset, c
 
 __all__ = [
     "train_config", "fsdp_config", "lora_config", "llama_adapter_config", "prefix_config",
-    "quantization_config", "alpaca_dataset", "file_dataset", "custom_dataset", "samsum_dataset",
+    "quantization_config", "wandb_config", "alpaca_dataset", "file_dataset", "custom_dataset", "samsum_dataset",
     "grammar_dataset", "llamaguard_toxicchat_dataset", "DATASET_CONFIGS",
 ]

@@ -56,6 +56,7 @@ class train_config:
     dist_checkpoint_root_folder: str = ""  # empty: output_dir
     dist_checkpoint_folder: str = "fine-tuned"
     save_metrics: bool = True  # output_dir/metrics.jsonl, one JSON object per step
+    plot_metrics: bool = True  # output_dir/plots/*.png at the end (when matplotlib is installed)
     # Observability
     dry_run: bool = False  # print the memory plan (python -m llm_finetune.plan) and exit
     gpu_memory: str = ""  # for --dry_run: GPU memory to plan for, e.g. 80GiB ("": the GPU here)
@@ -63,6 +64,8 @@ class train_config:
     flop_counter_start: int = 3  # steps to run before the counted one
     use_profiler: bool = False  # torch.profiler trace of steps 4-6 for TensorBoard
     profiler_dir: str = ""  # empty: output_dir/profiler
+    use_wandb: bool = False  # log metrics to Weights & Biases (wandb_config)
+    use_tensorboard: bool = False  # TensorBoard scalars in output_dir/tensorboard
     # Training checkpoints (output_dir/checkpoints/step-N) and resuming from them
     save_steps: int = 0  # every N optimizer steps; 0: none
     save_each_epoch: bool = False  # also at the end of every epoch

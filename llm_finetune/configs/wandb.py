@@ -1,0 +1,14 @@
+"""Weights & Biases settings (llama-recipes' ``wandb_config`` names), used with ``--use_wandb``."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class wandb_config:
+    project: str = "llm_finetune"
+    entity: str = ""  # your user or team; "": wandb's default
+    job_type: str = ""
+    tags: list[str] = None
+    group: str = ""
+    notes: str = ""
+    mode: str = ""  # online | offline | disabled; "": wandb's default (WANDB_MODE)

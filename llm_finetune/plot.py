@@ -1,0 +1,60 @@
+"""Plots of ``metrics.jsonl``: train and eval loss, learning rate and tokens/s over optimizer
+steps, one line per run, so runs compare on one figure.
+
+    python -m llm_finetune.plot output/run_a output/run_b --out plots/
+
+Without ``--out`` the PNGs go to ``plots/`` in the first run's directory. A run writes its own
+plots at its end when matplotlib is installed (``--plot_metrics``, on by default).
+"""
+
+import json
+from pathlib import Path
+
+import fire
+
+PANELS = (("loss", "training loss (per step) and eval loss (dashed)"), ("lr", "learning rate"),
+          ("tokens_per_s", "tokens/s"))
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(optimizer-step records, evaluation records) of a run directory."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{run_dir}: no metrics.jsonl (was the run started with "
+                         "--save_metrics False?)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return ([r for r in records if "loss" in r], [r for r in records if "eval_loss" in r])
+
+
+def plot(*run_dirs: str, out: str = "") -> list[str]:
+    """Write loss.png, lr.png and tokens_per_s.png; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    if not run_dirs:
+        raise SystemExit("give one or more run directories (output_dir of a run)")
+    target = Path(out) if out else Path(run_dirs[0]) / "plots"
+    target.mkdir(parents=True, exist_ok=True)
+    runs = {Path(d).resolve().name: read_metrics(Path(d)) for d in run_dirs}
+    written = []
+    for key, title in PANELS:
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for name, (steps, evals) in runs.items():
+            line, = axes.plot([s["step"] for s in steps], [s[key] for s in steps], label=name)
+            if key == "loss" and evals:
+                axes.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o--",
+                          color=line.get_color(), label=f"{name} (eval)")
+        axes.set(xlabel="optimizer step", title=title)
+        axes.legend(fontsize="small")
+        figure.tight_layout()
+        path = target / f"{key}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(str(path))
+    return written
+
+
+if __name__ == "__main__":
+    fire.Fire(plot)

@@ -1,0 +1,47 @@
+"""Experiment trackers: TensorBoard scalars (``--use_tensorboard``) and Weights & Biases
+(``--use_wandb`` with ``wandb_config``), fed the same records as ``metrics.jsonl``, on rank 0.
+
+Both packages are optional; ``validate`` refuses the flag before anything loads when the
+package is missing. Training records go under ``train/``, evaluations under ``eval/``.
+"""
+
+from pathlib import Path
+
+
+class Trackers:
+    def __init__(self, run, enabled: bool, resumed_step: int | None = None):
+        self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        t = run.train
+        if t.use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a resumed run continues the same curve: events after the checkpoint are dropped
+            self.tensorboard = SummaryWriter(str(Path(t.output_dir) / "tensorboard"),
+                                             purge_step=resumed_step)
+        if t.use_wandb:
+            import wandb
+
+            w = run.wandb
+            self.wandb = wandb.init(project=w.project, entity=w.entity or None,
+                                    job_type=w.job_type or None, tags=w.tags, group=w.group or None,
+                                    notes=w.notes or None, mode=w.mode or None,
+                                    dir=t.output_dir, config=run.to_dict())
+
+    def log(self, record: dict) -> None:
+        prefix = "eval" if "eval_loss" in record else "train"
+        values = {f"{prefix}/{key}": value for key, value in record.items()
+                  if key not in ("step", "epoch") and isinstance(value, (int, float))}
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,100 @@
+"""Trackers (TensorBoard, Weights & Biases), plots, and what the run reports about itself."""
+
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+import pytest
+
+from llm_finetune import finetuning
+from llm_finetune.config_utils import ConfigError
+from tests.helpers import FAST
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the wandb package: records what the run sends."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+        self.init_kwargs, self.logged, self.finished = None, [], False
+
+    def init(self, **kwargs):
+        self.init_kwargs = kwargs
+        return self
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_tensorboard_and_wandb_get_every_record(tiny_model_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    summary = finetuning.main(**FAST, model_name=str(tiny_model_dir), output_dir=str(tmp_path),
+                              use_tensorboard=True, use_wandb=True,
+                              **{"wandb_config.project": "demo", "wandb_config.mode": "offline",
+                                 "wandb_config.tags": "a,b"})
+    losses = [m["loss"] for m in summary["metrics"] if "loss" in m]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+    assert events.Scalars("eval/eval_loss")[0].value == pytest.approx(summary["eval_loss"][0])
+
+    assert wandb.init_kwargs["project"] == "demo" and wandb.init_kwargs["mode"] == "offline"
+    assert wandb.init_kwargs["tags"] == ["a", "b"]
+    assert wandb.init_kwargs["config"]["train_config"]["lr"] == FAST["lr"]
+    train = [(step, v["train/loss"]) for step, v in wandb.logged if "train/loss" in v]
+    assert train == [(i + 1, pytest.approx(loss)) for i, loss in enumerate(losses)]
+    assert any("eval/eval_perplexity" in v for _, v in wandb.logged) and wandb.finished
+
+
+def test_a_missing_tracker_package_is_named_before_loading(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="--use_wandb needs the wandb package.*pip install wandb"):
+        finetuning.main(use_wandb=True, output_dir=str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_run_plots_its_metrics_and_runs_compare_on_one_plot(tiny_model_dir, tmp_path):
+    from llm_finetune.plot import plot
+
+    runs = []
+    for lr in (1e-3, 3e-3):
+        out = tmp_path / f"lr{lr}"
+        summary = finetuning.main(**{**FAST, "plot_metrics": True, "lr": lr},
+                                  model_name=str(tiny_model_dir), output_dir=str(out))
+        assert sorted(p.rsplit("/", 1)[1] for p in summary["plots"]) == \
+            ["loss.png", "lr.png", "tokens_per_s.png"]
+        runs.append(str(out))
+    written = plot(*runs, out=str(tmp_path / "both"))
+    for path in written:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "both" / "loss.png").stat().st_size > 10_000  # two curves and evals drawn
+
+
+def test_summary_reports_memory_and_mfu(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    from llm_finetune.metrics import model_flops_utilization
+
+    summary = finetuning.main(**FAST, model_name=str(tiny_model_dir), output_dir=str(tmp_path))
+    assert summary["peak_cpu_rss_gib"] > 0.1
+    assert summary["mfu"] is None  # on a CPU
+    assert set(summary["phase_s"]) == {"load", "to_device", "data", "train"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    # full fine-tuning: 6 x parameters per token; 2 GPUs at 790 TFLOP/s each
+    assert model_flops_utilization(1e4, 8e9, 8e9, 2) == pytest.approx(1e4 * 6 * 8e9 / 1.58e15)
+    # LoRA: a frozen base costs 4 x parameters per token
+    assert model_flops_utilization(1e4, 8e9, 0, 1) == pytest.approx(1e4 * 4 * 8e9 / 7.9e14)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    assert model_flops_utilization(1e4, 8e9, 0, 1) is None
