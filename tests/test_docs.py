@@ -4,7 +4,7 @@ in README.md, docs/ and examples/ names settings that exist, with values of the 
 Commands on real models cannot run here (no downloads), so each is checked the way the program
 itself would read it before loading anything: finetuning and plan settings through
 ``build_run_config`` (unknown keys, types, choices; a ``--config`` preset of this repository is
-read too), convert and inference flags against their functions' parameters. The commands that
+read too), convert, inference and plot flags against their functions' parameters. The commands that
 do run on CPU are run by the tests of their features (README's two commands by CI itself).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_finetune import convert, inference
+from llm_finetune import convert, inference, plot
 from llm_finetune.config_utils import build_run_config
 from tests.helpers import REPO
 
@@ -58,7 +58,7 @@ def parse_flags(args: list[str]) -> tuple[list[str], dict]:
 
 def test_the_docs_have_commands_to_check():
     modules = {re.search(r"llm_finetune\.(\w+)", c).group(1) for _, c in COMMANDS}
-    assert {"finetuning", "plan", "convert", "inference"} <= modules
+    assert {"finetuning", "plan", "convert", "inference", "plot"} <= modules
 
 
 @pytest.mark.parametrize("where,command", COMMANDS)
@@ -99,5 +99,7 @@ def check_command(where: str, command: str) -> None:
         assert set(flags) <= set(inspect.signature(function).parameters), (where, command)
     elif module == "inference":
         assert set(flags) <= set(inspect.signature(inference.main).parameters), (where, command)
+    elif module == "plot":
+        assert positional and set(flags) <= set(inspect.signature(plot.plot).parameters)
     else:
         pytest.fail(f"{where}: unknown module llm_finetune.{module}")
