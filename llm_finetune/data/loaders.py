@@ -62,6 +62,8 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
         samples = rows
         collate = pad_collate(tokenizer.pad_token_id)
     lengths = [len(s["input_ids"]) for s in samples]
+    if not shuffle:  # evaluation: a small eval split still gets evaluated, in smaller batches
+        batch_size = max(1, min(batch_size, len(lengths) // dist_info.world_size))
     sampler = GlobalBatchSampler(lengths, batch_size, dist_info.rank, dist_info.world_size,
                                  shuffle=shuffle, seed=t.seed,
                                  group_by_length=t.batching_strategy == "padding",
