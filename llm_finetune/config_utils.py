@@ -30,6 +30,19 @@ from llm_finetune.configs import (
 )
 
 
+# what users of the transformers Trainer / TRL / axolotl type, and our name for it
+OTHER_TOOLS_NAMES = {
+    "learning_rate": "lr", "per_device_train_batch_size": "batch_size_training",
+    "micro_batch_size": "batch_size_training", "per_device_eval_batch_size": "val_batch_size",
+    "num_train_epochs": "num_epochs", "max_steps": "max_train_step",
+    "max_seq_length": "context_length", "sequence_len": "context_length",
+    "gradient_checkpointing": "fsdp_config.fsdp_activation_checkpointing",
+    "lora_r": "lora_config.r", "lora_alpha": "lora_config.lora_alpha",
+    "lora_dropout": "lora_config.lora_dropout", "load_in_4bit": "quantization",
+    "bf16": "mixed_precision", "fp16": "use_fp16", "max_grad_norm": "gradient_clipping_threshold",
+}
+
+
 class ConfigError(ValueError):
     """A setting or a combination of settings that cannot run; the message names the fix."""
 
@@ -199,7 +212,9 @@ def update_run_config(run: RunConfig, overrides: dict) -> None:
     if unknown:
         lines = []
         for key in unknown:
-            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+            names = {name: name for name in valid} | OTHER_TOOLS_NAMES
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+            close = list(dict.fromkeys(names[c] for c in close))
             hint = f" Did you mean {' or '.join('--' + c for c in close)}?" if close else ""
             lines.append(f"unknown setting --{key}.{hint}")
         raise ConfigError("\n".join(lines) + "\nSee `python -m llm_finetune.finetuning --help` "

@@ -48,10 +48,11 @@ class Plan:
     gpu: dict[str, float] = field(default_factory=dict)  # bytes per GPU, by component
     cpu: dict[str, float] = field(default_factory=dict)  # bytes per rank in CPU RAM
     notes: list[str] = field(default_factory=list)
+    gpu_loading: float = 0.0  # bytes per GPU while loading, before FSDP shards (QLoRA)
 
     @property
     def gpu_peak(self) -> float:
-        return sum(self.gpu.values())
+        return max(sum(self.gpu.values()), self.gpu_loading)
 
 
 def model_config(model_name: str):
@@ -154,6 +155,9 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
                + counts.trainable * adapter_bytes)
     grads = counts.trainable * adapter_bytes
     optimizer = 2 * counts.trainable * adapter_bytes  # AdamW: two moments per trainable weight
+    if t.quantization and t.enable_fsdp:
+        # every rank loads the whole quantised model onto its GPU, then FSDP keeps its shard
+        plan.gpu_loading = weights + WORKSPACE_BYTES
     states = {"weights": weights / shards, "gradients": grads / shards,
               "optimizer states (AdamW)": optimizer / shards}
     if offload:
@@ -305,6 +309,9 @@ def report(run, world_size: int, gpu_memory: float | None, counts: ModelCounts) 
              f"batch {t.batch_size_training} x {t.context_length} tokens per GPU",
              "", "| per GPU | GiB |", "| --- | ---: |"]
     lines += [f"| {name} | {value / GIB:.2f} |" for name, value in plan.gpu.items()]
+    if plan.gpu_loading:
+        lines.append(f"| while loading (whole 4-bit model on each GPU, before sharding) | "
+                     f"{plan.gpu_loading / GIB:.2f} |")
     lines.append(f"| **peak** | **{plan.gpu_peak / GIB:.2f}** |")
     lines += ["", "| CPU RAM per rank | GiB |", "| --- | ---: |"]
     lines += [f"| {name} | {value / GIB:.2f} |" for name, value in plan.cpu.items()]

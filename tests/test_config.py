@@ -58,6 +58,11 @@ def test_unknown_key_is_an_error_with_suggestions():
     message = str(error.value)
     assert "--learning_rate" in message and "--fsdp_config.pure_bf61" in message
     assert "--fsdp_config.pure_bf16" in message
+    # names from the transformers Trainer point to ours
+    assert "unknown setting --learning_rate. Did you mean --lr" in message
+    with pytest.raises(ConfigError, match="--per_device_train_batch_size. Did you mean "
+                                          "--batch_size_training"):
+        build_run_config(per_device_train_batch_size=2)
 
 
 def test_unknown_choice_lists_the_valid_ones():

@@ -89,3 +89,14 @@ def test_dry_run_plans_and_trains_nothing(tmp_path):
     summary = finetuning.main(dry_run=True, gpu_memory="16GiB", output_dir=str(tmp_path / "o"))
     assert "memory plan: tiny-llama" in summary["plan"] and "fits:" in summary["plan"]
     assert not (tmp_path / "o").exists()
+
+
+def test_qlora_under_fsdp_peaks_while_loading():
+    """Each rank holds the whole 4-bit model on its GPU before FSDP shards it: for 70B that,
+    not training, is the peak on 2 GPUs."""
+    run = build_run_config(model_name="llama3-70b", enable_fsdp=True, use_peft=True,
+                           quantization="4bit", context_length=2048, batch_size_training=1)
+    estimate = plan.estimate(run, 2)
+    assert estimate.gpu_loading > sum(estimate.gpu.values())
+    assert estimate.gpu_peak == estimate.gpu_loading
+    assert 36 * GIB < estimate.gpu_loading < 42 * GIB

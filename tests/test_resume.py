@@ -226,3 +226,13 @@ def test_checkpoint_each_epoch_resumes_at_the_next_epoch(tiny_model_dir, tmp_pat
                               resume_from_checkpoint=str(tmp_path / "a" / "checkpoints" / epochs[0]))
     assert step_losses(resumed) == step_losses(straight)[6:]
     assert resumed["eval_loss"] == straight["eval_loss"][1:]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step (\d+): stopping; lower --lr"):
+        finetuning.main(**{**RUN, "lr": 1e6, "max_train_step": 40}, model_name=str(tiny_model_dir),
+                        save_steps=1, output_dir=str(tmp_path))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last_good = lines[-1]["step"]
+    assert latest_checkpoint(str(tmp_path)).name == f"step-{last_good:08d}"
+    assert not any(d.name.endswith(".tmp") for d in (tmp_path / "checkpoints").iterdir())
