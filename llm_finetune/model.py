@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llm_finetune.random_init import SeededInit
+from llm_finetune.random_init import SeededInit, quantized_random_init
 from llm_finetune.shapes import SHAPES
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -84,12 +84,13 @@ def init_after_adapters(train_cfg) -> bool:
     """Whether the model is a random-init one (a config without weights) built on the meta
     device and materialised by ``SeededInit`` only once its adapters are in place: by each FSDP
     rank unit by unit on its own device, or whole in one process, with the same weights either
-    way. True with no adapter or new LoRA adapters, whose initialisation ``SeededInit`` knows;
+    way. True with no adapter or new LoRA adapters, whose initialisation ``SeededInit`` knows,
+    and no quantisation (a quantised random model is built layer by layer at load instead);
     other PEFT methods start from a base initialised on the CPU (by rank 0 alone under
     ``low_cpu_fsdp``)."""
     plain_or_lora = not train_cfg.use_peft or (train_cfg.peft_method == "lora"
                                                and not train_cfg.from_peft_checkpoint)
-    return plain_or_lora and not weights_on_disk(train_cfg)
+    return plain_or_lora and not weights_on_disk(train_cfg) and not train_cfg.quantization
 
 
 def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config=None,
@@ -107,14 +108,16 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
                                     packing=train_cfg.batching_strategy == "packing")
     shape = SHAPES.get(train_cfg.model_name)  # a built-in shape: a config, no weights
     on_disk = weights_on_disk(train_cfg)
-    if quantization_config is not None and not on_disk:
-        raise ValueError(f"{train_cfg.model_name} has no weights on disk, and bitsandbytes "
-                         "quantises weights as they load: give a checkpoint, or drop "
-                         "--quantization")
     if on_meta or not on_disk:
         config = shape() if shape else AutoConfig.from_pretrained(path)
         config.use_cache = False
-        if on_meta:
+        if quantization_config is not None:  # 4-bit layers made and filled one at a time
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            model = quantized_random_init(model, quantization_config, train_cfg.seed, device)
+            keep_4bit_layout_on_cpu(model)
+        elif on_meta:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         else:

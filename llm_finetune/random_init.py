@@ -93,3 +93,42 @@ class SeededInit:
                     with self._seeded(f"{self.module_names[id(module)]}/lora/{adapter}"), \
                             torch.no_grad():
                         module.reset_lora_parameters(adapter, self.lora_init.get(adapter, True))
+
+
+def quantized_random_init(model: torch.nn.Module, quantization_config, seed: int,
+                          device) -> torch.nn.Module:
+    """A random-init model (built on the meta device) with its linear layers in 4-bit, as
+    ``from_pretrained(..., quantization_config=...)`` would give for a checkpoint holding the
+    same seeded weights: each linear layer is initialised on ``device`` and quantised at once,
+    one at a time, so no full-precision copy of the model ever exists."""
+    import bitsandbytes as bnb
+
+    if not getattr(quantization_config, "load_in_4bit", False):
+        raise ValueError("a random-init model can be quantised to 4-bit only (8-bit needs "
+                         "weights on disk)")
+    init = SeededInit(model, seed, device)
+    skip = set(quantization_config.llm_int8_skip_modules or [])
+    quantize = [(name, module) for name, module in model.named_modules()
+                if type(module) is torch.nn.Linear and name.rsplit(".", 1)[-1] not in skip
+                and name not in skip]
+    for name, linear in quantize:
+        init(linear)  # seeded full-precision values, this layer only
+        packed = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=quantization_config.bnb_4bit_compute_dtype,
+            compress_statistics=quantization_config.bnb_4bit_use_double_quant,
+            quant_type=quantization_config.bnb_4bit_quant_type,
+            quant_storage=quantization_config.bnb_4bit_quant_storage, device="meta")
+        packed.weight = bnb.nn.Params4bit(
+            linear.weight.data, requires_grad=False,
+            quant_type=quantization_config.bnb_4bit_quant_type,
+            compress_statistics=quantization_config.bnb_4bit_use_double_quant,
+            quant_storage=quantization_config.bnb_4bit_quant_storage, module=packed).to(device)
+        if linear.bias is not None:
+            packed.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
+    init(model)  # everything else: embeddings, norms, lm_head, rotary tables
+    model.config.quantization_config = quantization_config
+    model.is_loaded_in_4bit = True
+    return model

@@ -47,6 +47,9 @@ CASES = {
     "seeded_init": dict(FSDP, model_name="tiny-llama"),
     "seeded_init_lora": dict(FSDP, model_name="tiny-llama", use_peft=True, lr=1e-2),
     "seeded_init_tied": dict(FSDP, model_name="{tied_config}", tokenizer_name="tiny-llama"),
+    # random-init and 4-bit: every rank builds the same quantised layers, FSDP shards them
+    "qlora_seeded": dict(FSDP, model_name="tiny-llama", use_peft=True, quantization="4bit",
+                         lr=5e-2),
 }
 
 

@@ -155,3 +155,41 @@ def test_fast_kernels_choose_flex_attention_for_packed_batches_on_a_gpu(monkeypa
     assert choose(True, packing=True) == "flash_attention_2"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert choose(True, packing=True) == "sdpa"
+
+
+def test_random_init_4bit_equals_quantising_the_same_weights_from_disk(tmp_path):
+    """A config-only model with --quantization 4bit: each linear layer is initialised and
+    quantised in turn; the result equals transformers' from_pretrained quantisation of the
+    same seeded weights saved to disk, and LoRA trains on it."""
+    from transformers import BitsAndBytesConfig
+
+    from llm_finetune import finetuning
+    from llm_finetune.model import keep_4bit_layout_on_cpu
+    from llm_finetune.random_init import quantized_random_init
+
+    config = AutoConfig.from_pretrained(BUILTIN_MODELS["tiny-llama"])
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=torch.float32,
+                               llm_int8_skip_modules=["lm_head"])
+    with torch.device("meta"):
+        full = AutoModelForCausalLM.from_config(config)
+    SeededInit(full, seed=5, device="cpu")(full)
+    full.save_pretrained(tmp_path / "seeded")
+    from_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "seeded", quantization_config=quant,
+                                                     device_map={"": "cpu"})
+    with torch.device("meta"):
+        direct = AutoModelForCausalLM.from_config(config)
+    direct = quantized_random_init(direct, quant, seed=5, device="cpu")
+    keep_4bit_layout_on_cpu(from_disk)
+    keep_4bit_layout_on_cpu(direct)
+    assert type(direct.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(direct(input_ids=ids).logits, from_disk(input_ids=ids).logits)
+
+    summary = finetuning.main(model_name="tiny-llama", use_peft=True, quantization="4bit",
+                              max_train_step=6, lr=1e-2, run_validation=False, save_model=False,
+                              num_workers_dataloader=0, plot_metrics=False,
+                              output_dir=str(tmp_path / "run"))
+    losses = [m["loss"] for m in summary["metrics"] if "loss" in m]
+    assert losses[-1] < losses[0]
