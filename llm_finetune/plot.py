@@ -12,7 +12,7 @@ from pathlib import Path
 
 import fire
 
-PANELS = (("loss", "training loss (per step) and eval loss (dashed)"), ("lr", "learning rate"),
+PANELS = (("loss", "training loss (faint: per step; line: moving average), eval loss (dots)"), ("lr", "learning rate"),
           ("tokens_per_s", "tokens/s"))
 
 
@@ -24,6 +24,17 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
                          "--save_metrics False?)")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return ([r for r in records if "loss" in r], [r for r in records if "eval_loss" in r])
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` values (shorter at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def plot(*run_dirs: str, out: str = "") -> list[str]:
@@ -42,10 +53,18 @@ def plot(*run_dirs: str, out: str = "") -> list[str]:
     for key, title in PANELS:
         figure, axes = plt.subplots(figsize=(7, 4))
         for name, (steps, evals) in runs.items():
-            line, = axes.plot([s["step"] for s in steps], [s[key] for s in steps], label=name)
+            x, y = [s["step"] for s in steps], [s[key] for s in steps]
+            if key == "lr":
+                axes.plot(x, y, label=name)
+                continue
+            # per-step values are noisy: faint, with their moving average on top
+            raw, = axes.plot(x, y, alpha=0.25, linewidth=0.8)
+            axes.plot(x, moving_average(y, max(1, len(y) // 40)), color=raw.get_color(),
+                      label=name)
             if key == "loss" and evals:
                 axes.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o--",
-                          color=line.get_color(), label=f"{name} (eval)")
+                          color=raw.get_color(), markeredgecolor="black", markersize=7,
+                          linewidth=2, zorder=3, label=f"{name} (eval)")
         axes.set(xlabel="optimizer step", title=title)
         axes.legend(fontsize="small")
         figure.tight_layout()

@@ -98,3 +98,10 @@ def test_summary_reports_memory_and_mfu(tiny_model_dir, tmp_path, monkeypatch):
     assert model_flops_utilization(1e4, 8e9, 0, 1) == pytest.approx(1e4 * 4 * 8e9 / 7.9e14)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
     assert model_flops_utilization(1e4, 8e9, 0, 1) is None
+
+
+def test_moving_average_smooths_the_per_step_curve():
+    from llm_finetune.plot import moving_average
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert moving_average([5.0, 1.0], 1) == [5.0, 1.0]
