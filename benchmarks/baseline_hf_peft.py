@@ -16,7 +16,7 @@ import fire
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from llm_finetune.plan import model_config
+from llm_finetune.model import model_config
 
 
 def build(mode: str, model: str):

@@ -16,13 +16,15 @@ the GPU's bf16 dense peak (``--peak_tflops``, 790 measured on H100/H200 SXM).
 
 import json
 import os
-import statistics
+import random
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import fire
+
+from llm_finetune.metrics import read_metrics, steady_tokens_per_s
 
 REPO = Path(__file__).resolve().parent.parent
 # name: (model, mode, batch, activation checkpointing, our extra flags)
@@ -53,7 +55,7 @@ def long_rows(path: Path) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(BUILTIN_MODELS["tiny-llama"])
-    generator = __import__("random").Random(0)
+    generator = random.Random(0)
     with path.open("w") as f:
         for i in range(400):
             text = tokenizer.decode([generator.randrange(3, 1024) for _ in range(2300)])
@@ -76,12 +78,10 @@ def ours(model: str, batch: int, ac: bool, extra: list[str], steps: int, out: Pa
            "--save_model", "False", "--num_workers_dataloader", "2", "--output_dir", str(out),
            "--fsdp_config.fsdp_activation_checkpointing", str(ac), *extra]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    metrics = out / "metrics.jsonl"
-    if done.returncode != 0 or not metrics.is_file():
+    if done.returncode != 0 or not (out / "metrics.jsonl").is_file():
         return done.stdout + done.stderr, None
-    steps_logged = [json.loads(line) for line in metrics.read_text().splitlines()
-                    if '"loss"' in line]
-    tokens = statistics.median(s["tokens_per_s"] for s in steps_logged[2:])
+    steps_logged, _ = read_metrics(out)
+    tokens = steady_tokens_per_s(steps_logged)
     return "", {"tokens_per_s": tokens, "step_time_s": batch * 2048 / tokens,
                 "peak_gpu_mem_gib": steps_logged[-1]["peak_gpu_mem_gib"]}
 

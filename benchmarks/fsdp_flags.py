@@ -7,15 +7,15 @@ Random-init model of the given shape, full fine-tuning in pure bf16, packed ship
 4 x 2048 tokens per GPU, 8 steps; tokens/s is the median of steps 3+ summed over ranks.
 """
 
-import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import fire
+
+from llm_finetune.metrics import read_metrics, steady_tokens_per_s
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -48,12 +48,11 @@ def main(nproc: int = 2, model: str = "llama3.2-1b", steps: int = 8, only=()) ->
                "5", "--run_validation", "False", "--save_model", "False",
                "--num_workers_dataloader", "2", "--output_dir", str(out), *flags]
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        metrics = out / "metrics.jsonl"
-        if done.returncode != 0 or not metrics.is_file():
+        if done.returncode != 0 or not (out / "metrics.jsonl").is_file():
             print(f"| {name} | failed: {done.stderr.strip().splitlines()[-1][:80]} | |", flush=True)
             continue
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
-        tokens = statistics.median(r["tokens_per_s"] for r in records[2:])
+        records, _ = read_metrics(out)
+        tokens = steady_tokens_per_s(records)
         print(f"| {name} | {tokens:,.0f} | {records[-1]['peak_gpu_mem_gib']:.1f} |", flush=True)
 
 

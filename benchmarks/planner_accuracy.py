@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from llm_finetune.config_utils import build_run_config
+from llm_finetune.metrics import read_metrics
 from llm_finetune.plan import GIB, estimate
 
 
@@ -26,8 +27,7 @@ def settings_of(run_dir: Path) -> dict:
 
 
 def measured_peak(run_dir: Path) -> float:
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in line]
+    steps, _ = read_metrics(run_dir)
     return steps[-1]["peak_gpu_mem_gib"]
 
 

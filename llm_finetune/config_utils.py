@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from llm_finetune.resume import latest_checkpoint
+from llm_finetune.resume import latest_checkpoint, read_manifest
 
 from llm_finetune.configs import (
     DATASET_CONFIGS,
@@ -268,7 +268,7 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
                           "MANIFEST.json); give output_dir/checkpoints/step-N or auto")
     checkpoint = latest_checkpoint(t.output_dir) if resume == "auto" else resume
     if checkpoint:
-        saved = json.loads((Path(checkpoint) / "MANIFEST.json").read_text())
+        saved = read_manifest(checkpoint)
         ours = t.batch_size_training * world_size * t.gradient_accumulation_steps
         if saved.get("global_batch", ours) != ours:
             raise ConfigError(

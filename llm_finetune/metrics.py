@@ -5,7 +5,9 @@ eval_loss, eval_perplexity."""
 
 import json
 import os
+import statistics
 import time
+from pathlib import Path
 
 
 class MetricsLog:
@@ -37,6 +39,22 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(optimizer-step records, evaluation records) of a run directory."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{run_dir}: no metrics.jsonl (was the run started with "
+                         "--save_metrics False?)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return ([r for r in records if "loss" in r], [r for r in records if "eval_loss" in r])
+
+
+def steady_tokens_per_s(steps: list[dict]) -> float:
+    """Median tokens/s of steps 3 and later: the first steps pay for warm-up (allocator growth,
+    kernel selection, compilation), which is not the speed of the run."""
+    return statistics.median(s["tokens_per_s"] for s in steps[2:] or steps)
 
 
 class PhaseTimer:

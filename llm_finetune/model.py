@@ -59,13 +59,25 @@ def attention_implementation(use_fast_kernels: bool, packing: bool = False) -> s
     return "sdpa"
 
 
+def model_config(model_name: str):
+    """The config of a built-in shape, a local directory or a hub model (no weights read)."""
+    if model_name in SHAPES:
+        return SHAPES[model_name]()
+    return AutoConfig.from_pretrained(resolve_model_path(model_name))
+
+
+def meta_model(config, dtype: torch.dtype, attn: str) -> torch.nn.Module:
+    """The architecture on the meta device: no memory, no initialisation."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+
+
 def random_init(config, dtype: torch.dtype, attn: str, seed: int, device) -> torch.nn.Module:
     """A randomly initialised model, built on the meta device and materialised directly on
     ``device`` with ``SeededInit``: the same weights FSDP ranks build unit by unit (a GPU
     initialises an 8B model in seconds; on a CPU use this rank's share of the cores, since
     torchrun gives each rank one thread)."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    model = meta_model(config, dtype, attn)
     threads = torch.get_num_threads()
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) // ranks_here))
@@ -103,33 +115,28 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
     ``from_pretrained`` returns a model in eval mode, where transformers skips gradient
     checkpointing and dropout; training code must not inherit that, so we switch to train mode.
     """
-    path = resolve_model_path(train_cfg.model_name)
     attn = attention_implementation(train_cfg.use_fast_kernels,
                                     packing=train_cfg.batching_strategy == "packing")
-    shape = SHAPES.get(train_cfg.model_name)  # a built-in shape: a config, no weights
-    on_disk = weights_on_disk(train_cfg)
-    if on_meta or not on_disk:
-        config = shape() if shape else AutoConfig.from_pretrained(path)
+    # bitsandbytes quantises onto the device the model will train on
+    quantize_on = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    if on_meta or not weights_on_disk(train_cfg):
+        config = model_config(train_cfg.model_name)
         config.use_cache = False
         if quantization_config is not None:  # 4-bit layers made and filled one at a time
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-            model = quantized_random_init(model, quantization_config, train_cfg.seed, device)
-            keep_4bit_layout_on_cpu(model)
+            model = quantized_random_init(meta_model(config, dtype, attn), quantization_config,
+                                          train_cfg.seed, quantize_on)
         elif on_meta:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+            model = meta_model(config, dtype, attn)
         else:
             model = random_init(config, dtype, attn, train_cfg.seed, init_device)
     else:
         kwargs = {"dtype": dtype, "attn_implementation": attn, "use_cache": False}
         if quantization_config is not None:
-            kwargs["quantization_config"] = quantization_config
-            kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        if quantization_config is not None:
-            keep_4bit_layout_on_cpu(model)
+            kwargs.update(quantization_config=quantization_config, device_map={"": quantize_on})
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(train_cfg.model_name),
+                                                     **kwargs)
+    if quantization_config is not None:
+        keep_4bit_layout_on_cpu(model)
     model.train()
     return model
 

@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 import fire
 import torch
 
+from llm_finetune.adapters import apply_peft
 from llm_finetune.config_utils import ConfigError, build_run_config, hybrid_mesh_shape, validate
+from llm_finetune.distributed import world_size_from_env
+from llm_finetune.model import (decoder_layers, init_after_adapters, meta_model, model_config,
+                                weights_on_disk)
 from llm_finetune.precision import choose_precision
 
 GIB = 2**30
@@ -55,28 +59,10 @@ class Plan:
         return max(sum(self.gpu.values()), self.gpu_loading)
 
 
-def model_config(model_name: str):
-    """The config of a built-in shape, a local directory or a hub model (no weights read)."""
-    from transformers import AutoConfig
-
-    from llm_finetune.model import resolve_model_path
-    from llm_finetune.shapes import SHAPES
-
-    if model_name in SHAPES:
-        return SHAPES[model_name]()
-    return AutoConfig.from_pretrained(resolve_model_path(model_name))
-
-
 def count_parameters(run) -> ModelCounts:
     """Exact counts from the model built on the meta device, with the run's adapters."""
-    from transformers import AutoModelForCausalLM
-
-    from llm_finetune.adapters import apply_peft
-    from llm_finetune.model import decoder_layers
-
     config = model_config(run.train.model_name)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config, torch.float32, "sdpa")
     layers = decoder_layers(model)
     supports_checkpointing = model.supports_gradient_checkpointing
     if run.train.use_peft:
@@ -186,8 +172,6 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
     plan.gpu["workspace (allocator, cuBLAS, NCCL)"] = WORKSPACE_BYTES
 
     # CPU RAM per rank while loading
-    from llm_finetune.model import init_after_adapters, weights_on_disk
-
     full_model = counts.total * weight_bytes
     if init_after_adapters(t) or t.quantization:
         plan.cpu["loading"] = 0.0  # built on meta / quantised onto the GPU as it loads
@@ -348,8 +332,6 @@ def plan_run(run, world_size: int, gpu_memory=None) -> str:
 def main(world_size: int = 0, gpu_memory=None, **kwargs) -> str:
     """The memory plan of the run ``kwargs`` describe on ``world_size`` GPUs (default: the
     torchrun world, else 1); ``gpu_memory`` (e.g. 80GiB) defaults to the GPU present."""
-    from llm_finetune.distributed import world_size_from_env
-
     run = build_run_config(**kwargs)
     world_size = world_size or world_size_from_env()
     validate(run, world_size, cuda=True)

@@ -7,23 +7,14 @@ Without ``--out`` the PNGs go to ``plots/`` in the first run's directory. A run 
 plots at its end when matplotlib is installed (``--plot_metrics``, on by default).
 """
 
-import json
 from pathlib import Path
 
 import fire
 
+from llm_finetune.metrics import read_metrics
+
 PANELS = (("loss", "training loss (faint: per step; line: moving average), eval loss (dots)"), ("lr", "learning rate"),
           ("tokens_per_s", "tokens/s"))
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(optimizer-step records, evaluation records) of a run directory."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"{run_dir}: no metrics.jsonl (was the run started with "
-                         "--save_metrics False?)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return ([r for r in records if "loss" in r], [r for r in records if "eval_loss" in r])
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

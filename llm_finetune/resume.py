@@ -37,8 +37,13 @@ def latest_checkpoint(output_dir: str) -> Path | None:
     return max(complete, key=lambda d: int(d.name.split("-")[1]), default=None)
 
 
+def read_manifest(path) -> dict:
+    """What a complete checkpoint records: step, epoch, world size, model, global batch, files."""
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
 def checkpoint_step(path: Path) -> int:
-    return json.loads((Path(path) / MANIFEST).read_text())["step"]
+    return read_manifest(path)["step"]
 
 
 def resolve_resume(run) -> Path | None:
@@ -127,7 +132,7 @@ class Checkpointer:
         if not manifest.is_file():
             raise ValueError(f"{path} is not a complete checkpoint (no {MANIFEST}); pass a "
                              "step-NNNNNNNN directory, or --resume_from_checkpoint auto")
-        saved = json.loads(manifest.read_text())
+        saved = read_manifest(path)
         if saved["model_name"] != self.run.train.model_name:
             raise ValueError(f"{path} was saved for model {saved['model_name']!r}, this run "
                              f"trains {self.run.train.model_name!r}")

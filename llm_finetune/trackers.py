@@ -36,7 +36,6 @@ class Trackers:
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(key, value, record["step"])
-            self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log(values, step=record["step"])
 

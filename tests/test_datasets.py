@@ -179,3 +179,22 @@ def test_llamaguard_toxicchat_learns_only_the_verdict(tmp_path):
                            **{"llamaguard_toxicchat_dataset.train_file": str(bad)})
     with pytest.raises(DataError, match="row 2: field 'toxicity' is 7"):
         load_dataset_split(run, tokenizer, "train")
+
+
+def test_tokenize_num_proc_reaches_datasets_map(tmp_path, monkeypatch):
+    import datasets
+
+    seen, real_map = [], datasets.Dataset.map
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("num_proc"))
+        return real_map(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", spy)
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    split(tmp_path, data_files=str(path))
+    assert seen == [None]  # the default: one process
+    run = build_run_config(dataset="file_dataset", tokenize_num_proc=2,
+                           **{"file_dataset.data_files": str(path)})
+    samples = load_dataset_split(run, load_tokenizer(run.train), "train")
+    assert seen[-1] == 2 and len(samples) == 38

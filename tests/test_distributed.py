@@ -6,6 +6,10 @@ order of floating-point sums across ranks, so per-step losses agree to 1e-5 rela
 """
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,10 +173,6 @@ def test_two_nodes_hybrid_shard_equals_single_process(tiny_model_dir, tmp_path):
     """Two torchrun launches on this machine act as two nodes of 2 ranks (c10d rendezvous, the
     multi-node command line): HYBRID_SHARD shards inside each node and replicates across them,
     and the losses equal one process training the same global batch."""
-    import socket
-    import subprocess
-    import sys
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -185,7 +185,7 @@ def test_two_nodes_hybrid_shard_equals_single_process(tiny_model_dir, tmp_path):
             "--fsdp_config.sharding_strategy=HYBRID_SHARD",
             "--fsdp_config.sharding_group_size=2", "--batch_size_training=2",
             f"--output_dir={tmp_path / 'hsdp'}"]
-    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     nodes = [subprocess.Popen(node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]
     logs = [n.communicate(timeout=300)[0] for n in nodes]

@@ -4,6 +4,7 @@ docs/gpu_runs.md."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -81,7 +82,7 @@ def test_qlora_under_fsdp_matches_one_gpu(tiny_model_dir, tmp_path):
            "True"]
     cmd[cmd.index("--batch_size_training") + 1] = "8"  # the global batch of 2 x 4
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "0"})
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
     assert done.returncode == 0, done.stderr[-6000:]
     single = [json.loads(line)["loss"] for line in
               (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]

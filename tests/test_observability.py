@@ -87,6 +87,7 @@ def test_summary_reports_memory_and_mfu(tiny_model_dir, tmp_path, monkeypatch):
     from llm_finetune.metrics import model_flops_utilization
 
     summary = finetuning.main(**FAST, model_name=str(tiny_model_dir), output_dir=str(tmp_path))
+    assert "plots" not in summary and not (tmp_path / "plots").exists()  # --plot_metrics False
     assert summary["peak_cpu_rss_gib"] > 0.1
     assert summary["mfu"] is None  # on a CPU
     assert set(summary["phase_s"]) == {"load", "to_device", "data", "train"}
