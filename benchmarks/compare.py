@@ -35,6 +35,13 @@ SCENARIOS = {
                     ["--use_peft", "--quantization", "4bit",
                      "--quantization_config.use_double_quant", "True"]),
     "full_1b_ac": ("llama3.2-1b", "full", 4, True, ["--fsdp_config.pure_bf16", "True"]),
+    # selective checkpointing: the last N layers keep activations, N the largest the planner
+    # fits in the baseline's peak memory (python -m llm_finetune.plan --gpu_memory ...)
+    "lora_8b_ac_keep5": ("llama3-8b", "lora", 4, True,
+                         ["--use_peft", "--fsdp_config.no_checkpoint_layers", "5"]),
+    "full_1b_ac_keep6": ("llama3.2-1b", "full", 4, True,
+                         ["--fsdp_config.pure_bf16", "True",
+                          "--fsdp_config.no_checkpoint_layers", "6"]),
 }
 PARAMS = {"llama3-8b": 8.03e9, "llama3.2-1b": 1.236e9, "CHECKPOINT": 8.03e9}
 
@@ -91,9 +98,9 @@ def write_checkpoint(directory: Path, env: dict) -> None:
     with a BitsAndBytesConfig needs: weights on disk)."""
     if (directory / "model.safetensors.index.json").is_file():
         return
-    code = ("import torch; from llm_finetune.model import random_init; "
+    code = ("import torch; from llm_finetune.model import meta_model, random_init; "
             "from llm_finetune.shapes import SHAPES; "
-            "m = random_init(SHAPES['llama3-8b'](), torch.bfloat16, 'sdpa', 0, 'cuda'); "
+            "m = random_init(meta_model(SHAPES['llama3-8b'](), torch.bfloat16, 'sdpa'), 0, 'cuda'); "
             f"m.save_pretrained('{directory}')")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=900)
 

@@ -277,6 +277,13 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
                 f"x {t.gradient_accumulation_steps} accumulation steps). The data order resumes "
                 "only with the same global batch: another world size works when batch_size_"
                 "training x ranks x gradient_accumulation_steps stays the same")
+    if f.no_checkpoint_layers < 0:
+        raise ConfigError(f"--fsdp_config.no_checkpoint_layers must be 0 or more, got "
+                          f"{f.no_checkpoint_layers}")
+    if f.no_checkpoint_layers and not f.fsdp_activation_checkpointing:
+        raise ConfigError("--fsdp_config.no_checkpoint_layers chooses layers to leave out of "
+                          "activation checkpointing, which is off: drop it, or turn "
+                          "--fsdp_config.fsdp_activation_checkpointing on")
     if t.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {t.lr}")
     if world_size > 1 and not t.enable_fsdp:

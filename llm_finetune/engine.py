@@ -12,11 +12,13 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (BackwardPrefetch, CPUOffload, FullyShardedDataParallel,
                                     MixedPrecision, ShardingStrategy)
-from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from torch.distributed.fsdp.wrap import (_or_policy, lambda_auto_wrap_policy,
+                                         transformer_auto_wrap_policy)
 
 from llm_finetune.config_utils import hybrid_mesh_shape
 from llm_finetune.distributed import DistInfo
-from llm_finetune.model import decoder_layer_classes
+from llm_finetune.model import decoder_layer_classes, decoder_layers
+from llm_finetune.quantization import is_4bit_linear, pending_4bit_like, quantize_pending
 from llm_finetune.random_init import SeededInit
 
 
@@ -28,8 +30,11 @@ def mixed_precision_policy(compute_dtype: torch.dtype) -> MixedPrecision | None:
     return MixedPrecision(param_dtype=compute_dtype, reduce_dtype=torch.float32)
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each decoder layer in backward, through transformers' own layer hooks.
+def enable_activation_checkpointing(model: torch.nn.Module, keep_last: int = 0) -> None:
+    """Recompute each decoder layer in backward, through transformers' own layer hooks; the
+    last ``keep_last`` layers keep their activations instead (selective checkpointing: each
+    layer left out saves its share of the recompute, about a third of its step time, for a
+    layer's worth of activation memory; ``python -m llm_finetune.plan`` says how many fit).
 
     Non-reentrant checkpointing works with frozen inputs, so PEFT needs no
     ``enable_input_require_grads``. transformers checkpoints only in train mode, which
@@ -45,6 +50,9 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = decoder_layers(model)
+    for layer in layers[len(layers) - keep_last:] if keep_last else []:
+        layer.gradient_checkpointing = False  # transformers checks this flag per layer
 
 
 def move_to_meta(model: torch.nn.Module) -> None:
@@ -58,7 +66,9 @@ def move_to_meta(model: torch.nn.Module) -> None:
                     continue
                 if id(tensor) not in replaced:
                     meta = torch.empty_like(tensor, device="meta")
-                    if isinstance(tensor, torch.nn.Parameter):
+                    if is_4bit_linear(module) and name == "weight":
+                        meta = pending_4bit_like(tensor, meta)
+                    elif isinstance(tensor, torch.nn.Parameter):
                         meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
                     replaced[id(tensor)] = (tensor, meta)
                 table[name] = replaced[id(tensor)][1]
@@ -75,6 +85,11 @@ class RankZeroInit:
     unit unsharded, on CPU or GPU alike (FSDP1's ``sync_module_states`` refuses CPU tensors,
     and DCP's ``broadcast_from_rank0`` loading unshards the whole model on every rank).
     Tensors shared by two modules (tied embeddings) stay shared.
+
+    4-bit layers (``to_4bit_layers``) receive their full-precision weight like any tensor and
+    each rank quantises it on its GPU at once (the same kernel on the same values: the same
+    bytes everywhere), so a GPU holds one unit in full precision at most and never the whole
+    4-bit model.
     """
 
     def __init__(self, model: torch.nn.Module, dist_info: DistInfo):
@@ -98,10 +113,12 @@ class RankZeroInit:
 
     def _materialise(self, prefix: str, name: str, meta: torch.Tensor) -> torch.Tensor:
         if id(meta) not in self.done:
-            tensor = torch.empty_like(meta, device=self.dist_info.device)
+            tensor = torch.empty(meta.shape, dtype=meta.dtype, device=self.dist_info.device)
             if self.dist_info.is_main:
                 tensor.copy_(self.source.pop(f"{prefix}.{name}" if prefix else name))
             dist.broadcast(tensor, src=0)
+            if type(meta).__name__ == "Params4bit":
+                return pending_4bit_like(meta, tensor)  # quantised by __call__
             if isinstance(meta, torch.nn.Parameter):
                 tensor = torch.nn.Parameter(tensor, requires_grad=meta.requires_grad)
             if self.shared.get(id(meta), 0) < 2:
@@ -115,6 +132,7 @@ class RankZeroInit:
             for name, tensor in list(table.items()):
                 if tensor is not None and tensor.is_meta:
                     table[name] = self._materialise(prefix, name, tensor)
+        quantize_pending(module)
 
 
 def meta_init_fn(model: torch.nn.Module, dist_info: DistInfo, seed: int,
@@ -130,6 +148,28 @@ def meta_init_fn(model: torch.nn.Module, dist_info: DistInfo, seed: int,
     if from_rank0:
         return RankZeroInit(model, dist_info)
     return None
+
+
+def auto_wrap_policy(model: torch.nn.Module):
+    """One FSDP unit per decoder layer; with adapters, also one per trainable leaf module.
+
+    FSDP1 gives each unit's flat parameter one gradient the size of the whole unit. When a
+    unit mixes frozen base weights and trainable adapters, that gradient covers the frozen
+    weights too: as much memory as the sharded weights themselves (measured: Llama-3-70B LoRA
+    on 2 H200s ran out of memory with 65 GiB of zero gradients per GPU). Wrapping the adapters
+    apart leaves the layer's units wholly frozen, so they get no gradient at all."""
+    layers = functools.partial(transformer_auto_wrap_policy,
+                               transformer_layer_cls=decoder_layer_classes(model))
+    grads = {p.requires_grad for p in model.parameters()}
+    if grads != {True, False}:
+        return layers
+
+    def trainable_leaf(module: torch.nn.Module) -> bool:
+        own = list(module.parameters(recurse=False))
+        return not list(module.children()) and bool(own) and all(p.requires_grad for p in own)
+
+    return functools.partial(_or_policy, policies=[
+        functools.partial(lambda_auto_wrap_policy, lambda_fn=trainable_leaf), layers])
 
 
 def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dtype: torch.dtype,
@@ -148,11 +188,9 @@ def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dty
         else:
             mesh = init_device_mesh(dist_info.device.type, (replica, shard),
                                     mesh_dim_names=("replicate", "shard"))
-    layer_classes = decoder_layer_classes(model)
     return FullyShardedDataParallel(
         model,
-        auto_wrap_policy=functools.partial(transformer_auto_wrap_policy,
-                                           transformer_layer_cls=layer_classes),
+        auto_wrap_policy=auto_wrap_policy(model),
         sharding_strategy=strategy,
         device_mesh=mesh,
         mixed_precision=mixed_precision_policy(compute_dtype),

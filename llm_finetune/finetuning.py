@@ -56,8 +56,8 @@ def main(**kwargs) -> dict:
     #    the meta device until its adapters are in place, then each rank initialises its units
     tokenizer = load_tokenizer(run.train)
     seeded_init = init_after_adapters(run.train)
-    # a quantised model loads straight onto each rank's GPU, layer by layer: little CPU RAM
-    rank0_loads = run.train.low_cpu_fsdp and not run.train.quantization
+    # 4-bit layers are quantised unit by unit as FSDP materialises them (model.quantized_at_load)
+    rank0_loads = run.train.low_cpu_fsdp and not seeded_init
     model = load_model(run.train, precision.weight_dtype,
                        on_meta=seeded_init or (rank0_loads and not dist_info.is_main),
                        quantization_config=bnb_config(run, precision),
@@ -70,7 +70,7 @@ def main(**kwargs) -> dict:
         model = apply_peft(model, run, num_layers,
                            adapter_dtype=precision.weight_dtype if bf16_adapters else None)
     if run.fsdp.fsdp_activation_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, keep_last=run.fsdp.no_checkpoint_layers)
     phases.mark("load")
     if run.train.enable_fsdp:
         init_fn = meta_init_fn(model, dist_info, run.train.seed, seeded_init,
@@ -150,7 +150,7 @@ def grad_scaler(precision, fsdp: bool):
 def count_parameters(model, dist_info) -> tuple[int, int]:
     """(total, trainable) parameters of the model, printed on rank 0. Under FSDP each rank holds
     a shard: the local counts are scaled back to the model's size (approximate: padding)."""
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(parameter_count(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     scale = dist_info.world_size if hasattr(model, "sharding_strategy") and \
         model.sharding_strategy.name != "NO_SHARD" else 1
@@ -160,6 +160,13 @@ def count_parameters(model, dist_info) -> tuple[int, int]:
               f"(approx. under FSDP), world size {dist_info.world_size}, device "
               f"{dist_info.device}", flush=True)
     return total, trainable
+
+
+def parameter_count(param: torch.Tensor) -> int:
+    """Model parameters a tensor holds: a packed 4-bit weight holds two per byte of storage."""
+    if type(param).__name__ == "Params4bit" and param.bnb_quantized:
+        return param.numel() * param.element_size() * 2
+    return param.numel()
 
 
 def write_run_config(run) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llm_finetune.random_init import SeededInit, quantized_random_init
+from llm_finetune.quantization import to_4bit_layers
+from llm_finetune.random_init import SeededInit
 from llm_finetune.shapes import SHAPES
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -72,12 +73,11 @@ def meta_model(config, dtype: torch.dtype, attn: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
 
 
-def random_init(config, dtype: torch.dtype, attn: str, seed: int, device) -> torch.nn.Module:
-    """A randomly initialised model, built on the meta device and materialised directly on
-    ``device`` with ``SeededInit``: the same weights FSDP ranks build unit by unit (a GPU
-    initialises an 8B model in seconds; on a CPU use this rank's share of the cores, since
-    torchrun gives each rank one thread)."""
-    model = meta_model(config, dtype, attn)
+def random_init(model: torch.nn.Module, seed: int, device) -> torch.nn.Module:
+    """Materialise a model built on the meta device directly on ``device`` with seeded random
+    values (``SeededInit``): the same weights FSDP ranks build unit by unit (a GPU initialises
+    an 8B model in seconds; on a CPU use this rank's share of the cores, since torchrun gives
+    each rank one thread)."""
     threads = torch.get_num_threads()
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) // ranks_here))
@@ -96,13 +96,22 @@ def init_after_adapters(train_cfg) -> bool:
     """Whether the model is a random-init one (a config without weights) built on the meta
     device and materialised by ``SeededInit`` only once its adapters are in place: by each FSDP
     rank unit by unit on its own device, or whole in one process, with the same weights either
-    way. True with no adapter or new LoRA adapters, whose initialisation ``SeededInit`` knows,
-    and no quantisation (a quantised random model is built layer by layer at load instead);
-    other PEFT methods start from a base initialised on the CPU (by rank 0 alone under
-    ``low_cpu_fsdp``)."""
+    way (4-bit layers are initialised and quantised one at a time). True with no adapter or new
+    LoRA adapters, whose initialisation ``SeededInit`` knows; other PEFT methods start from a
+    base initialised on the CPU (by rank 0 alone under ``low_cpu_fsdp``)."""
     plain_or_lora = not train_cfg.use_peft or (train_cfg.peft_method == "lora"
                                                and not train_cfg.from_peft_checkpoint)
-    return plain_or_lora and not weights_on_disk(train_cfg) and not train_cfg.quantization
+    return plain_or_lora and not weights_on_disk(train_cfg)
+
+
+def quantized_at_load(train_cfg) -> bool:
+    """Whether bitsandbytes quantises the whole model as it loads (``from_pretrained`` onto
+    this rank's device). Otherwise a quantised model is built with 4-bit layers that are
+    quantised one at a time where they are materialised: a random-init model, and 4-bit under
+    ``low_cpu_fsdp``, where rank 0 reads the full-precision weights and FSDP quantises unit by
+    unit on every rank's GPU, so no GPU ever holds the whole 4-bit model."""
+    return (bool(train_cfg.quantization) and weights_on_disk(train_cfg)
+            and not (train_cfg.low_cpu_fsdp and train_cfg.quantization == "4bit"))
 
 
 def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config=None,
@@ -119,22 +128,23 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
                                     packing=train_cfg.batching_strategy == "packing")
     # bitsandbytes quantises onto the device the model will train on
     quantize_on = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    quantize_now = quantization_config is not None and quantized_at_load(train_cfg)
     if on_meta or not weights_on_disk(train_cfg):
         config = model_config(train_cfg.model_name)
         config.use_cache = False
-        if quantization_config is not None:  # 4-bit layers made and filled one at a time
-            model = quantized_random_init(meta_model(config, dtype, attn), quantization_config,
-                                          train_cfg.seed, quantize_on)
-        elif on_meta:
-            model = meta_model(config, dtype, attn)
-        else:
-            model = random_init(config, dtype, attn, train_cfg.seed, init_device)
+        model = meta_model(config, dtype, attn)
+        if quantization_config is not None:
+            to_4bit_layers(model, quantization_config, dtype)
+        if not on_meta:  # one process, no adapters to wait for
+            random_init(model, train_cfg.seed, init_device)
     else:
         kwargs = {"dtype": dtype, "attn_implementation": attn, "use_cache": False}
-        if quantization_config is not None:
+        if quantize_now:
             kwargs.update(quantization_config=quantization_config, device_map={"": quantize_on})
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(train_cfg.model_name),
                                                      **kwargs)
+        if quantization_config is not None and not quantize_now:  # rank 0 of low_cpu_fsdp
+            to_4bit_layers(model, quantization_config, dtype)
     if quantization_config is not None:
         keep_4bit_layout_on_cpu(model)
     model.train()

@@ -22,8 +22,9 @@ import torch
 from llm_finetune.adapters import apply_peft
 from llm_finetune.config_utils import ConfigError, build_run_config, hybrid_mesh_shape, validate
 from llm_finetune.distributed import world_size_from_env
-from llm_finetune.model import (decoder_layers, init_after_adapters, meta_model, model_config,
+from llm_finetune.model import (decoder_layers, init_after_adapters, quantized_at_load, meta_model, model_config,
                                 weights_on_disk)
+from llm_finetune.loss import CHUNK_TOKENS
 from llm_finetune.precision import choose_precision
 
 GIB = 2**30
@@ -141,8 +142,9 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
                + counts.trainable * adapter_bytes)
     grads = counts.trainable * adapter_bytes
     optimizer = 2 * counts.trainable * adapter_bytes  # AdamW: two moments per trainable weight
-    if t.quantization and t.enable_fsdp:
+    if t.enable_fsdp and quantized_at_load(t):
         # every rank loads the whole quantised model onto its GPU, then FSDP keeps its shard
+        # (under low_cpu_fsdp, and for random-init models, FSDP quantises unit by unit instead)
         plan.gpu_loading = weights + WORKSPACE_BYTES
     states = {"weights": weights / shards, "gradients": grads / shards,
               "optimizer states (AdamW)": optimizer / shards}
@@ -162,18 +164,30 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
     tokens = t.batch_size_training * t.context_length
     per_layer = activation_bytes_per_token_per_layer(counts, compute_bytes) * tokens
     if f.fsdp_activation_checkpointing:
-        plan.gpu["activations (checkpointed: layer inputs + 1 layer)"] = (
-            counts.num_layers * tokens * counts.hidden * compute_bytes + per_layer)
+        kept = min(f.no_checkpoint_layers, counts.num_layers)
+        checkpointed = counts.num_layers - kept
+        plan.gpu[f"activations (checkpointed: {checkpointed} layer inputs + 1 layer"
+                 + (f"; {kept} layers kept)" if kept else ")")] = (
+            checkpointed * tokens * counts.hidden * compute_bytes + (kept + 1) * per_layer)
     else:
         plan.gpu["activations (all layers)"] = counts.num_layers * per_layer
-    # logits in the compute dtype, their fp32 copy for the loss, and the fp32 log-softmax
-    # that cross-entropy keeps for backward: the largest single item for 128k vocabularies
-    plan.gpu["logits and loss"] = tokens * counts.vocab * (compute_bytes + 8)
+    if t.chunked_loss:
+        # one chunk's fp32 logits and their gradient in the compute dtype, plus the saved
+        # gradients: of the hidden states, and of the output weight in fp32 when it trains
+        chunk = min(tokens, CHUNK_TOKENS)
+        head_trains = not t.use_peft
+        plan.gpu["loss (chunked: one chunk of logits)"] = (
+            chunk * counts.vocab * (4 + 2 * compute_bytes) + tokens * counts.hidden * compute_bytes
+            + (counts.vocab * counts.hidden * (4 + compute_bytes) if head_trains else 0))
+    else:
+        # logits in the compute dtype, their fp32 copy for the loss, and the fp32 log-softmax
+        # that cross-entropy keeps for backward: the largest single item for 128k vocabularies
+        plan.gpu["logits and loss"] = tokens * counts.vocab * (compute_bytes + 8)
     plan.gpu["workspace (allocator, cuBLAS, NCCL)"] = WORKSPACE_BYTES
 
     # CPU RAM per rank while loading
     full_model = counts.total * weight_bytes
-    if init_after_adapters(t) or t.quantization:
+    if init_after_adapters(t) or quantized_at_load(t):
         plan.cpu["loading"] = 0.0  # built on meta / quantised onto the GPU as it loads
     elif t.low_cpu_fsdp:
         plan.cpu["loading (rank 0 only; other ranks ~0)"] = full_model
@@ -285,6 +299,27 @@ def combined_fix(run, world_size: int, gpu_memory: float) -> list[str]:
     return ["  - none of the usual changes: a larger GPU, or more GPUs with CPU offload"]
 
 
+def fewest_checkpointed_layers(run, world_size: int, gpu_memory: float,
+                               counts: ModelCounts) -> str:
+    """The selective checkpointing that recomputes the fewest layers and still fits (each layer
+    left out saves about a third of its step time), as a flag; "" when none more fits."""
+    f = run.fsdp
+    if not f.fsdp_activation_checkpointing:
+        return ""
+    best = f.no_checkpoint_layers
+    for kept in range(f.no_checkpoint_layers + 1, counts.num_layers + 1):
+        trial = dataclasses.replace(run, fsdp=dataclasses.replace(f, no_checkpoint_layers=kept))
+        if estimate(trial, world_size, counts).gpu_peak > gpu_memory:
+            break
+        best = kept
+    if best == f.no_checkpoint_layers:
+        return ""
+    if best == counts.num_layers:
+        return "--fsdp_config.fsdp_activation_checkpointing False (no recompute at all)"
+    return (f"--fsdp_config.no_checkpoint_layers {best} (recompute {counts.num_layers - best} "
+            f"of {counts.num_layers} layers)")
+
+
 def report(run, world_size: int, gpu_memory: float | None, counts: ModelCounts) -> str:
     plan = estimate(run, world_size, counts)
     t = run.train
@@ -303,6 +338,9 @@ def report(run, world_size: int, gpu_memory: float | None, counts: ModelCounts) 
         lines.append("\nno GPU found and no --gpu_memory given: cannot say whether it fits")
     elif plan.gpu_peak <= gpu_memory:
         lines.append(f"\nfits: {plan.gpu_peak / GIB:.1f} of {gpu_memory / GIB:.1f} GiB per GPU")
+        faster = fewest_checkpointed_layers(run, world_size, gpu_memory, counts)
+        if faster:
+            lines.append(f"faster and still fits: {faster}")
     else:
         lines.append(f"\ndoes NOT fit: {plan.gpu_peak / GIB:.1f} GiB needed per GPU, "
                      f"{gpu_memory / GIB:.1f} GiB available. Changes that would fit:")

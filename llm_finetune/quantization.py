@@ -24,3 +24,60 @@ def bnb_config(run, precision):
         bnb_4bit_quant_storage=getattr(torch, storage),
         llm_int8_skip_modules=skip,
     )
+
+
+def is_4bit_linear(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return type(weight).__name__ == "Params4bit"
+
+
+def pending_4bit_like(weight, data: torch.Tensor):
+    """A not-yet-quantised ``Params4bit`` with ``weight``'s 4-bit settings holding ``data``
+    (full precision, or meta): bitsandbytes quantises it when it is moved to a device."""
+    from bitsandbytes.nn import Params4bit
+
+    return Params4bit(data, requires_grad=False, blocksize=weight.blocksize,
+                      compress_statistics=weight.compress_statistics,
+                      quant_type=weight.quant_type, quant_storage=weight.quant_storage,
+                      module=weight.module)
+
+
+def quantize_pending(module: torch.nn.Module) -> None:
+    """Quantise ``module``'s weight in place if it is a 4-bit layer holding real full-precision
+    values (on the device those values are on, where bitsandbytes runs its kernel)."""
+    weight = getattr(module, "weight", None)
+    if is_4bit_linear(module) and not weight.bnb_quantized and not weight.is_meta:
+        module.weight = weight.to(weight.device)  # Params4bit.to quantises
+
+
+def to_4bit_layers(model: torch.nn.Module, quantization_config, dtype: torch.dtype):
+    """Replace the linear layers that ``quantization_config`` quantises by bitsandbytes 4-bit
+    layers whose weights are not quantised yet: they keep the values they had (real, or meta)
+    in ``dtype`` and are quantised one layer at a time where they are materialised (by
+    ``SeededInit`` for a random-init model, by ``RankZeroInit`` under ``low_cpu_fsdp``, FSDP
+    unit by unit). So no rank ever holds a whole 4-bit model before sharding, and a rank on the
+    meta device has the same module tree as the rank that holds the weights."""
+    import bitsandbytes as bnb
+
+    if not getattr(quantization_config, "load_in_4bit", False):
+        raise ValueError("layer-by-layer quantisation is for 4-bit (8-bit needs weights on disk "
+                         "and one process)")
+    skip = set(quantization_config.llm_int8_skip_modules or [])
+    convert = [(name, module) for name, module in model.named_modules()
+               if type(module) is torch.nn.Linear and name.rsplit(".", 1)[-1] not in skip
+               and name not in skip]
+    for name, linear in convert:
+        packed = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=quantization_config.bnb_4bit_compute_dtype,
+            compress_statistics=quantization_config.bnb_4bit_use_double_quant,
+            quant_type=quantization_config.bnb_4bit_quant_type,
+            quant_storage=quantization_config.bnb_4bit_quant_storage, device="meta")
+        packed.weight = pending_4bit_like(packed.weight, linear.weight.data.to(dtype))
+        if linear.bias is not None:
+            packed.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
+    model.config.quantization_config = quantization_config
+    model.is_loaded_in_4bit = True
+    return model

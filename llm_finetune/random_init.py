@@ -18,6 +18,8 @@ import zlib
 
 import torch
 
+from llm_finetune.quantization import is_4bit_linear, pending_4bit_like, quantize_pending
+
 
 def _own_tensors(module: torch.nn.Module):
     for table in (module._parameters, module._buffers):
@@ -51,6 +53,15 @@ class SeededInit:
         self.shared = {key for key, count in uses.items() if count > 1}
         self.module_names = {id(m): name for name, m in base.named_modules()}
         self.materialised = {}  # id(shared meta tensor) -> its real tensor
+        # LoRA's A and B of one adapter are initialised together by their layer (peft's
+        # reset_lora_parameters), also when FSDP wraps each as a unit of its own
+        self.lora_pair = {}  # id(A or B) -> (LoRA layer, adapter name, [A, B])
+        for module in base.modules():
+            if hasattr(module, "reset_lora_parameters") and hasattr(module, "lora_A"):
+                for adapter, lora_a in module.lora_A.items():
+                    pair = [lora_a, module.lora_B[adapter]]
+                    for leaf in pair:
+                        self.lora_pair[id(leaf)] = (module, adapter, pair)
 
     @contextlib.contextmanager
     def _seeded(self, name: str):
@@ -68,7 +79,10 @@ class SeededInit:
                 continue
             first = tensor if first is None else first
             real = self.materialised.get(id(tensor))
-            if real is None:
+            if real is None and is_4bit_linear(module) and name == "weight":
+                real = pending_4bit_like(tensor, torch.empty(tensor.shape, dtype=tensor.dtype,
+                                                             device=self.device))
+            elif real is None:
                 real = torch.empty_like(tensor, device=self.device)
                 if isinstance(tensor, torch.nn.Parameter):
                     real = torch.nn.Parameter(real, requires_grad=tensor.requires_grad)
@@ -78,57 +92,28 @@ class SeededInit:
         return first
 
     def __call__(self, root: torch.nn.Module) -> None:
-        fresh = [(module, meta) for module in root.modules()
+        # 4-bit layers first, one at a time: each is initialised in full precision and
+        # quantised at once, so a whole full-precision model never exists
+        for module in root.modules():
+            if is_4bit_linear(module) and module.weight.is_meta:
+                self._fill([module])
+        modules = list(root.modules())
+        for module in list(modules):  # a LoRA A (or B) brings its partner along
+            if id(module) in self.lora_pair:
+                modules += [m for m in self.lora_pair[id(module)][2] if m not in modules]
+        self._fill(modules)
+
+    def _fill(self, modules: list[torch.nn.Module]) -> None:
+        fresh = [(module, meta) for module in modules
                  if (meta := self._materialise(module)) is not None]
+        lora_layers = {}
         for module, meta in fresh:
             with self._seeded(self.tensor_names[id(meta)]), torch.no_grad():
                 self.init_weights(module)
-        fresh_modules = {module for module, _ in fresh}
-        for module in root.modules():
-            lora_a = getattr(module, "lora_A", None)
-            if lora_a is None or not hasattr(module, "reset_lora_parameters"):
-                continue
-            for adapter, layer in lora_a.items():
-                if layer in fresh_modules:
-                    with self._seeded(f"{self.module_names[id(module)]}/lora/{adapter}"), \
-                            torch.no_grad():
-                        module.reset_lora_parameters(adapter, self.lora_init.get(adapter, True))
-
-
-def quantized_random_init(model: torch.nn.Module, quantization_config, seed: int,
-                          device) -> torch.nn.Module:
-    """A random-init model (built on the meta device) with its linear layers in 4-bit, as
-    ``from_pretrained(..., quantization_config=...)`` would give for a checkpoint holding the
-    same seeded weights: each linear layer is initialised on ``device`` and quantised at once,
-    one at a time, so no full-precision copy of the model ever exists."""
-    import bitsandbytes as bnb
-
-    if not getattr(quantization_config, "load_in_4bit", False):
-        raise ValueError("a random-init model can be quantised to 4-bit only (8-bit needs "
-                         "weights on disk)")
-    init = SeededInit(model, seed, device)
-    skip = set(quantization_config.llm_int8_skip_modules or [])
-    quantize = [(name, module) for name, module in model.named_modules()
-                if type(module) is torch.nn.Linear and name.rsplit(".", 1)[-1] not in skip
-                and name not in skip]
-    for name, linear in quantize:
-        init(linear)  # seeded full-precision values, this layer only
-        packed = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=linear.bias is not None,
-            compute_dtype=quantization_config.bnb_4bit_compute_dtype,
-            compress_statistics=quantization_config.bnb_4bit_use_double_quant,
-            quant_type=quantization_config.bnb_4bit_quant_type,
-            quant_storage=quantization_config.bnb_4bit_quant_storage, device="meta")
-        packed.weight = bnb.nn.Params4bit(
-            linear.weight.data, requires_grad=False,
-            quant_type=quantization_config.bnb_4bit_quant_type,
-            compress_statistics=quantization_config.bnb_4bit_use_double_quant,
-            quant_storage=quantization_config.bnb_4bit_quant_storage, module=packed).to(device)
-        if linear.bias is not None:
-            packed.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
-    init(model)  # everything else: embeddings, norms, lm_head, rotary tables
-    model.config.quantization_config = quantization_config
-    model.is_loaded_in_4bit = True
-    return model
+            quantize_pending(module)
+            if id(module) in self.lora_pair:
+                layer, adapter, _ = self.lora_pair[id(module)]
+                lora_layers[(id(layer), adapter)] = (layer, adapter)
+        for layer, adapter in lora_layers.values():
+            with self._seeded(f"{self.module_names[id(layer)]}/lora/{adapter}"), torch.no_grad():
+                layer.reset_lora_parameters(adapter, self.lora_init.get(adapter, True))

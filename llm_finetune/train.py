@@ -18,20 +18,29 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llm_finetune.distributed import DistInfo, all_reduce_sum
+from llm_finetune.loss import loss_in_output_layer, output_layer
 from llm_finetune.profiling import StepProfiler
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over the batch's label tokens, and their number."""
+def token_loss_sum(model, batch: dict, chunked: bool = True) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the batch's label tokens, and their number.
+
+    ``chunked``: the output layer computes the loss itself, chunk by chunk, without the full
+    logits (``loss.py``; falls back to the plain loss for models whose logits are post-processed)."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    logits = model(**inputs, use_cache=False).logits
     labels = batch["labels"][:, 1:]
+    tokens = int((labels != -100).sum())
+    head = output_layer(model) if chunked else None
+    if head is not None:
+        with loss_in_output_layer(head, batch["labels"]):
+            return model(**inputs, use_cache=False).logits, tokens
+    logits = model(**inputs, use_cache=False).logits
     logits = logits[:, : labels.shape[1]]  # prefix tuning may add no positions; be explicit
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+    return loss, tokens
 
 
 def count_label_tokens(batch: dict) -> int:
@@ -109,7 +118,7 @@ class Trainer:
         for batch in micro_batches:
             batch = to_device(batch, self.dist.device)
             with self.autocast():
-                loss, _ = token_loss_sum(self.model, batch)
+                loss, _ = token_loss_sum(self.model, batch, self.run.train.chunked_loss)
             scaled = loss * scale
             (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
             loss_sum += loss.item()
@@ -137,7 +146,8 @@ class Trainer:
             if max_steps and i >= max_steps:
                 break
             with self.autocast():
-                loss, n = token_loss_sum(self.model, to_device(batch, self.dist.device))
+                loss, n = token_loss_sum(self.model, to_device(batch, self.dist.device),
+                                         self.run.train.chunked_loss)
             loss_sum += loss.item()
             tokens += n
         loss_sum, tokens = all_reduce_sum([loss_sum, tokens], self.dist.device)

@@ -43,6 +43,10 @@ CASES = {
     # QLoRA: 4-bit weights stored as bf16 so FSDP can flatten them, bf16 adapters
     "qlora": dict(FSDP, use_peft=True, quantization="4bit", lr=1e-2, save_model=True,
                   save_steps=2, max_eval_step=2),
+    # QLoRA with low_cpu_fsdp: rank 0 reads the full-precision weights, every rank quantises
+    # each unit on its own device as FSDP materialises it
+    "qlora_low_cpu": dict(FSDP, use_peft=True, quantization="4bit", lr=1e-2, low_cpu_fsdp=True,
+                          max_eval_step=2),
     # random-init models (config only): each rank initialises its own units (SeededInit)
     "seeded_init": dict(FSDP, model_name="tiny-llama"),
     "seeded_init_lora": dict(FSDP, model_name="tiny-llama", use_peft=True, lr=1e-2),
@@ -80,6 +84,27 @@ def low_cpu_fsdp_weights(model_dir: str) -> dict:
     return gathered
 
 
+def low_cpu_fsdp_4bit_load(model_dir: str) -> list:
+    """What each rank holds before FSDP wraps a 4-bit model under low_cpu_fsdp: rank 0 the
+    full-precision weights in not-yet-quantised 4-bit layers, rank 1 the same tree on meta."""
+    from llm_finetune.precision import choose_precision
+    from llm_finetune.quantization import bnb_config, is_4bit_linear
+
+    run = build_run_config(model_name=model_dir, enable_fsdp=True, low_cpu_fsdp=True,
+                           use_peft=True, quantization="4bit")
+    info, _ = setup(need_group=True)
+    precision = choose_precision(run, cuda=False)
+    model = load_model(run.train, precision.weight_dtype, on_meta=not info.is_main,
+                       quantization_config=bnb_config(run, precision))
+    layers = [m for m in model.modules() if is_4bit_linear(m)]
+    report = {"meta_before_wrap": all(p.is_meta for p in model.parameters()),
+              "linear4bit": len(layers),
+              "whole_4bit_model_on_a_device": any(m.weight.bnb_quantized for m in layers)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, report)
+    return gathered
+
+
 def main(out: str, model_dir: str, tied_dir: str, tied_config_dir: str, only: str = "") -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -95,6 +120,7 @@ def main(out: str, model_dir: str, tied_dir: str, tied_config_dir: str, only: st
     if not only or "weights" in only:
         results["low_cpu_weights"] = low_cpu_fsdp_weights(model_dir)
         results["low_cpu_weights_tied"] = low_cpu_fsdp_weights(tied_dir)
+        results["low_cpu_4bit_load"] = low_cpu_fsdp_4bit_load(model_dir)
     if rank == 0:
         Path(out, "results.json").write_text(json.dumps(results))
     dist.destroy_process_group()

@@ -112,6 +112,9 @@ def test_missing_config_file():
     ({"use_peft": True, "peft_method": "prefix"}, 1, False, "fsdp_activation_checkpointing False"),
     ({"alpaca_dataset.data_path": "/no/data.json"}, 1, False, "no such file"),
     ({"batch_size_training": 0}, 1, False, "at least 1"),
+    ({"fsdp_config.no_checkpoint_layers": 2,
+      "fsdp_config.fsdp_activation_checkpointing": False}, 1, False, "which is off"),
+    ({"fsdp_config.no_checkpoint_layers": -1}, 1, False, "0 or more"),
 ])
 def test_impossible_combinations_fail_before_loading(kwargs, world, cuda, expected):
     with pytest.raises(ConfigError, match=expected):

@@ -54,7 +54,7 @@ def single_process(case: str, model_dir, tmp_path, tied_config_dir) -> dict:
                                   "lora", "llama_adapter", "prefix", "grad_accum_clip",
                                   "packing",
                                   "low_cpu_fsdp", "seeded_init", "seeded_init_lora",
-                                  "seeded_init_tied", "qlora", "qlora_seeded"])
+                                  "seeded_init_tied", "qlora", "qlora_low_cpu", "qlora_seeded"])
 def test_fsdp_matches_single_process(case, fsdp_results, tiny_model_dir, tied_config_dir,
                                      tmp_path):
     """Also for random-init models, whose ranks each initialised their own units: they hold
@@ -197,6 +197,18 @@ def test_two_nodes_hybrid_shard_equals_single_process(tiny_model_dir, tmp_path):
     expected = [m["loss"] for m in reference["metrics"] if "loss" in m]
     assert len(got) == 4
     assert got == pytest.approx(expected, rel=RTOL)
+
+
+def test_qlora_low_cpu_fsdp_trains_as_quantising_at_load(fsdp_results):
+    """Under low_cpu_fsdp, 4-bit layers are quantised unit by unit on each rank from rank 0's
+    full-precision weights; that gives the same 4-bit model, so the same losses, as every rank
+    quantising the whole model while loading (the plain QLoRA run)."""
+    assert fsdp_results["qlora_low_cpu"]["losses"] == \
+        pytest.approx(fsdp_results["qlora"]["losses"], rel=1e-6)
+    ranks = fsdp_results["low_cpu_4bit_load"]
+    assert ranks[0]["meta_before_wrap"] is False and ranks[1]["meta_before_wrap"] is True
+    assert ranks[0]["linear4bit"] == ranks[1]["linear4bit"] > 0
+    assert ranks[0]["whole_4bit_model_on_a_device"] is False
 
 
 def test_fsdp_qlora_adapter_loads_with_plain_peft_on_a_4bit_base(fsdp_results, tiny_model_dir):

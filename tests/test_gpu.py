@@ -72,11 +72,14 @@ def test_fp16_with_sharded_grad_scaler_trains(fp32_losses, tiny_model_dir, tmp_p
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_qlora_under_fsdp_matches_one_gpu(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("loading", [[], ["--low_cpu_fsdp"]], ids=["quantised_at_load",
+                                                                   "low_cpu_fsdp"])
+def test_qlora_under_fsdp_matches_one_gpu(loading, tiny_model_dir, tmp_path):
     """QLoRA (NF4 stored as bf16, bf16 adapters) sharded over 2 GPUs against QLoRA on one GPU
-    with the same global batch, both in bf16."""
+    with the same global batch, both in bf16; under low_cpu_fsdp each GPU quantises unit by
+    unit from rank 0's weights."""
     flags = ["--use_peft", "--quantization", "4bit", "--lr", "1e-2"]
-    sharded = fsdp_losses(tiny_model_dir, tmp_path / "fsdp", *flags)
+    sharded = fsdp_losses(tiny_model_dir, tmp_path / "fsdp", *flags, *loading)
     cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", str(tiny_model_dir),
            "--output_dir", str(tmp_path / "one"), *BASE, *flags, "--fsdp_config.pure_bf16",
            "True"]

@@ -44,6 +44,30 @@ def test_fsdp_wraps_one_unit_per_decoder_layer(config_cls, one_rank_group):
     assert all(type(u.module) in decoder_layer_classes(model) for u in units[1:])
 
 
+def test_fsdp_gives_frozen_base_weights_no_gradient(one_rank_group):
+    """With LoRA, adapters get FSDP units of their own: the decoder layers' units hold only
+    frozen weights, so FSDP allocates no gradient for them (a mixed unit gets one gradient the
+    size of all its weights), and a backward pass leaves gradients on the adapters only."""
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = get_peft_model(AutoModelForCausalLM.from_config(LlamaConfig(**SMALL)),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    run = build_run_config(enable_fsdp=True)
+    wrapped = wrap_fsdp(model, run.fsdp, one_rank_group, torch.float32)
+    units = [m for m in wrapped.modules() if isinstance(m, FSDP)]
+    layer_units = [u for u in units if type(u.module) in decoder_layer_classes(model)]
+    adapter_units = [u for u in units if type(u.module) is torch.nn.Linear]  # lora_A, lora_B
+    assert len(layer_units) == SMALL["num_hidden_layers"]
+    assert len(adapter_units) == 4 * SMALL["num_hidden_layers"]  # A and B of q and v
+    wrapped(input_ids=torch.randint(0, 128, (2, 16))).logits.sum().backward()
+    for unit in layer_units:
+        flat = unit._handle.flat_param
+        assert not flat.requires_grad and flat.grad is None
+    lora = [p for n, p in wrapped.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None for p in lora)
+
+
 def saved_activation_bytes(model, input_ids) -> int:
     total = 0
 
@@ -65,6 +89,27 @@ def test_activation_checkpointing_really_drops_activations():
     enable_activation_checkpointing(checkpointed)
     ids = torch.randint(0, 128, (2, 64))
     assert saved_activation_bytes(checkpointed, ids) < 0.5 * saved_activation_bytes(plain, ids)
+
+
+def test_selective_checkpointing_keeps_the_last_layers_activations():
+    """Saved activations grow by one layer's worth for each layer kept out of checkpointing,
+    and the gradients stay those of the plain model."""
+    config = LlamaConfig(**SMALL)
+    torch.manual_seed(0)
+    models = [AutoModelForCausalLM.from_config(config).train() for _ in range(3)]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    enable_activation_checkpointing(models[1])
+    enable_activation_checkpointing(models[2], keep_last=1)
+    ids = torch.randint(0, 128, (2, 64))
+    full, all_checkpointed, kept_one = (saved_activation_bytes(m, ids) for m in models)
+    per_layer = (full - all_checkpointed) / config.num_hidden_layers
+    assert kept_one - all_checkpointed == pytest.approx(per_layer, rel=0.3)
+    grads = []
+    for model in (models[0], models[2]):
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_builtin_model_is_random_init_from_config_and_in_train_mode():
@@ -165,7 +210,7 @@ def test_random_init_4bit_equals_quantising_the_same_weights_from_disk(tmp_path)
 
     from llm_finetune import finetuning
     from llm_finetune.model import keep_4bit_layout_on_cpu
-    from llm_finetune.random_init import quantized_random_init
+    from llm_finetune.quantization import to_4bit_layers
 
     config = AutoConfig.from_pretrained(BUILTIN_MODELS["tiny-llama"])
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -179,7 +224,8 @@ def test_random_init_4bit_equals_quantising_the_same_weights_from_disk(tmp_path)
                                                      device_map={"": "cpu"})
     with torch.device("meta"):
         direct = AutoModelForCausalLM.from_config(config)
-    direct = quantized_random_init(direct, quant, seed=5, device="cpu")
+    to_4bit_layers(direct, quant, torch.float32)
+    SeededInit(direct, seed=5, device="cpu")(direct)
     keep_4bit_layout_on_cpu(from_disk)
     keep_4bit_layout_on_cpu(direct)
     assert type(direct.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"

@@ -91,12 +91,26 @@ def test_dry_run_plans_and_trains_nothing(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_qlora_under_fsdp_peaks_while_loading():
-    """Each rank holds the whole 4-bit model on its GPU before FSDP shards it: for 70B that,
-    not training, is the peak on 2 GPUs."""
-    run = build_run_config(model_name="llama3-70b", enable_fsdp=True, use_peft=True,
-                           quantization="4bit", context_length=2048, batch_size_training=1)
-    estimate = plan.estimate(run, 2)
-    assert estimate.gpu_loading > sum(estimate.gpu.values())
-    assert estimate.gpu_peak == estimate.gpu_loading
-    assert 36 * GIB < estimate.gpu_loading < 42 * GIB
+def test_qlora_under_fsdp_peaks_while_loading_unless_quantised_unit_by_unit(tmp_path):
+    """With weights on disk, each rank quantises the whole model onto its GPU as it loads and
+    FSDP shards it afterwards: for 70B that, not training, is the peak on 2 GPUs. Under
+    low_cpu_fsdp (rank 0 reads the weights into CPU RAM) and for a config-only model, FSDP
+    quantises unit by unit and there is no such peak."""
+    from llm_finetune.shapes import SHAPES
+
+    SHAPES["llama3-70b"]().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").touch()  # the planner only looks for weight files
+    settings = dict(model_name=str(tmp_path), enable_fsdp=True, use_peft=True,
+                    quantization="4bit", context_length=2048, batch_size_training=1)
+    at_load = plan.estimate(build_run_config(**settings), 2)
+    assert at_load.gpu_loading > sum(at_load.gpu.values())
+    assert at_load.gpu_peak == at_load.gpu_loading
+    assert 36 * GIB < at_load.gpu_loading < 42 * GIB
+    for by_unit in (dict(settings, low_cpu_fsdp=True), dict(settings, model_name="llama3-70b")):
+        estimate = plan.estimate(build_run_config(**by_unit), 2)
+        assert estimate.gpu_loading == 0
+        assert estimate.gpu_peak == sum(estimate.gpu.values()) < at_load.gpu_peak
+    low_cpu = plan.estimate(build_run_config(**settings, low_cpu_fsdp=True), 2)
+    assert low_cpu.cpu["loading (rank 0 only; other ranks ~0)"] > 130 * GIB  # bf16 on rank 0
+
+

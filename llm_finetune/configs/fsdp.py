@@ -15,6 +15,7 @@ class fsdp_config:
     # FULL_STATE_DICT: one Hugging Face directory; SHARDED_STATE_DICT: torch.distributed.checkpoint
     checkpoint_type: str = "SHARDED_STATE_DICT"
     fsdp_activation_checkpointing: bool = True  # recompute decoder layers in backward
+    no_checkpoint_layers: int = 0  # with checkpointing: the last N layers keep activations
     fsdp_cpu_offload: bool = False  # keep parameters and gradients in CPU memory (CUDA only)
     pure_bf16: bool = False  # store weights, gradients and optimizer states in bf16
     optimizer: str = "AdamW"

@@ -41,6 +41,7 @@ class train_config:
     mixed_precision: bool = True
     use_fp16: bool = False
     use_fast_kernels: bool = False  # flash-attention 2 when installed, else PyTorch SDPA
+    chunked_loss: bool = True  # the loss in chunks inside the output layer: no full logits
     # Parameter-efficient fine-tuning
     use_peft: bool = False
     peft_method: str = "lora"  # lora | llama_adapter | prefix

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Large shapes on 2 GPUs (docs/performance.md, docs/gpu_runs.md): Llama-3-70B QLoRA and LoRA
+# built from the config and quantised unit by unit, and Llama-3-8B full fine-tuning on 1 and 2
+# GPUs (MFU, scaling).   bash benchmarks/device_scale.sh OUT_DIR [names...]
+set -uo pipefail
+out=${1:-/tmp/device_scale}; shift || true; mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
+ft="-m llm_finetune.finetuning --num_workers_dataloader 2 --tokenizer_name tiny-llama
+    --batching_strategy packing --context_length 2048 --run_validation False --save_model False
+    --num_epochs 5 --use_fast_kernels True"
+tr2="torchrun --standalone --nproc_per_node 2"
+declare -A RUNS=(
+  [qlora_70b_fsdp2]="$tr2 $ft --model_name llama3-70b --enable_fsdp --use_peft --quantization 4bit --batch_size_training 2 --max_train_step 6"
+  [lora_70b_fsdp2]="$tr2 $ft --model_name llama3-70b --enable_fsdp --use_peft --fsdp_config.pure_bf16 True --batch_size_training 2 --max_train_step 6"
+  [full_8b_fsdp2]="$tr2 $ft --model_name llama3-8b --enable_fsdp --fsdp_config.pure_bf16 True --batch_size_training 4 --max_train_step 10"
+  [full_8b_1gpu]="env CUDA_VISIBLE_DEVICES=0 python3 $ft --model_name llama3-8b --fsdp_config.pure_bf16 True --batch_size_training 4 --max_train_step 10"
+)
+names=("$@"); [ ${#names[@]} -eq 0 ] && names=(qlora_70b_fsdp2 lora_70b_fsdp2 full_8b_fsdp2 full_8b_1gpu)
+for name in "${names[@]}"; do
+  echo "== $name: ${RUNS[$name]}"
+  start=$(date +%s)
+  timeout "${RUN_TIMEOUT:-300}" ${RUNS[$name]} --output_dir "$out/$name" > "$out/$name.log" 2>&1
+  echo "rc=$? wall=$(( $(date +%s) - start ))s"; grep -h "run summary\|\[load\]\|\[shard\]" "$out/$name.log" | cut -c1-600
+done
+python3 - "$out" <<'PY'
+import glob, json, os, statistics, sys
+print("| run | steps | loss first -> last | tokens/s (median, step 3+) | peak GiB allocated |")
+print("| --- | ---: | --- | ---: | ---: |")
+for path in sorted(glob.glob(f"{sys.argv[1]}/*/metrics.jsonl")):
+    steps = [json.loads(l) for l in open(path) if '"loss"' in l]
+    if len(steps) < 4: continue
+    tps = statistics.median(s["tokens_per_s"] for s in steps[2:])
+    print(f"| {os.path.basename(os.path.dirname(path))} | {len(steps)} | {steps[0]['loss']:.3f} -> "
+          f"{steps[-1]['loss']:.3f} | {tps:,.0f} | {steps[-1]['peak_gpu_mem_gib']:.1f} |")
+PY
