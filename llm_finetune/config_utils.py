@@ -286,9 +286,13 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
                           "--fsdp_config.fsdp_activation_checkpointing on")
     if t.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {t.lr}")
-    if world_size > 1 and not t.enable_fsdp:
-        raise ConfigError(f"launched on {world_size} ranks without --enable_fsdp: every rank "
-                          "would train its own copy. Add --enable_fsdp, or run one process.")
+    if world_size > 1 and not (t.enable_fsdp or t.enable_ddp):
+        raise ConfigError(f"launched on {world_size} ranks without --enable_fsdp or --enable_ddp: "
+                          "every rank would train its own copy. Add --enable_fsdp (sharded), "
+                          "--enable_ddp (a full replica per rank), or run one process.")
+    if t.enable_fsdp and t.enable_ddp:
+        raise ConfigError("--enable_fsdp and --enable_ddp are two ways to train data parallel: "
+                          "pick one (FSDP shards the model, DDP replicates it)")
     if t.low_cpu_fsdp and not t.enable_fsdp:
         raise ConfigError("--low_cpu_fsdp loads weights on rank 0 and lets FSDP share them; it "
                           "needs --enable_fsdp")
@@ -320,8 +324,16 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
                           "that cannot be trained: add --use_peft (QLoRA)")
     if t.quantization == "8bit" and t.enable_fsdp:
         raise ConfigError("8-bit bitsandbytes weights cannot be sharded by FSDP (their row "
-                          "statistics live outside the weight tensor). Use 8-bit in one process, "
-                          "or LoRA on bf16 weights with --enable_fsdp --fsdp_config.pure_bf16 True")
+                          "statistics live outside the weight tensor). Use --enable_ddp (a full "
+                          "8-bit replica per rank), --quantization 4bit with --enable_fsdp, or "
+                          "LoRA on bf16 weights with --enable_fsdp --fsdp_config.pure_bf16 True")
+    if t.quantization == "8bit":
+        from llm_finetune.model import weights_on_disk
+
+        if not weights_on_disk(t):
+            raise ConfigError(f"--quantization 8bit quantises weights as they load, and "
+                              f"{t.model_name} has none on disk (a config-only model): use "
+                              "--quantization 4bit, which random-init models support")
     if t.one_gpu and world_size > 1:
         raise ConfigError(f"--one_gpu asks for a single-process run, but {world_size} ranks "
                           "were launched: drop --one_gpu or launch one process")

@@ -91,6 +91,17 @@ def attempt_store() -> dist.Store:
     return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def data_parallel(model: torch.nn.Module, dist_info: DistInfo) -> torch.nn.Module:
+    """``DistributedDataParallel`` over the default group: each rank holds the whole model and
+    gradients are averaged in buckets during backward. For runs whose model fits one GPU and
+    whose weights FSDP cannot shard: bitsandbytes 8-bit keeps row statistics outside the weight
+    tensor, which DDP never touches (only trainable parameters are synchronised)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

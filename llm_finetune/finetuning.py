@@ -2,6 +2,7 @@
 
     python -m llm_finetune.finetuning                       # tiny built-in model on CPU
     torchrun --nproc_per_node 2 -m llm_finetune.finetuning --enable_fsdp --use_peft
+    torchrun --nproc_per_node 2 -m llm_finetune.finetuning --enable_ddp --use_peft --quantization 8bit
     python -m llm_finetune.finetuning --config configs/llama3_8b_lora.yaml --lr 2e-4
 """
 
@@ -49,7 +50,8 @@ def main(**kwargs) -> dict:
     precision = choose_precision(run, cuda)
 
     # 2. distributed set-up (a one-rank group when FSDP runs in a single process)
-    dist_info, owns_group = distributed.setup(need_group=run.train.enable_fsdp)
+    dist_info, owns_group = distributed.setup(
+        need_group=run.train.enable_fsdp or run.train.enable_ddp)
     torch.manual_seed(run.train.seed)
     phases = PhaseTimer(verbose=dist_info.is_main)
     # 3. model: rank 0 alone reads weights under low_cpu_fsdp; a random-init model stays on
@@ -104,7 +106,9 @@ def main(**kwargs) -> dict:
     if dist_info.is_main:
         write_run_config(run)
     scaler = grad_scaler(precision, run.train.enable_fsdp)
-    trainer = Trainer(model, optimizer, scheduler, run, dist_info, precision, metrics, scaler)
+    # DDP wraps the model for training only; saving and checkpoints see the model itself
+    trained = distributed.data_parallel(model, dist_info) if run.train.enable_ddp else model
+    trainer = Trainer(trained, optimizer, scheduler, run, dist_info, precision, metrics, scaler)
     checkpoints = Checkpointer(run, dist_info, model, optimizer, scheduler,
                                train_loader.batch_sampler, scaler)
     if resume_from is not None:

@@ -88,6 +88,8 @@ def linear_cross_entropy(hidden, weight, bias, targets) -> torch.Tensor:
 def output_layer(model):
     """The model's output projection if it is a plain ``nn.Linear`` applied last (no logit
     soft-capping or scaling after it), else None: such models use the plain loss."""
+    model = getattr(model, "module", model) if type(model).__name__ == \
+        "DistributedDataParallel" else model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     config = getattr(base, "config", None)

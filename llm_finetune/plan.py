@@ -153,6 +153,8 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         plan.gpu["weights (CPU offload: none resident)"] = 0.0
     else:
         plan.gpu.update(states)
+    if t.enable_ddp:  # DDP all-reduces gradients through buckets that copy them
+        plan.gpu["DDP gradient buckets"] = grads
     if t.enable_fsdp and (shards > 1 or offload or compute_bytes != weight_bytes):
         # FSDP1 keeps the root unit (embeddings, lm_head) gathered from forward to backward, and
         # gathers at most two decoder layers ahead (prefetch); mixed precision casts them too
@@ -301,7 +303,7 @@ def combined_fix(run, world_size: int, gpu_memory: float) -> list[str]:
 
 def fewest_checkpointed_layers(run, world_size: int, gpu_memory: float,
                                counts: ModelCounts) -> str:
-    """The selective checkpointing that recomputes the fewest layers and still fits (each layer
+    """The selective checkpointing that recomputes the fewest layers within ``gpu_memory`` (each layer
     left out saves about a third of its step time), as a flag; "" when none more fits."""
     f = run.fsdp
     if not f.fsdp_activation_checkpointing:
@@ -340,7 +342,7 @@ def report(run, world_size: int, gpu_memory: float | None, counts: ModelCounts) 
         lines.append(f"\nfits: {plan.gpu_peak / GIB:.1f} of {gpu_memory / GIB:.1f} GiB per GPU")
         faster = fewest_checkpointed_layers(run, world_size, gpu_memory, counts)
         if faster:
-            lines.append(f"faster and still fits: {faster}")
+            lines.append(f"faster, within the same memory: {faster}")
     else:
         lines.append(f"\ndoes NOT fit: {plan.gpu_peak / GIB:.1f} GiB needed per GPU, "
                      f"{gpu_memory / GIB:.1f} GiB available. Changes that would fit:")

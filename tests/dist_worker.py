@@ -47,6 +47,10 @@ CASES = {
     # each unit on its own device as FSDP materialises it
     "qlora_low_cpu": dict(FSDP, use_peft=True, quantization="4bit", lr=1e-2, low_cpu_fsdp=True,
                           max_eval_step=2),
+    # DDP: a full replica per rank; 8-bit bases, which FSDP cannot shard, train this way
+    "ddp_lora": dict(FAST, enable_ddp=True, use_peft=True, lr=1e-2, max_train_step=6),
+    "ddp_8bit": dict(FAST, enable_ddp=True, use_peft=True, quantization="8bit", lr=1e-2,
+                     max_train_step=6, save_model=True),
     # random-init models (config only): each rank initialises its own units (SeededInit)
     "seeded_init": dict(FSDP, model_name="tiny-llama"),
     "seeded_init_lora": dict(FSDP, model_name="tiny-llama", use_peft=True, lr=1e-2),

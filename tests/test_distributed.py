@@ -36,11 +36,11 @@ def fsdp_results(tmp_path_factory, tiny_model_dir, tied_model_dir, tied_config_d
 def single_process(case: str, model_dir, tmp_path, tied_config_dir) -> dict:
     """The same run in one process, with a per-rank batch twice as large (the global batch)."""
     kwargs = case_settings(case, str(model_dir), str(tied_config_dir))
-    for key in ("enable_fsdp", "low_cpu_fsdp", "fsdp_config.sharding_strategy",
+    for key in ("enable_fsdp", "enable_ddp", "low_cpu_fsdp", "fsdp_config.sharding_strategy",
                 "fsdp_config.sharding_group_size", "fsdp_config.replica_group_size",
                 "fsdp_config.checkpoint_type", "fsdp_config.hsdp"):
         kwargs.pop(key, None)
-    if kwargs.get("quantization"):  # FSDP QLoRA computes and stores in bf16: so does this one
+    if kwargs.get("quantization") == "4bit":  # FSDP QLoRA computes and stores in bf16: so does this one
         kwargs["fsdp_config.pure_bf16"] = True
         kwargs.pop("save_steps", None)
     kwargs["batch_size_training"] *= 2
@@ -54,7 +54,8 @@ def single_process(case: str, model_dir, tmp_path, tied_config_dir) -> dict:
                                   "lora", "llama_adapter", "prefix", "grad_accum_clip",
                                   "packing",
                                   "low_cpu_fsdp", "seeded_init", "seeded_init_lora",
-                                  "seeded_init_tied", "qlora", "qlora_low_cpu", "qlora_seeded"])
+                                  "seeded_init_tied", "qlora", "qlora_low_cpu", "qlora_seeded",
+                                  "ddp_lora", "ddp_8bit"])
 def test_fsdp_matches_single_process(case, fsdp_results, tiny_model_dir, tied_config_dir,
                                      tmp_path):
     """Also for random-init models, whose ranks each initialised their own units: they hold
@@ -209,6 +210,22 @@ def test_qlora_low_cpu_fsdp_trains_as_quantising_at_load(fsdp_results):
     assert ranks[0]["meta_before_wrap"] is False and ranks[1]["meta_before_wrap"] is True
     assert ranks[0]["linear4bit"] == ranks[1]["linear4bit"] > 0
     assert ranks[0]["whole_4bit_model_on_a_device"] is False
+
+
+def test_ddp_8bit_adapter_loads_with_plain_peft_on_an_8bit_base(fsdp_results, tiny_model_dir):
+    """8-bit LoRA trained data parallel (DDP, 2 ranks) matches one process (the parity test
+    above) and its adapter, loaded by plain peft onto the base quantised to 8-bit by plain
+    transformers, gives the trained model's logits."""
+    from transformers import BitsAndBytesConfig
+
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        device_map={"": "cpu"})
+    model = PeftModel.from_pretrained(base, fsdp_results["out"] / "ddp_8bit" / "model").eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe_input()).logits.float()
+    torch.testing.assert_close(logits, torch.tensor(fsdp_results["ddp_8bit"]["logits"]),
+                               rtol=1e-3, atol=1e-3)
 
 
 def test_fsdp_qlora_adapter_loads_with_plain_peft_on_a_4bit_base(fsdp_results, tiny_model_dir):

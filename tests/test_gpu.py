@@ -20,10 +20,10 @@ BASE = ["--max_train_step", "10", "--max_eval_step", "2", "--batch_size_training
         "--lora_config.lora_dropout", "0"]
 
 
-def fsdp_metrics(model_dir, out, *flags) -> list[dict]:
+def fsdp_metrics(model_dir, out, *flags, engine="--enable_fsdp") -> list[dict]:
     nproc = min(2, torch.cuda.device_count())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), "-m", "llm_finetune.finetuning", "--enable_fsdp", "--model_name",
+           str(nproc), "-m", "llm_finetune.finetuning", engine, "--model_name",
            str(model_dir), "--output_dir", str(out), *BASE, *flags]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
@@ -91,3 +91,22 @@ def test_qlora_under_fsdp_matches_one_gpu(loading, tiny_model_dir, tmp_path):
               (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert sharded == pytest.approx(single, rel=1e-2)
     assert sharded[-1] < sharded[0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_8bit_lora_data_parallel_matches_one_gpu(tiny_model_dir, tmp_path):
+    """8-bit LoRA with DDP on 2 GPUs (bitsandbytes' int8 kernels) against one GPU with the
+    same global batch."""
+    flags = ["--use_peft", "--quantization", "8bit", "--lr", "1e-2"]
+    parallel = [m["loss"] for m in fsdp_metrics(tiny_model_dir, tmp_path / "ddp", *flags,
+                                                engine="--enable_ddp")]
+    cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", str(tiny_model_dir),
+           "--output_dir", str(tmp_path / "one"), *BASE, *flags]
+    cmd[cmd.index("--batch_size_training") + 1] = "8"
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert done.returncode == 0, done.stderr[-6000:]
+    single = [json.loads(line)["loss"] for line in
+              (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert parallel == pytest.approx(single, rel=1e-2)
+    assert parallel[-1] < parallel[0]

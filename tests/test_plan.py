@@ -29,13 +29,38 @@ def test_sharded_state_scales_with_the_world_and_checkpointing_saves_activations
     two, four = plan.estimate(run, 2, counts), plan.estimate(run, 4, counts)
     for part in ("weights", "gradients", "optimizer states (AdamW)"):
         assert four.gpu[part] == pytest.approx(two.gpu[part] / 2)
-    assert four.gpu["logits and loss"] == two.gpu["logits and loss"]  # per-GPU batch unchanged
+    loss = "loss (chunked: one chunk of logits)"
+    assert four.gpu[loss] == two.gpu[loss]  # per-GPU batch unchanged
     no_ac = build_run_config(model_name="llama3.2-1b", enable_fsdp=True, context_length=2048,
                              batch_size_training=4,
                              **{"fsdp_config.fsdp_activation_checkpointing": False})
-    with_ac = two.gpu["activations (checkpointed: layer inputs + 1 layer)"]
+    with_ac = activations(two)
     without = plan.estimate(no_ac, 2, counts).gpu["activations (all layers)"]
     assert without > 5 * with_ac
+
+
+def activations(estimate) -> float:
+    (value,) = [v for k, v in estimate.gpu.items() if k.startswith("activations")]
+    return value
+
+
+def test_selective_checkpointing_and_the_chunked_loss_in_the_plan():
+    """Each layer kept out of checkpointing adds one layer's activations; the planner offers
+    the most that fit; the chunked loss plans a fraction of the full logits."""
+    settings = dict(model_name="llama3-8b", use_peft=True, context_length=2048,
+                    batch_size_training=4)
+    run = build_run_config(**settings)
+    counts = plan.count_parameters(run)
+    base = plan.estimate(run, 1, counts)
+    kept = [plan.estimate(build_run_config(**settings, **{"fsdp_config.no_checkpoint_layers": n}),
+                          1, counts) for n in (1, 2)]
+    step = activations(kept[0]) - activations(base)
+    assert step > 0 and activations(kept[1]) - activations(kept[0]) == pytest.approx(step)
+    budget = base.gpu_peak + 3.5 * step
+    assert plan.fewest_checkpointed_layers(run, 1, budget, counts) == \
+        "--fsdp_config.no_checkpoint_layers 3 (recompute 29 of 32 layers)"
+    plain = plan.estimate(build_run_config(**settings, chunked_loss=False), 1, counts)
+    assert base.gpu["loss (chunked: one chunk of logits)"] < 0.3 * plain.gpu["logits and loss"]
 
 
 def test_quantization_shrinks_the_frozen_weights():

@@ -13,6 +13,7 @@ class train_config:
     tokenizer_name: str = ""  # empty: the model's own tokenizer
     # Distributed
     enable_fsdp: bool = False
+    enable_ddp: bool = False  # data parallel, a full replica per rank (what 8-bit bases need)
     low_cpu_fsdp: bool = False  # rank 0 alone reads the weights; other ranks start on "meta"
     one_gpu: bool = False  # llama-recipes' single-process flag: refuses a multi-rank launch
     # Data
