@@ -39,6 +39,13 @@ SCENARIOS = {
     # fits in the baseline's peak memory (python -m llm_finetune.plan --gpu_memory ...)
     "lora_8b_ac_keep5": ("llama3-8b", "lora", 4, True,
                          ["--use_peft", "--fsdp_config.no_checkpoint_layers", "5"]),
+    "lora_8b_ac_compile": ("llama3-8b", "lora", 4, True, ["--use_peft", "--torch_compile", "True"]),
+    "lora_8b_ac_keep5_compile": ("llama3-8b", "lora", 4, True,
+                                 ["--use_peft", "--torch_compile", "True",
+                                  "--fsdp_config.no_checkpoint_layers", "5"]),
+    "full_1b_ac_keep6_compile": ("llama3.2-1b", "full", 4, True,
+                                 ["--fsdp_config.pure_bf16", "True", "--torch_compile", "True",
+                                  "--fsdp_config.no_checkpoint_layers", "6"]),
     "full_1b_ac_keep6": ("llama3.2-1b", "full", 4, True,
                          ["--fsdp_config.pure_bf16", "True",
                           "--fsdp_config.no_checkpoint_layers", "6"]),

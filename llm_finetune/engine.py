@@ -55,6 +55,14 @@ def enable_activation_checkpointing(model: torch.nn.Module, keep_last: int = 0) 
         layer.gradient_checkpointing = False  # transformers checks this flag per layer
 
 
+def compile_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` each decoder layer in place, as torchtitan does per block: the layers
+    share one compiled graph, module names and state-dict keys stay as they are, and FSDP
+    (with ``use_orig_params``) wraps the compiled layers like any other."""
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
 def move_to_meta(model: torch.nn.Module) -> None:
     """Replace every parameter and buffer by a meta tensor, keeping shared ones shared
     (``Module.to("meta")`` gives each module its own copy and unties tied embeddings)."""

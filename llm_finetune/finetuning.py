@@ -21,7 +21,8 @@ from llm_finetune.adapters import apply_peft
 from llm_finetune.checkpoint import check_output_dir, save_model
 from llm_finetune.config_utils import ConfigError, build_run_config, field_help, validate
 from llm_finetune.data import build_dataloaders
-from llm_finetune.engine import enable_activation_checkpointing, meta_init_fn, wrap_fsdp
+from llm_finetune.engine import (compile_layers, enable_activation_checkpointing, meta_init_fn,
+                                 wrap_fsdp)
 from llm_finetune.metrics import MetricsLog, PhaseTimer, model_flops_utilization
 from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
                                 load_tokenizer)
@@ -73,6 +74,8 @@ def main(**kwargs) -> dict:
                            adapter_dtype=precision.weight_dtype if bf16_adapters else None)
     if run.fsdp.fsdp_activation_checkpointing:
         enable_activation_checkpointing(model, keep_last=run.fsdp.no_checkpoint_layers)
+    if run.train.torch_compile:
+        compile_layers(model)
     phases.mark("load")
     if run.train.enable_fsdp:
         init_fn = meta_init_fn(model, dist_info, run.train.seed, seeded_init,

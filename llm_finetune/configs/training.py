@@ -43,6 +43,7 @@ class train_config:
     use_fp16: bool = False
     use_fast_kernels: bool = False  # flash-attention 2 when installed, else PyTorch SDPA
     chunked_loss: bool = True  # the loss in chunks inside the output layer: no full logits
+    torch_compile: bool = False  # compile each decoder layer (torch.compile; first steps slower)
     # Parameter-efficient fine-tuning
     use_peft: bool = False
     peft_method: str = "lora"  # lora | llama_adapter | prefix
