@@ -52,10 +52,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             loss += (log_z - logits.gather(1, target[:, None]).squeeze(1)).sum()
             if not (need_hidden or need_weight or need_bias):
                 continue
-            # d loss / d logits = softmax - one_hot(target), formed in place over the logits
-            grad = logits.sub_(log_z[:, None]).exp_()
-            grad[torch.arange(len(chunk), device=grad.device), target] -= 1
-            grad = grad.to(compute_dtype)
+            # d loss / d logits = softmax - one_hot(target), formed in place over the logits;
+            # the fp32 copy is dropped before the matmuls that use it
+            logits.sub_(log_z[:, None]).exp_()
+            logits[torch.arange(len(chunk), device=logits.device), target] -= 1
+            grad = logits.to(compute_dtype)
+            del logits
             if need_hidden:
                 grad_hidden[chunk] = (grad @ w).to(hidden.dtype)
             if need_weight:

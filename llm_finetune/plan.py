@@ -54,10 +54,26 @@ class Plan:
     cpu: dict[str, float] = field(default_factory=dict)  # bytes per rank in CPU RAM
     notes: list[str] = field(default_factory=list)
     gpu_loading: float = 0.0  # bytes per GPU while loading, before FSDP shards (QLoRA)
+    # Two moments of a step hold different things: at the end of forward, the activations and
+    # the loss, but no gradients yet (set to None after the last optimizer step, unless
+    # accumulation keeps them); at the end of backward, every gradient, but only the layer
+    # being recomputed. The peak is the larger of the two.
+    forward_only: set[str] = field(default_factory=set)  # keys of ``gpu`` freed by backward
+    backward_only: set[str] = field(default_factory=set)  # keys that backward creates
+    backward_activations: float = 0.0  # one layer's activations, recomputed in backward
+
+    @property
+    def forward_end(self) -> float:
+        return sum(v for k, v in self.gpu.items() if k not in self.backward_only)
+
+    @property
+    def backward_end(self) -> float:
+        return (sum(v for k, v in self.gpu.items() if k not in self.forward_only)
+                + self.backward_activations)
 
     @property
     def gpu_peak(self) -> float:
-        return max(sum(self.gpu.values()), self.gpu_loading)
+        return max(self.forward_end, self.backward_end, self.gpu_loading)
 
 
 def count_parameters(run) -> ModelCounts:
@@ -148,6 +164,8 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         plan.gpu_loading = weights + WORKSPACE_BYTES
     states = {"weights": weights / shards, "gradients": grads / shards,
               "optimizer states (AdamW)": optimizer / shards}
+    if t.gradient_accumulation_steps == 1:
+        plan.backward_only.add("gradients")
     if offload:
         plan.cpu.update({f"{k} (CPU offload)": v for k, v in states.items()})
         plan.gpu["weights (CPU offload: none resident)"] = 0.0
@@ -155,6 +173,7 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         plan.gpu.update(states)
     if t.enable_ddp:  # DDP all-reduces gradients through buckets that copy them
         plan.gpu["DDP gradient buckets"] = grads
+        plan.backward_only.add("DDP gradient buckets")
     if t.enable_fsdp and (shards > 1 or offload or compute_bytes != weight_bytes):
         # FSDP1 keeps the root unit (embeddings, lm_head) gathered from forward to backward, and
         # gathers at most two decoder layers ahead (prefetch); mixed precision casts them too
@@ -168,23 +187,32 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
     if f.fsdp_activation_checkpointing:
         kept = min(f.no_checkpoint_layers, counts.num_layers)
         checkpointed = counts.num_layers - kept
-        plan.gpu[f"activations (checkpointed: {checkpointed} layer inputs + 1 layer"
-                 + (f"; {kept} layers kept)" if kept else ")")] = (
-            checkpointed * tokens * counts.hidden * compute_bytes + (kept + 1) * per_layer)
+        # at the end of forward: the checkpointed layers' inputs and the kept layers' activations
+        # (a checkpointed layer's own activations exist again only while backward recomputes it)
+        activations = (f"activations (checkpointed: {checkpointed} layer inputs"
+                       + (f"; {kept} layers kept)" if kept else ")"))
+        plan.gpu[activations] = (
+            checkpointed * tokens * counts.hidden * compute_bytes + kept * per_layer)
     else:
-        plan.gpu["activations (all layers)"] = counts.num_layers * per_layer
+        activations = "activations (all layers)"
+        plan.gpu[activations] = counts.num_layers * per_layer
     if t.chunked_loss:
-        # one chunk's fp32 logits and their gradient in the compute dtype, plus the saved
-        # gradients: of the hidden states, and of the output weight in fp32 when it trains
+        # one chunk's fp32 logits and their gradient in the compute dtype (the fp32 copy is
+        # freed before the matmuls), plus the saved gradients: of the hidden states, and of
+        # the output weight (an fp32 sum and one chunk's term) when it trains
         chunk = min(tokens, CHUNK_TOKENS)
         head_trains = not t.use_peft
-        plan.gpu["loss (chunked: one chunk of logits)"] = (
-            chunk * counts.vocab * (4 + 2 * compute_bytes) + tokens * counts.hidden * compute_bytes
+        loss = "loss (chunked: one chunk of logits)"
+        plan.gpu[loss] = (
+            chunk * counts.vocab * (4 + compute_bytes) + tokens * counts.hidden * compute_bytes
             + (counts.vocab * counts.hidden * (4 + compute_bytes) if head_trains else 0))
     else:
         # logits in the compute dtype, their fp32 copy for the loss, and the fp32 log-softmax
         # that cross-entropy keeps for backward: the largest single item for 128k vocabularies
-        plan.gpu["logits and loss"] = tokens * counts.vocab * (compute_bytes + 8)
+        loss = "logits and loss"
+        plan.gpu[loss] = tokens * counts.vocab * (compute_bytes + 10)
+    plan.forward_only |= {activations, loss}
+    plan.backward_activations = per_layer
     plan.gpu["workspace (allocator, cuBLAS, NCCL)"] = WORKSPACE_BYTES
 
     # CPU RAM per rank while loading
@@ -288,13 +316,17 @@ def planned_fixes(run, world_size: int):
 
 
 def combined_fix(run, world_size: int, gpu_memory: float) -> list[str]:
-    """No single fix is enough: take the best fix, then the best on top of it, until it fits."""
+    """No single fix is enough: take the best fix, then the best on top of it, until it fits.
+    "Best" is the lowest peak among changes on the same GPUs, and more GPUs only when no such
+    change lowers the peak any more."""
     steps, peak = [], estimate(run, world_size).gpu_peak
     for _ in range(4):
         options = [option for option in planned_fixes(run, world_size) if option[3] < peak]
         if not options:
             break
-        description, run, world_size, peak = min(options, key=lambda option: option[3])
+        description, run, new_world, peak = min(
+            options, key=lambda option: (option[2] > world_size, option[3]))
+        world_size = new_world
         steps.append(description)
         if peak <= gpu_memory:
             return [f"  - together: {' and '.join(steps)}: {peak / GIB:.1f} GiB"]
@@ -333,6 +365,8 @@ def report(run, world_size: int, gpu_memory: float | None, counts: ModelCounts) 
     if plan.gpu_loading:
         lines.append(f"| while loading (whole 4-bit model on each GPU, before sharding) | "
                      f"{plan.gpu_loading / GIB:.2f} |")
+    lines.append(f"| end of forward (no gradients yet) | {plan.forward_end / GIB:.2f} |")
+    lines.append(f"| end of backward (one layer's activations) | {plan.backward_end / GIB:.2f} |")
     lines.append(f"| **peak** | **{plan.gpu_peak / GIB:.2f}** |")
     lines += ["", "| CPU RAM per rank | GiB |", "| --- | ---: |"]
     lines += [f"| {name} | {value / GIB:.2f} |" for name, value in plan.cpu.items()]

@@ -79,13 +79,13 @@ def test_a_run_that_does_not_fit_gets_fixes_that_fit(capsys):
     fixes = [line for line in text.splitlines() if line.startswith("  - ")]
     assert any("--fsdp_config.fsdp_activation_checkpointing True" in f for f in fixes)
     assert fixes and all(float(line.rsplit(":", 1)[1].split()[0]) <= 48 for line in fixes)
-    # on a 24 GiB GPU no single change is enough: several together
+    # on a 16 GiB GPU no single change is enough: several together, on the same GPU
     text = plan.main(model_name="llama3-8b", tokenizer_name="tiny-llama", use_peft=True,
-                     context_length=2048, batch_size_training=8, gpu_memory="24GiB",
+                     context_length=2048, batch_size_training=8, gpu_memory="16GiB",
                      **{"fsdp_config.fsdp_activation_checkpointing": False})
     together = [line for line in text.splitlines() if "together:" in line]
-    assert together and " and " in together[0]
-    assert float(together[0].rsplit(":", 1)[1].split()[0]) <= 24
+    assert together and " and " in together[0] and "GPUs" not in together[0]
+    assert float(together[0].rsplit(":", 1)[1].split()[0]) <= 16
     assert plan.main(model_name="tiny-llama", gpu_memory="1GiB").count("fits: ") == 1
 
 
@@ -134,8 +134,23 @@ def test_qlora_under_fsdp_peaks_while_loading_unless_quantised_unit_by_unit(tmp_
     for by_unit in (dict(settings, low_cpu_fsdp=True), dict(settings, model_name="llama3-70b")):
         estimate = plan.estimate(build_run_config(**by_unit), 2)
         assert estimate.gpu_loading == 0
-        assert estimate.gpu_peak == sum(estimate.gpu.values()) < at_load.gpu_peak
+        assert estimate.gpu_peak < at_load.gpu_peak
     low_cpu = plan.estimate(build_run_config(**settings, low_cpu_fsdp=True), 2)
     assert low_cpu.cpu["loading (rank 0 only; other ranks ~0)"] > 130 * GIB  # bf16 on rank 0
 
 
+
+
+def test_peak_is_the_larger_of_forward_end_and_backward_end():
+    """Gradients and the loss's buffers are never live together, unless gradient accumulation
+    keeps the gradients through the next forward."""
+    settings = dict(model_name="llama3.2-1b", context_length=2048, batch_size_training=4,
+                    **{"fsdp_config.pure_bf16": True})
+    one = plan.estimate(build_run_config(**settings), 1)
+    loss = one.gpu["loss (chunked: one chunk of logits)"]
+    assert one.forward_end == pytest.approx(sum(one.gpu.values()) - one.gpu["gradients"])
+    assert one.backward_end == pytest.approx(sum(one.gpu.values()) - loss - activations(one)
+                                             + one.backward_activations)
+    assert one.gpu_peak == max(one.forward_end, one.backward_end) < sum(one.gpu.values())
+    accumulating = plan.estimate(build_run_config(**settings, gradient_accumulation_steps=2), 1)
+    assert accumulating.forward_end == pytest.approx(one.forward_end + one.gpu["gradients"])
