@@ -66,9 +66,9 @@ def test_resume_errors(tiny_model_dir, tmp_path):
                         output_dir=str(tmp_path / "other"))
 
 
-def torchrun_cmd(model_dir, out, *extra):
+def torchrun_cmd(model_dir, out, *extra, engine="--enable_fsdp"):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "llm_finetune.finetuning", "--enable_fsdp", "--model_name", str(model_dir),
+            "-m", "llm_finetune.finetuning", engine, "--model_name", str(model_dir),
             "--output_dir", str(out), "--max_train_step", "40", "--batch_size_training", "2",
             "--run_validation", "False", "--save_model", "False", "--num_workers_dataloader", "0",
             "--lr_scheduler", "cosine", *extra]
@@ -167,6 +167,23 @@ def test_resume_on_another_world_size(straight_fsdp, tiny_model_dir, tmp_path):
     resumed = finetuning.main(**settings, batch_size_training=2, gradient_accumulation_steps=2)
     got = {m["step"]: m["loss"] for m in resumed["metrics"] if "loss" in m}
     expected = run_losses(straight_fsdp)
+    assert sorted(got) == list(range(21, 41))
+    assert [got[s] for s in got] == pytest.approx([expected[s] for s in got], rel=1e-5)
+
+
+def test_ddp_run_checkpoints_and_resumes(straight_fsdp, tiny_model_dir, tmp_path):
+    """DDP (a replica per rank) trains the same curve as FSDP, and its step checkpoint resumes
+    into the rest of that curve."""
+    out = tmp_path / "ddp"
+    subprocess.run(torchrun_cmd(tiny_model_dir, out, "--save_steps", "20", engine="--enable_ddp"),
+                   env=ENV, check=True, capture_output=True, timeout=300)
+    expected = run_losses(straight_fsdp)
+    assert_continues(run_losses(out), expected, resumed_from=1)
+    resumed = tmp_path / "ddp-resumed"
+    subprocess.run(torchrun_cmd(tiny_model_dir, resumed, "--resume_from_checkpoint",
+                                str(out / "checkpoints" / "step-00000020"), engine="--enable_ddp"),
+                   env=ENV, check=True, capture_output=True, timeout=300)
+    got = run_losses(resumed)
     assert sorted(got) == list(range(21, 41))
     assert [got[s] for s in got] == pytest.approx([expected[s] for s in got], rel=1e-5)
 
