@@ -30,11 +30,4 @@ big="--tokenizer_name tiny-llama --batching_strategy packing --context_length 20
 run llama8b_lora_fsdp2 $tr2 $ft $big --model_name /tmp/llama3-8b --enable_fsdp --low_cpu_fsdp --use_peft --fsdp_config.pure_bf16 True --max_train_step 8 --output_dir $out/llama8b_lora_fsdp2
 run llama1b_full_fsdp2 $tr2 $ft $big --model_name /tmp/llama3.2-1b --enable_fsdp --low_cpu_fsdp --fsdp_config.pure_bf16 True --max_train_step 10 --output_dir $out/llama1b_full_fsdp2
 run llama8b_lora_1gpu env CUDA_VISIBLE_DEVICES=0 python3 $ft $big --model_name /tmp/llama3-8b --use_peft --max_train_step 8 --output_dir $out/llama8b_lora_1gpu
-python3 - "$out" <<'PY'
-import json, statistics, sys, glob, os
-for d in sorted(glob.glob(f"{sys.argv[1]}/*/metrics.jsonl")):
-    steps = [json.loads(l) for l in open(d) if '"loss"' in l]
-    if len(steps) < 4: continue
-    tps = statistics.median(s["tokens_per_s"] for s in steps[2:])
-    print(f"| {os.path.basename(os.path.dirname(d))} | {len(steps)} | {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f} | {tps:,.0f} | {steps[-1]['peak_gpu_mem_gib']:.1f} |")
-PY
+python3 benchmarks/runs_table.py "$out"

@@ -14,12 +14,4 @@ ft="-m llm_finetune.finetuning --model_name $ckpt --tokenizer_name tiny-llama --
     --num_epochs 5 --run_validation False --save_model False --num_workers_dataloader 2 --use_fast_kernels True"
 CUDA_VISIBLE_DEVICES=0 timeout 240 python3 $ft --output_dir $out/lora8bit_1gpu > $out/lora8bit_1gpu.log 2>&1; echo "1 GPU rc=$?"
 timeout 240 torchrun --standalone --nproc_per_node 2 $ft --enable_ddp --output_dir $out/lora8bit_ddp2 > $out/lora8bit_ddp2.log 2>&1; echo "DDP 2 GPUs rc=$?"
-python3 - "$out" <<'PY'
-import glob, json, os, statistics, sys
-for path in sorted(glob.glob(f"{sys.argv[1]}/*/metrics.jsonl")):
-    steps = [json.loads(l) for l in open(path) if '"loss"' in l]
-    if len(steps) < 4: continue
-    tps = statistics.median(s["tokens_per_s"] for s in steps[2:])
-    print(f"| {os.path.basename(os.path.dirname(path))} | {len(steps)} | {steps[0]['loss']:.3f} -> "
-          f"{steps[-1]['loss']:.3f} | {tps:,.0f} | {steps[-1]['peak_gpu_mem_gib']:.1f} |")
-PY
+python3 benchmarks/runs_table.py "$out"

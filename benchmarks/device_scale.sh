@@ -22,14 +22,4 @@ for name in "${names[@]}"; do
   timeout "${RUN_TIMEOUT:-300}" ${RUNS[$name]} --output_dir "$out/$name" > "$out/$name.log" 2>&1
   echo "rc=$? wall=$(( $(date +%s) - start ))s"; grep -h "run summary\|\[load\]\|\[shard\]" "$out/$name.log" | cut -c1-600
 done
-python3 - "$out" <<'PY'
-import glob, json, os, statistics, sys
-print("| run | steps | loss first -> last | tokens/s (median, step 3+) | peak GiB allocated |")
-print("| --- | ---: | --- | ---: | ---: |")
-for path in sorted(glob.glob(f"{sys.argv[1]}/*/metrics.jsonl")):
-    steps = [json.loads(l) for l in open(path) if '"loss"' in l]
-    if len(steps) < 4: continue
-    tps = statistics.median(s["tokens_per_s"] for s in steps[2:])
-    print(f"| {os.path.basename(os.path.dirname(path))} | {len(steps)} | {steps[0]['loss']:.3f} -> "
-          f"{steps[-1]['loss']:.3f} | {tps:,.0f} | {steps[-1]['peak_gpu_mem_gib']:.1f} |")
-PY
+python3 benchmarks/runs_table.py "$out"

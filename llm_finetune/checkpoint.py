@@ -89,7 +89,7 @@ def _tmp_dir(final: Path) -> Path:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face / PEFT model inside an FSDP wrapper."""
+    """The Hugging Face / PEFT model inside an FSDP or DDP wrapper."""
     return getattr(model, "module", model)
 
 

@@ -18,7 +18,7 @@ from torch.distributed.fsdp.wrap import (_or_policy, lambda_auto_wrap_policy,
 from llm_finetune.config_utils import hybrid_mesh_shape
 from llm_finetune.distributed import DistInfo
 from llm_finetune.model import decoder_layer_classes, decoder_layers
-from llm_finetune.quantization import is_4bit_linear, pending_4bit_like, quantize_pending
+from llm_finetune.quantization import is_4bit, pending_4bit_like, quantize_pending
 from llm_finetune.random_init import SeededInit
 
 
@@ -74,7 +74,7 @@ def move_to_meta(model: torch.nn.Module) -> None:
                     continue
                 if id(tensor) not in replaced:
                     meta = torch.empty_like(tensor, device="meta")
-                    if is_4bit_linear(module) and name == "weight":
+                    if is_4bit(tensor):
                         meta = pending_4bit_like(tensor, meta)
                     elif isinstance(tensor, torch.nn.Parameter):
                         meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
@@ -125,7 +125,7 @@ class RankZeroInit:
             if self.dist_info.is_main:
                 tensor.copy_(self.source.pop(f"{prefix}.{name}" if prefix else name))
             dist.broadcast(tensor, src=0)
-            if type(meta).__name__ == "Params4bit":
+            if is_4bit(meta):
                 return pending_4bit_like(meta, tensor)  # quantised by __call__
             if isinstance(meta, torch.nn.Parameter):
                 tensor = torch.nn.Parameter(tensor, requires_grad=meta.requires_grad)

@@ -30,7 +30,7 @@ from llm_finetune.optim import build_optimizer, build_scheduler
 from llm_finetune.plan import plan_run
 from llm_finetune.plot import plot
 from llm_finetune.precision import choose_precision
-from llm_finetune.quantization import bnb_config
+from llm_finetune.quantization import bnb_config, is_4bit
 from llm_finetune.random_init import SeededInit
 from llm_finetune.resume import Checkpointer, checkpoint_step, resolve_resume
 from llm_finetune.trackers import Trackers
@@ -171,7 +171,7 @@ def count_parameters(model, dist_info) -> tuple[int, int]:
 
 def parameter_count(param: torch.Tensor) -> int:
     """Model parameters a tensor holds: a packed 4-bit weight holds two per byte of storage."""
-    if type(param).__name__ == "Params4bit" and param.bnb_quantized:
+    if is_4bit(param) and param.bnb_quantized:
         return param.numel() * param.element_size() * 2
     return param.numel()
 

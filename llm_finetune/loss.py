@@ -18,6 +18,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from llm_finetune.checkpoint import unwrap
+
 IGNORE = -100
 CHUNK_TOKENS = 2048  # 2048 x 128k fp32 logits = 1 GiB per chunk, freed before the next
 
@@ -72,9 +74,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None
+        scaled = (None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        return *scaled, None, None
 
 
 def linear_cross_entropy(hidden, weight, bias, targets) -> torch.Tensor:
@@ -90,8 +91,7 @@ def linear_cross_entropy(hidden, weight, bias, targets) -> torch.Tensor:
 def output_layer(model):
     """The model's output projection if it is a plain ``nn.Linear`` applied last (no logit
     soft-capping or scaling after it), else None: such models use the plain loss."""
-    model = getattr(model, "module", model) if type(model).__name__ == \
-        "DistributedDataParallel" else model
+    model = unwrap(model)  # DDP does not forward attribute look-ups
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     config = getattr(base, "config", None)

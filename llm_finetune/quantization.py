@@ -26,9 +26,13 @@ def bnb_config(run, precision):
     )
 
 
+def is_4bit(tensor) -> bool:
+    """A bitsandbytes 4-bit weight (``Params4bit``), quantised or not yet."""
+    return type(tensor).__name__ == "Params4bit"
+
+
 def is_4bit_linear(module: torch.nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return type(weight).__name__ == "Params4bit"
+    return is_4bit(getattr(module, "weight", None))
 
 
 def pending_4bit_like(weight, data: torch.Tensor):

@@ -18,7 +18,8 @@ import zlib
 
 import torch
 
-from llm_finetune.quantization import is_4bit_linear, pending_4bit_like, quantize_pending
+from llm_finetune.quantization import (is_4bit, is_4bit_linear, pending_4bit_like,
+                                       quantize_pending)
 
 
 def _own_tensors(module: torch.nn.Module):
@@ -79,7 +80,7 @@ class SeededInit:
                 continue
             first = tensor if first is None else first
             real = self.materialised.get(id(tensor))
-            if real is None and is_4bit_linear(module) and name == "weight":
+            if real is None and is_4bit(tensor):
                 real = pending_4bit_like(tensor, torch.empty(tensor.shape, dtype=tensor.dtype,
                                                              device=self.device))
             elif real is None:

@@ -24,15 +24,14 @@ from llm_finetune.profiling import StepProfiler
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-def token_loss_sum(model, batch: dict, chunked: bool = True) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model, batch: dict, head=None) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over the batch's label tokens, and their number.
 
-    ``chunked``: the output layer computes the loss itself, chunk by chunk, without the full
-    logits (``loss.py``; falls back to the plain loss for models whose logits are post-processed)."""
+    ``head``: the model's output layer (``loss.output_layer``), which then computes the loss
+    itself, chunk by chunk, without the full logits; None: logits, then cross-entropy."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     labels = batch["labels"][:, 1:]
     tokens = int((labels != -100).sum())
-    head = output_layer(model) if chunked else None
     if head is not None:
         with loss_in_output_layer(head, batch["labels"]):
             return model(**inputs, use_cache=False).logits, tokens
@@ -89,6 +88,9 @@ class Trainer:
         self.precision = precision
         self.metrics = metrics
         self.grad_scaler = grad_scaler
+        # the output layer that computes the chunked loss (None: the plain loss; also for
+        # models whose logits are post-processed)
+        self.loss_head = output_layer(model) if run.train.chunked_loss else None
         self.step = 0  # optimizer steps done
         self.epoch = 0  # the epoch in progress
 
@@ -118,7 +120,7 @@ class Trainer:
         for batch in micro_batches:
             batch = to_device(batch, self.dist.device)
             with self.autocast():
-                loss, _ = token_loss_sum(self.model, batch, self.run.train.chunked_loss)
+                loss, _ = token_loss_sum(self.model, batch, self.loss_head)
             scaled = loss * scale
             (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
             loss_sum += loss.item()
@@ -147,7 +149,7 @@ class Trainer:
                 break
             with self.autocast():
                 loss, n = token_loss_sum(self.model, to_device(batch, self.dist.device),
-                                         self.run.train.chunked_loss)
+                                         self.loss_head)
             loss_sum += loss.item()
             tokens += n
         loss_sum, tokens = all_reduce_sum([loss_sum, tokens], self.dist.device)

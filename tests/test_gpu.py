@@ -35,6 +35,18 @@ def fsdp_losses(model_dir, out, *flags) -> list[float]:
     return [m["loss"] for m in fsdp_metrics(model_dir, out, *flags)]
 
 
+def one_gpu_losses(model_dir, out, *flags) -> list[float]:
+    """The same run in one process on GPU 0, with the 2-rank runs' global batch (2 x 4)."""
+    cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", str(model_dir),
+           "--output_dir", str(out), *BASE, *flags]
+    cmd[cmd.index("--batch_size_training") + 1] = "8"
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert done.returncode == 0, done.stderr[-6000:]
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+
+
 @pytest.fixture(scope="module")
 def fp32_losses(tiny_model_dir, tmp_path_factory):
     return fsdp_losses(tiny_model_dir, tmp_path_factory.mktemp("fp32"),
@@ -80,15 +92,8 @@ def test_qlora_under_fsdp_matches_one_gpu(loading, tiny_model_dir, tmp_path):
     unit from rank 0's weights."""
     flags = ["--use_peft", "--quantization", "4bit", "--lr", "1e-2"]
     sharded = fsdp_losses(tiny_model_dir, tmp_path / "fsdp", *flags, *loading)
-    cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", str(tiny_model_dir),
-           "--output_dir", str(tmp_path / "one"), *BASE, *flags, "--fsdp_config.pure_bf16",
-           "True"]
-    cmd[cmd.index("--batch_size_training") + 1] = "8"  # the global batch of 2 x 4
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
-    assert done.returncode == 0, done.stderr[-6000:]
-    single = [json.loads(line)["loss"] for line in
-              (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    single = one_gpu_losses(tiny_model_dir, tmp_path / "one", *flags,
+                            "--fsdp_config.pure_bf16", "True")
     assert sharded == pytest.approx(single, rel=1e-2)
     assert sharded[-1] < sharded[0]
 
@@ -100,13 +105,6 @@ def test_8bit_lora_data_parallel_matches_one_gpu(tiny_model_dir, tmp_path):
     flags = ["--use_peft", "--quantization", "8bit", "--lr", "1e-2"]
     parallel = [m["loss"] for m in fsdp_metrics(tiny_model_dir, tmp_path / "ddp", *flags,
                                                 engine="--enable_ddp")]
-    cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", str(tiny_model_dir),
-           "--output_dir", str(tmp_path / "one"), *BASE, *flags]
-    cmd[cmd.index("--batch_size_training") + 1] = "8"
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
-    assert done.returncode == 0, done.stderr[-6000:]
-    single = [json.loads(line)["loss"] for line in
-              (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    single = one_gpu_losses(tiny_model_dir, tmp_path / "one", *flags)
     assert parallel == pytest.approx(single, rel=1e-2)
     assert parallel[-1] < parallel[0]

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_finetune import finetuning, loss
+from llm_finetune.model import decoder_layers
 from tests.helpers import FAST
 
 
@@ -52,11 +53,23 @@ def test_linear_cross_entropy_without_gradients_only_sums():
             pytest.approx(plain(hidden, weight, None, targets).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("settings", [{}, {"use_peft": True, "lr": 1e-2, "max_train_step": 6}], ids=["full", "lora"])
-def test_training_with_the_chunked_loss_equals_the_plain_loss(settings, tmp_path):
-    """In fp32 (on a GPU too), where the two differ only by summation order."""
-    runs = [finetuning.main(**{**FAST, **settings}, chunked_loss=chunked, mixed_precision=False,
-                            output_dir=str(tmp_path / str(chunked))) for chunked in (True, False)]
+@pytest.mark.parametrize("settings", [{}, {"use_peft": True, "lr": 1e-2, "max_train_step": 6}],
+                         ids=["full", "lora"])
+def test_training_with_the_chunked_loss_equals_the_plain_loss(settings, tmp_path, monkeypatch):
+    """In fp32 (on a GPU too), where the two differ only by summation order; --chunked_loss
+    False really takes the plain path."""
+    from llm_finetune import train
+
+    calls = []
+    chunked_path = train.loss_in_output_layer
+    monkeypatch.setattr(train, "loss_in_output_layer",
+                        lambda *args: calls.append(1) or chunked_path(*args))
+    runs = []
+    for chunked in (True, False):
+        calls.clear()
+        runs.append(finetuning.main(**{**FAST, **settings}, chunked_loss=chunked,
+                                    mixed_precision=False, output_dir=str(tmp_path / str(chunked))))
+        assert bool(calls) == chunked
     chunked, plain_run = ([m["loss"] for m in r["metrics"] if "loss" in m] for r in runs)
     assert chunked == pytest.approx(plain_run, rel=1e-5)
     assert runs[0]["eval_loss"] == pytest.approx(runs[1]["eval_loss"], rel=1e-5)
@@ -72,6 +85,9 @@ def test_compiled_layers_train_like_eager_ones(tmp_path):
                             output_dir=str(tmp_path / str(compiled))) for compiled in (True, False)]
     compiled, eager = ([m["loss"] for m in r["metrics"] if "loss" in m] for r in runs)
     assert compiled == pytest.approx(eager, rel=1e-5)
+    layers = [decoder_layers(r["model"]) for r in runs]
+    assert all(layer._compiled_call_impl is not None for layer in layers[0])
+    assert all(layer._compiled_call_impl is None for layer in layers[1])
 
 
 def test_models_that_post_process_logits_keep_the_plain_loss():

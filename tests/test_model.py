@@ -9,7 +9,8 @@ from llm_finetune.config_utils import build_run_config
 from llm_finetune.distributed import setup
 from llm_finetune.engine import enable_activation_checkpointing, wrap_fsdp
 from llm_finetune.adapters import apply_peft
-from llm_finetune.model import BUILTIN_MODELS, decoder_layer_classes, has_weights, load_model
+from llm_finetune.model import (BUILTIN_MODELS, decoder_layer_classes, decoder_layers, has_weights,
+                                load_model)
 from llm_finetune.random_init import SeededInit
 
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -110,6 +111,16 @@ def test_selective_checkpointing_keeps_the_last_layers_activations():
         model(input_ids=ids).logits.float().pow(2).mean().backward()
         grads.append(model.model.layers[0].mlp.up_proj.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_no_checkpoint_layers_reaches_the_model(tmp_path):
+    from llm_finetune import finetuning
+    from tests.helpers import FAST
+
+    summary = finetuning.main(**{**FAST, "max_train_step": 1}, run_validation=False,
+                              output_dir=str(tmp_path), **{"fsdp_config.no_checkpoint_layers": 1})
+    flags = [layer.gradient_checkpointing for layer in decoder_layers(summary["model"])]
+    assert flags == [True] * (len(flags) - 1) + [False]
 
 
 def test_builtin_model_is_random_init_from_config_and_in_train_mode():

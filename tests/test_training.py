@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from llm_finetune import finetuning
 from llm_finetune.data.batching import pack_samples, packed_collate, pad_collate
+from llm_finetune.loss import output_layer
 from llm_finetune.train import token_loss_sum
 from tests.helpers import FAST, probe_input
 
@@ -103,9 +104,10 @@ def test_packed_batch_has_no_cross_talk(tiny_model_dir):
         samples.append({"input_ids": ids, "labels": [-100] + ids[1:]})
     blocks = pack_samples(samples, context_length=40, pad_token_id=2)
     assert len(blocks) == 1
+    head = output_layer(model)  # the chunked loss, the default
     with torch.no_grad():
-        packed, packed_tokens = token_loss_sum(model, packed_collate(blocks))
-        alone = sum(token_loss_sum(model, pad_collate(2)([s]))[0] for s in samples)
+        packed, packed_tokens = token_loss_sum(model, packed_collate(blocks), head)
+        alone = sum(token_loss_sum(model, pad_collate(2)([s]), head)[0] for s in samples)
     assert packed_tokens == sum(len(s["input_ids"]) - 1 for s in samples)
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
