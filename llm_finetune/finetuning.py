@@ -139,6 +139,9 @@ def main(**kwargs) -> dict:
     # Only a run that ended well tears its group down. On an error another rank may be blocked
     # in a collective, and destroying an NCCL group under it would hang this rank too; the
     # exception ends this process and torchrun stops the others.
+    # DDP's gradient reducer holds the group: free it while the group still exists (freed
+    # after the teardown, gloo's destructor can wait forever on a peer that already exited)
+    del trainer, trained
     if owns_group:
         distributed.teardown()
     return summary
