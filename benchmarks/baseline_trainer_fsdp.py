@@ -3,9 +3,11 @@
 
     torchrun --nproc_per_node 2 benchmarks/baseline_trainer_fsdp.py --model llama3-8b --batch 4
 
-Weights in bf16 (so AdamW states are bf16 too, like our ``--fsdp_config.pure_bf16``), one FSDP
-unit per decoder layer, non-reentrant gradient checkpointing, 2048-token rows of random tokens
-(no padding). Rank 0 prints one JSON line: tokens/s over all GPUs (median step from the third
+The model is built in bf16; accelerate's FSDP mixed precision upcasts it to fp32 master weights
+and fp32 AdamW states (like our default, not ``--fsdp_config.pure_bf16``). One FSDP unit per
+decoder layer, non-reentrant gradient checkpointing, 2048-token rows of random tokens (no
+padding); ``--compile``: the Trainer's own ``torch_compile``. Rank 0 prints one JSON line (and
+writes it to ``OUTPUT_DIR/result.json``): tokens/s over all GPUs (median step from the third
 on), step time, peak GPU memory per GPU.
 """
 
@@ -46,7 +48,8 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def main(model: str = "llama3-8b", batch: int = 4, seq: int = 2048, steps: int = 10) -> None:
+def main(model: str = "llama3-8b", batch: int = 4, seq: int = 2048, steps: int = 10,
+         compile: bool = False, output_dir: str = "") -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     torch.cuda.set_device(local_rank)
@@ -57,7 +60,7 @@ def main(model: str = "llama3-8b", batch: int = 4, seq: int = 2048, steps: int =
     net.config.use_cache = False
     layer_names = sorted(cls.__name__ for cls in decoder_layer_classes(net))
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps,
+        output_dir=tempfile.mkdtemp(), torch_compile=compile, per_device_train_batch_size=batch, max_steps=steps,
         bf16=True, learning_rate=1e-5, optim="adamw_torch", logging_steps=1, report_to="none",
         save_strategy="no", gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=2,
@@ -71,6 +74,10 @@ def main(model: str = "llama3-8b", batch: int = 4, seq: int = 2048, steps: int =
               "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
     if local_rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, "result.json"), "w") as f:
+                json.dump(result, f)
 
 
 if __name__ == "__main__":

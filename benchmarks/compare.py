@@ -3,6 +3,7 @@ each run in its own process, one after the other; prints a markdown table and wr
 
     python benchmarks/compare.py --out results.json                    # every scenario
     python benchmarks/compare.py --only lora_8b_ac,full_1b_ac --steps 10
+    python benchmarks/compare.py --check True --only lora_8b_mb1_noac_compile --steps 4
 
 Models are random-init from built-in shapes (no weights downloaded); the QLoRA scenarios need
 weights on disk, so the harness first writes a random Llama-3-8B checkpoint (``--workdir``).
@@ -20,6 +21,7 @@ import random
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fire
@@ -27,28 +29,49 @@ import fire
 from llm_finetune.metrics import read_metrics, steady_tokens_per_s
 
 REPO = Path(__file__).resolve().parent.parent
-# name: (model, mode, batch, activation checkpointing, our extra flags)
+
+
+@dataclass
+class Scenario:
+    model: str
+    mode: str  # lora, qlora, full
+    batch: int  # 2048-token sequences per optimizer step, both runners
+    ac: bool  # activation checkpointing (the baseline's; ours too unless ``our_ac`` says)
+    flags: list[str] = field(default_factory=list)  # ours only
+    micro_batch: int = 0  # ours: sequences per forward (with gradient accumulation); 0: batch
+    our_ac: bool | None = None
+
+
+QLORA = ["--use_peft", "--quantization", "4bit", "--quantization_config.use_double_quant", "True"]
+COMPILE = ["--torch_compile", "True"]
 SCENARIOS = {
-    "lora_8b_ac": ("llama3-8b", "lora", 4, True, ["--use_peft"]),
-    "lora_8b_noac_b2": ("llama3-8b", "lora", 2, False, ["--use_peft"]),
-    "qlora_8b_ac": ("CHECKPOINT", "qlora", 4, True,
-                    ["--use_peft", "--quantization", "4bit",
-                     "--quantization_config.use_double_quant", "True"]),
-    "full_1b_ac": ("llama3.2-1b", "full", 4, True, ["--fsdp_config.pure_bf16", "True"]),
+    "lora_8b_ac": Scenario("llama3-8b", "lora", 4, True, ["--use_peft"]),
+    "lora_8b_noac_b2": Scenario("llama3-8b", "lora", 2, False, ["--use_peft"]),
+    "qlora_8b_ac": Scenario("CHECKPOINT", "qlora", 4, True, QLORA),
+    "full_1b_ac": Scenario("llama3.2-1b", "full", 4, True, ["--fsdp_config.pure_bf16", "True"]),
     # selective checkpointing: the last N layers keep activations, N the largest the planner
     # fits in the baseline's peak memory (python -m llm_finetune.plan --gpu_memory ...)
-    "lora_8b_ac_keep5": ("llama3-8b", "lora", 4, True,
-                         ["--use_peft", "--fsdp_config.no_checkpoint_layers", "5"]),
-    "lora_8b_ac_compile": ("llama3-8b", "lora", 4, True, ["--use_peft", "--torch_compile", "True"]),
-    "lora_8b_ac_keep5_compile": ("llama3-8b", "lora", 4, True,
-                                 ["--use_peft", "--torch_compile", "True",
-                                  "--fsdp_config.no_checkpoint_layers", "5"]),
-    "full_1b_ac_keep6_compile": ("llama3.2-1b", "full", 4, True,
-                                 ["--fsdp_config.pure_bf16", "True", "--torch_compile", "True",
+    "lora_8b_ac_keep5": Scenario("llama3-8b", "lora", 4, True,
+                                 ["--use_peft", "--fsdp_config.no_checkpoint_layers", "5"]),
+    "lora_8b_ac_compile": Scenario("llama3-8b", "lora", 4, True, ["--use_peft", *COMPILE]),
+    "lora_8b_ac_keep5_compile": Scenario(
+        "llama3-8b", "lora", 4, True,
+        ["--use_peft", *COMPILE, "--fsdp_config.no_checkpoint_layers", "5"]),
+    "lora_8b_ac_keep11_compile": Scenario(
+        "llama3-8b", "lora", 4, True,
+        ["--use_peft", *COMPILE, "--fsdp_config.no_checkpoint_layers", "11"]),
+    "full_1b_ac_keep6_compile": Scenario(
+        "llama3.2-1b", "full", 4, True,
+        ["--fsdp_config.pure_bf16", "True", *COMPILE, "--fsdp_config.no_checkpoint_layers", "6"]),
+    "full_1b_ac_keep6": Scenario("llama3.2-1b", "full", 4, True,
+                                 ["--fsdp_config.pure_bf16", "True",
                                   "--fsdp_config.no_checkpoint_layers", "6"]),
-    "full_1b_ac_keep6": ("llama3.2-1b", "full", 4, True,
-                         ["--fsdp_config.pure_bf16", "True",
-                          "--fsdp_config.no_checkpoint_layers", "6"]),
+    # the same 4 x 2048 tokens per optimizer step as one sequence per forward, accumulated over
+    # 4: a quarter of the activations, so none need recomputing (the planner's "fastest" pick)
+    "lora_8b_mb1_noac_compile": Scenario("llama3-8b", "lora", 4, True, ["--use_peft", *COMPILE],
+                                         micro_batch=1, our_ac=False),
+    "qlora_8b_mb1_noac_compile": Scenario("CHECKPOINT", "qlora", 4, True, [*QLORA, *COMPILE],
+                                          micro_batch=1, our_ac=False),
 }
 PARAMS = {"llama3-8b": 8.03e9, "llama3.2-1b": 1.236e9, "CHECKPOINT": 8.03e9}
 
@@ -77,8 +100,10 @@ def long_rows(path: Path) -> Path:
     return path
 
 
-def ours(model: str, batch: int, ac: bool, extra: list[str], steps: int, out: Path, env: dict,
+def ours(scenario: Scenario, model: str, extra: list[str], steps: int, out: Path, env: dict,
          data: str = "packed"):
+    micro = scenario.micro_batch or scenario.batch
+    ac = scenario.ac if scenario.our_ac is None else scenario.our_ac
     if data == "long":
         rows = long_rows(out.parent / "long_rows.jsonl")
         data_flags = ["--dataset", "file_dataset", "--file_dataset.data_files", str(rows),
@@ -87,7 +112,8 @@ def ours(model: str, batch: int, ac: bool, extra: list[str], steps: int, out: Pa
         data_flags = ["--batching_strategy", "packing"]
     cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", model,
            "--tokenizer_name", "tiny-llama", *data_flags,
-           "--context_length", "2048", "--batch_size_training", str(batch),
+           "--context_length", "2048", "--batch_size_training", str(micro),
+           "--gradient_accumulation_steps", str(scenario.batch // micro),
            "--max_train_step", str(steps), "--num_epochs", "5", "--run_validation", "False",
            "--save_model", "False", "--num_workers_dataloader", "2", "--output_dir", str(out),
            "--fsdp_config.fsdp_activation_checkpointing", str(ac), *extra]
@@ -96,15 +122,65 @@ def ours(model: str, batch: int, ac: bool, extra: list[str], steps: int, out: Pa
         return done.stdout + done.stderr, None
     steps_logged, _ = read_metrics(out)
     tokens = steady_tokens_per_s(steps_logged)
-    return "", {"tokens_per_s": tokens, "step_time_s": batch * 2048 / tokens,
-                "peak_gpu_mem_gib": steps_logged[-1]["peak_gpu_mem_gib"]}
+    return "", {"tokens_per_s": tokens, "step_time_s": scenario.batch * 2048 / tokens,
+                "peak_gpu_mem_gib": steps_logged[-1]["peak_gpu_mem_gib"],
+                "losses": [step["loss"] for step in steps_logged]}
+
+
+def without_levers(scenario: Scenario) -> Scenario:
+    """The plain path of ``scenario``: the baseline's micro-batch and checkpointing, eager
+    layers, the loss from the full logits."""
+    flags, dropped = [], {"--torch_compile", "--fsdp_config.no_checkpoint_layers"}
+    pairs = iter(scenario.flags)
+    for flag in pairs:
+        if flag in dropped:
+            next(pairs)  # and its value
+        else:
+            flags.append(flag)
+    return Scenario(scenario.model, scenario.mode, scenario.batch, scenario.ac,
+                    [*flags, "--chunked_loss", "False"])
+
+
+def check_losses(names: list[str], steps: int, work: Path, env: dict, fast_kernels: bool,
+                 tolerance: float) -> list[dict]:
+    """Each scenario's levers against its plain path (``without_levers``, SDPA): same model,
+    data and seed, LoRA dropout off (its masks depend on how a step is split into
+    micro-batches), lr 1e-4 (at the default 1e-3 a random-init model's bf16 full fine-tuning is
+    unstable and rounding differences grow: measured 3.7% apart by step 4, with the plain
+    path's own loss rising); the largest relative difference between their losses over
+    ``steps``, within ``tolerance`` or not."""
+    rows = []
+    exact = ["--lora_config.lora_dropout", "0", "--lr", "1e-4"]
+    for name in names:
+        scenario, plain = SCENARIOS[name], without_levers(SCENARIOS[name])
+        model = scenario.model
+        if model == "CHECKPOINT":
+            model = str(work / "llama3-8b-random")
+            write_checkpoint(Path(model), env)
+        fast = ["--use_fast_kernels", "True"] if fast_kernels else []
+        runs = [ours(scenario, model, [*scenario.flags, *fast, *exact], steps,
+                     work / f"{name}-levers", env),
+                ours(plain, model, [*plain.flags, *exact], steps, work / f"{name}-plain", env)]
+        for log, result in runs:
+            if result is None:
+                print(f"{name} failed:\n{log[-3000:]}", flush=True)
+        if all(result for _, result in runs):
+            levers, base = (result["losses"] for _, result in runs)
+            largest = max(abs(a - b) / abs(b) for a, b in zip(levers, base))
+            rows.append({"scenario": name, "levers": levers, "plain": base,
+                         "max_relative_difference": largest,
+                         "within_tolerance": largest <= tolerance})
+            print(f"| {name} | {len(levers)} | {levers[0]:.4f} -> {levers[-1]:.4f} | "
+                  f"{base[0]:.4f} -> {base[-1]:.4f} | {largest:.1e} | "
+                  f"{'yes' if largest <= tolerance else 'NO'} |", flush=True)
+    return rows
 
 
 def write_checkpoint(directory: Path, env: dict) -> None:
     """A random Llama-3-8B in bf16 safetensors, initialised on the GPU (what from_pretrained
     with a BitsAndBytesConfig needs: weights on disk)."""
-    if (directory / "model.safetensors.index.json").is_file():
-        return
+    if (directory / "config.json").is_file() and any(directory.glob("*.safetensors")):
+        return  # written by an earlier scenario (one file or shards, as transformers chose)
     code = ("import torch; from llm_finetune.model import meta_model, random_init; "
             "from llm_finetune.shapes import SHAPES; "
             "m = random_init(meta_model(SHAPES['llama3-8b'](), torch.bfloat16, 'sdpa'), 0, 'cuda'); "
@@ -113,31 +189,47 @@ def write_checkpoint(directory: Path, env: dict) -> None:
 
 
 def main(only: str = "", steps: int = 8, out: str = "benchmark.json", peak_tflops: float = 790,
-         workdir: str = "", data: str = "packed", fast_kernels: bool = False) -> list[dict]:
-    """``fast_kernels``: our runs with ``--use_fast_kernels``. ``data``: ``packed`` (the shipped samples packed into 2048-token blocks, kept apart by
-    the attention mask) or ``long`` (one 2048-token sample per row, the baseline's shape)."""
+         workdir: str = "", data: str = "packed", fast_kernels: bool = False,
+         check: bool = False, tolerance: float = 1e-2) -> list[dict]:
+    """``fast_kernels``: our runs with ``--use_fast_kernels``. ``data``: ``packed`` (the
+    shipped samples packed into 2048-token blocks, kept apart by the attention mask) or
+    ``long`` (one 2048-token sample per row, the baseline's shape). ``check``: instead of
+    timing, each scenario's losses against its plain path (``check_losses``), at a relative
+    ``tolerance`` (1e-2 for bf16 runs; fp32 runs agree to 1e-5)."""
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     work = Path(workdir or tempfile.mkdtemp(prefix="llm-finetune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     wanted = only.split(",") if isinstance(only, str) else list(only)  # fire: a,b -> tuple
     names = [n for n in SCENARIOS if not only or n in wanted]
-    rows = []
+    if check:
+        print("| scenario | steps | loss with levers | plain path | largest relative difference "
+              f"| within {tolerance:.0e} |")
+        print("| --- | ---: | --- | --- | ---: | --- |")
+        rows = check_losses(names, steps, work, env, fast_kernels, tolerance)
+        Path(out).write_text(json.dumps(rows, indent=1))
+        return rows
+    rows, baselines = [], {}
     for name in names:
-        model, mode, batch, ac, extra = SCENARIOS[name]
+        scenario = SCENARIOS[name]
+        model = scenario.model
         if model == "CHECKPOINT":
             model = str(work / "llama3-8b-random")
             write_checkpoint(Path(model), env)
-        base_log, base = run_json(
-            [sys.executable, "benchmarks/baseline_hf_peft.py", "--mode", mode, "--model", model,
-             "--batch", str(batch), "--seq", "2048", "--steps", str(steps), "--ac", str(ac)], env)
-        our_extra = [*extra, "--use_fast_kernels", "True"] if fast_kernels else extra
-        our_log, mine = ours(model, batch, ac, our_extra, steps + 2, work / f"{name}-{data}", env,
+        key = (model, scenario.mode, scenario.batch, scenario.ac)
+        if key not in baselines:  # one baseline run serves every scenario of the same shape
+            baselines[key] = run_json(
+                [sys.executable, "benchmarks/baseline_hf_peft.py", "--mode", scenario.mode,
+                 "--model", model, "--batch", str(scenario.batch), "--seq", "2048",
+                 "--steps", str(steps), "--ac", str(scenario.ac)], env)
+        base_log, base = baselines[key]
+        our_extra = [*scenario.flags, "--use_fast_kernels", "True"] if fast_kernels else scenario.flags
+        our_log, mine = ours(scenario, model, our_extra, steps + 2, work / f"{name}-{data}", env,
                              data)
         for label, result, log in (("baseline", base, base_log), ("ours", mine, our_log)):
             if result is None:
                 print(f"{name} {label} failed:\n{log[-3000:]}", flush=True)
-        flops_per_token = (6 if mode == "full" else 4) * PARAMS[SCENARIOS[name][0]]
+        flops_per_token = (6 if scenario.mode == "full" else 4) * PARAMS[scenario.model]
         for label, result in (("transformers+peft", base), ("llm_finetune", mine)):
             if result:
                 result["mfu"] = result["tokens_per_s"] * flops_per_token / (peak_tflops * 1e12)

@@ -27,7 +27,7 @@ from llm_finetune.metrics import MetricsLog, PhaseTimer, model_flops_utilization
 from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
                                 load_tokenizer)
 from llm_finetune.optim import build_optimizer, build_scheduler
-from llm_finetune.plan import plan_run
+from llm_finetune.plan import fit_to_gpu, plan_run
 from llm_finetune.plot import plot
 from llm_finetune.precision import choose_precision
 from llm_finetune.quantization import bnb_config, is_4bit
@@ -44,6 +44,8 @@ def main(**kwargs) -> dict:
     run = build_run_config(**kwargs)
     cuda = torch.cuda.is_available()
     validate(run, distributed.world_size_from_env(), cuda)
+    if run.train.auto_fit:  # the fastest micro-batch and checkpointing this GPU holds
+        run = fit_to_gpu(run, distributed.world_size_from_env(), cuda)
     if run.train.dry_run:  # the memory plan instead of the run (printed by the first rank)
         world_size = distributed.world_size_from_env()
         first = os.environ.get("RANK", "0") == "0"

@@ -129,13 +129,27 @@ def quantized_bytes_per_param(run) -> float:
     return 0.5 + absmax
 
 
-def activation_bytes_per_token_per_layer(counts: ModelCounts, compute_bytes: int) -> float:
+# torch.compile's partitioner recomputes cheap elementwise results (norms, SiLU, the rotary
+# copies) in backward instead of keeping them: measured 0.69 (full) and 0.73 (LoRA) of eager
+# (benchmarks/layer_activations.py, Llama-3-8B on an H200)
+COMPILED_ACTIVATIONS = 0.73
+
+
+def activation_bytes_per_token_per_layer(counts: ModelCounts, compute_bytes: int,
+                                         frozen_base: bool = False,
+                                         compiled: bool = False) -> float:
     """Tensors a Llama-style decoder layer keeps for backward, per token: about ten hidden-size
     vectors (norm inputs and outputs, q and its rotated copy, attention output, residuals), four
     of the key/value width (k, v and their rotated or repeated copies) and four of the MLP width
-    (gate, up, activation, product). Checked on Llama-3 shapes: 200 KB per token and layer for
-    8B in bf16, as measured."""
-    return compute_bytes * (10 * counts.hidden + 4 * counts.kv_dim + 4 * counts.intermediate)
+    (gate, up, activation, product). A frozen linear layer needs no input for its gradient, so
+    with a frozen base (LoRA, QLoRA) the inputs of the output and down projections go: one
+    hidden and one MLP vector fewer. Measured on Llama-3-8B in bf16
+    (benchmarks/layer_activations.py): 201 KB per token and layer for full fine-tuning, 164 KB
+    for LoRA; this gives 205 and 168."""
+    vectors = 10 * counts.hidden + 4 * counts.kv_dim + 4 * counts.intermediate
+    if frozen_base:
+        vectors -= counts.hidden + counts.intermediate
+    return compute_bytes * vectors * (COMPILED_ACTIVATIONS if compiled else 1.0)
 
 
 def estimate(run, world_size: int, counts: ModelCounts | None = None,
@@ -183,7 +197,8 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         plan.gpu["gathered FSDP units (root + 2 layers)"] = gathered
 
     tokens = t.batch_size_training * t.context_length
-    per_layer = activation_bytes_per_token_per_layer(counts, compute_bytes) * tokens
+    per_layer = tokens * activation_bytes_per_token_per_layer(
+        counts, compute_bytes, frozen_base=t.use_peft, compiled=t.torch_compile)
     if f.fsdp_activation_checkpointing:
         kept = min(f.no_checkpoint_layers, counts.num_layers)
         checkpointed = counts.num_layers - kept
@@ -333,25 +348,154 @@ def combined_fix(run, world_size: int, gpu_memory: float) -> list[str]:
     return ["  - none of the usual changes: a larger GPU, or more GPUs with CPU offload"]
 
 
-def fewest_checkpointed_layers(run, world_size: int, gpu_memory: float,
-                               counts: ModelCounts) -> str:
-    """The selective checkpointing that recomputes the fewest layers within ``gpu_memory`` (each layer
-    left out saves about a third of its step time), as a flag; "" when none more fits."""
-    f = run.fsdp
-    if not f.fsdp_activation_checkpointing:
+def compute_per_token(frozen_base: bool, recomputed_layers: int, num_layers: int) -> float:
+    """Forward passes' worth of compute per token: forward 1, backward 2 (input and weight
+    gradients; 1 for a frozen base, which needs input gradients only), and each recomputed
+    layer's share of a second forward. Only the ratio between settings of one run matters."""
+    return 1 + (1 if frozen_base else 2) + recomputed_layers / num_layers
+
+
+@dataclass
+class Setting:
+    """Sequences per forward and decoder layers kept out of activation checkpointing (all of
+    them: checkpointing off), at the same tokens per optimizer step as the run."""
+    micro_batch: int
+    kept: int
+    compute: float  # compute_per_token of the run with this setting
+
+
+def with_setting(run, setting: Setting, num_layers: int):
+    """``run`` with ``setting``: the micro-batch (accumulating to the same tokens per optimizer
+    step) and the layers left out of checkpointing."""
+    t, f = run.train, run.fsdp
+    accumulation = t.gradient_accumulation_steps * t.batch_size_training // setting.micro_batch
+    checkpointing = setting.kept < num_layers
+    return dataclasses.replace(
+        run, train=dataclasses.replace(t, batch_size_training=setting.micro_batch,
+                                       gradient_accumulation_steps=accumulation),
+        fsdp=dataclasses.replace(f, fsdp_activation_checkpointing=checkpointing,
+                                 no_checkpoint_layers=setting.kept if checkpointing else 0))
+
+
+def current_setting(run, counts: ModelCounts) -> Setting:
+    layers = counts.num_layers
+    kept = (layers if not run.fsdp.fsdp_activation_checkpointing
+            else min(run.fsdp.no_checkpoint_layers, layers))
+    return Setting(run.train.batch_size_training, kept,
+                   compute_per_token(run.train.use_peft, layers - kept, layers))
+
+
+def fastest_setting(run, world_size: int, gpu_memory: float,
+                    counts: ModelCounts) -> Setting | None:
+    """The micro-batch and selective checkpointing with the least compute per token whose
+    planned peak fits in ``gpu_memory``; None when nothing fits.
+
+    Each layer not recomputed saves a share of a forward pass. On one GPU the micro-batch may
+    shrink too, for the same tokens per optimizer step: more accumulation steps give the same
+    gradient (the loss is a sum over every token of the step) and leave room for more layers'
+    activations; among settings within 3% of the least compute the largest micro-batch wins.
+    Under FSDP or DDP the micro-batch stays: each one gathers every weight and reduces every
+    gradient again (measured, Llama-3-8B full on 2 H200s, compiled layers: 1 sequence x 4
+    accumulation steps with 10 of 32 layers recomputed ran at 0.76x the tokens/s of 4
+    sequences with all 32 recomputed)."""
+    t = run.train
+    layers = counts.num_layers
+    communicates = world_size > 1 and (t.enable_fsdp or t.enable_ddp)
+    micro_batches = ([t.batch_size_training] if communicates else
+                     [m for m in range(t.batch_size_training, 0, -1)
+                      if t.batch_size_training % m == 0])
+    lowest = 0 if counts.supports_checkpointing else layers
+    choices = []
+    for micro in micro_batches:
+        fitting = [kept for kept in range(lowest, layers + 1)
+                   if estimate(with_setting(run, Setting(micro, kept, 0), layers), world_size,
+                               counts).gpu_peak <= gpu_memory]
+        if fitting:
+            kept = max(fitting)
+            choices.append(Setting(micro, kept,
+                                   compute_per_token(t.use_peft, layers - kept, layers)))
+    if not choices:
+        return None
+    least = min(choice.compute for choice in choices)
+    return min((c for c in choices if c.compute <= 1.03 * least),
+               key=lambda c: (c.compute, -c.micro_batch))
+
+
+def setting_flags(run, setting: Setting, counts: ModelCounts) -> str:
+    """``setting`` as the flags that give it, with what it changes."""
+    t = run.train
+    layers = counts.num_layers
+    flags = []
+    if setting.micro_batch != t.batch_size_training:
+        accumulation = t.gradient_accumulation_steps * t.batch_size_training // setting.micro_batch
+        flags.append(f"--batch_size_training {setting.micro_batch} "
+                     f"--gradient_accumulation_steps {accumulation}")
+    if setting.kept == layers:
+        flags.append("--fsdp_config.fsdp_activation_checkpointing False")
+        recompute = "no recompute"
+    else:
+        flags.append(f"--fsdp_config.no_checkpoint_layers {setting.kept}")
+        recompute = f"recompute {layers - setting.kept} of {layers} layers"
+    same = (f"; the same {t.batch_size_training * t.gradient_accumulation_steps} sequences per "
+            "optimizer step" if setting.micro_batch != t.batch_size_training else "")
+    now = current_setting(run, counts).compute
+    return (f"{' '.join(flags)} ({recompute}{same}: {1 - setting.compute / now:.0%} less "
+            "compute per token)")
+
+
+def faster_flags(run, world_size: int, gpu_memory: float, counts: ModelCounts) -> str:
+    """The fastest setting as flags, or "" when the run's own setting is already that."""
+    best = fastest_setting(run, world_size, gpu_memory, counts)
+    now = current_setting(run, counts)
+    if best is None or (best.micro_batch == now.micro_batch and best.kept <= now.kept):
         return ""
-    best = f.no_checkpoint_layers
-    for kept in range(f.no_checkpoint_layers + 1, counts.num_layers + 1):
-        trial = dataclasses.replace(run, fsdp=dataclasses.replace(f, no_checkpoint_layers=kept))
-        if estimate(trial, world_size, counts).gpu_peak > gpu_memory:
-            break
-        best = kept
-    if best == f.no_checkpoint_layers:
-        return ""
-    if best == counts.num_layers:
-        return "--fsdp_config.fsdp_activation_checkpointing False (no recompute at all)"
-    return (f"--fsdp_config.no_checkpoint_layers {best} (recompute {counts.num_layers - best} "
-            f"of {counts.num_layers} layers)")
+    return setting_flags(run, best, counts)
+
+
+# the planner's peaks were within 10% of measured ones (docs/memory.md): --auto_fit plans for
+# this share of the GPU
+AUTO_FIT_SHARE = 0.9
+
+
+def fit_to_gpu(run, world_size: int, cuda: bool):
+    """``--auto_fit``: ``run`` with the fastest micro-batch and checkpointing that fit in
+    ``AUTO_FIT_SHARE`` of the GPU's memory (``--gpu_memory``, else the GPU's own), at the same
+    tokens per optimizer step; a ConfigError when none fits. Every rank computes the same
+    choice; the first prints it."""
+    gpu_memory = None
+    if cuda or run.train.gpu_memory:
+        gpu_memory = gpu_memory_available(run.train.gpu_memory)
+    if gpu_memory is None:
+        raise ConfigError("--auto_fit plans for a GPU's memory and none was found: give "
+                          "--gpu_memory (e.g. 80GiB) or drop --auto_fit")
+    fitted = auto_fit(run, world_size, gpu_memory, verbose=os.environ.get("RANK", "0") == "0")
+    validate(fitted, world_size, cuda)
+    return fitted
+
+
+def auto_fit(run, world_size: int, gpu_memory: float, verbose: bool = True):
+    """``run`` with the fastest micro-batch and checkpointing that fit in ``AUTO_FIT_SHARE``
+    of ``gpu_memory``, the same tokens per optimizer step."""
+    counts = count_parameters(run)
+    budget = AUTO_FIT_SHARE * gpu_memory
+    best = fastest_setting(run, world_size, budget, counts)
+    if best is None:
+        smallest = "one sequence per forward and" if world_size == 1 else ""
+        raise ConfigError(
+            f"--auto_fit: this run does not fit in {budget / GIB:.1f} GiB "
+            f"({AUTO_FIT_SHARE:.0%} of {gpu_memory / GIB:.1f}) even with {smallest} every layer "
+            "recomputed; python -m llm_finetune.plan with the same settings lists the changes "
+            "that fit (4-bit, more GPUs, CPU offload, a shorter context)")
+    fitted = with_setting(run, best, counts.num_layers)
+    if verbose:
+        now = current_setting(run, counts)
+        change = ("the run's own micro-batch and checkpointing"
+                  if (best.micro_batch, best.kept) == (now.micro_batch, now.kept)
+                  else setting_flags(run, best, counts))
+        peak = estimate(fitted, world_size, counts).gpu_peak
+        print(f"auto_fit: {change}, planned {peak / GIB:.1f} of {gpu_memory / GIB:.1f} GiB",
+              flush=True)
+    return fitted
 
 
 def report(run, world_size: int, gpu_memory: float | None, counts: ModelCounts) -> str:
@@ -374,9 +518,17 @@ def report(run, world_size: int, gpu_memory: float | None, counts: ModelCounts) 
         lines.append("\nno GPU found and no --gpu_memory given: cannot say whether it fits")
     elif plan.gpu_peak <= gpu_memory:
         lines.append(f"\nfits: {plan.gpu_peak / GIB:.1f} of {gpu_memory / GIB:.1f} GiB per GPU")
-        faster = fewest_checkpointed_layers(run, world_size, gpu_memory, counts)
+        faster = faster_flags(run, world_size, gpu_memory, counts)
         if faster:
-            lines.append(f"faster, within the same memory: {faster}")
+            lines.append(f"fastest within the same memory: {faster}")
+        if not t.torch_compile and t.batching_strategy == "packing":
+            # compiled layers run faster and keep about a quarter less activation memory
+            compiled_run = dataclasses.replace(
+                run, train=dataclasses.replace(t, torch_compile=True))
+            compiled = faster_flags(compiled_run, world_size, gpu_memory, counts)
+            lines.append("faster still: add --torch_compile True (compiled layers" + (
+                f"; their smaller activations fit {compiled})" if compiled and compiled != faster
+                else ")"))
     else:
         lines.append(f"\ndoes NOT fit: {plan.gpu_peak / GIB:.1f} GiB needed per GPU, "
                      f"{gpu_memory / GIB:.1f} GiB available. Changes that would fit:")

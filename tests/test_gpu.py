@@ -108,3 +108,21 @@ def test_8bit_lora_data_parallel_matches_one_gpu(tiny_model_dir, tmp_path):
     single = one_gpu_losses(tiny_model_dir, tmp_path / "one", *flags)
     assert parallel == pytest.approx(single, rel=1e-2)
     assert parallel[-1] < parallel[0]
+
+
+def test_auto_fit_stays_within_the_memory_it_plans_for(tmp_path):
+    """--auto_fit on a Llama-3-8B shape (random init) with LoRA, 4 x 2048 tokens per step and
+    32 GiB to fit in: the planner picks a micro-batch and checkpointing for 90% of that, and the
+    run's measured peak stays below it."""
+    cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", "llama3-8b",
+           "--tokenizer_name", "tiny-llama", "--use_peft", "--batching_strategy", "packing",
+           "--context_length", "2048", "--batch_size_training", "4", "--max_train_step", "3",
+           "--run_validation", "False", "--save_model", "False", "--use_fast_kernels", "True",
+           "--auto_fit", "True", "--gpu_memory", "32GiB", "--output_dir", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert "auto_fit: --batch_size_training 1 --gradient_accumulation_steps 4" in done.stdout
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line]
+    assert len(metrics) == 3 and metrics[-1]["peak_gpu_mem_gib"] <= 0.9 * 32

@@ -76,11 +76,14 @@ def test_training_with_the_chunked_loss_equals_the_plain_loss(settings, tmp_path
     assert chunked[-1] < chunked[0]
 
 
-def test_compiled_layers_train_like_eager_ones(tmp_path):
-    """--torch_compile: each decoder layer compiled; same losses (fp32) on packed batches of a
-    fixed shape, so one graph serves every step."""
+@pytest.mark.parametrize("flags", [{}, {"use_peft": True, "quantization": "4bit", "lr": 1e-2,
+                                      "quantization_config.compute_dtype": "float32"}],
+                         ids=["full", "qlora"])
+def test_compiled_layers_train_like_eager_ones(flags, tmp_path):
+    """--torch_compile: each decoder layer compiled, bitsandbytes 4-bit layers included; same
+    losses (fp32) on packed batches of a fixed shape, so one graph serves every step."""
     settings = {**FAST, "batching_strategy": "packing", "context_length": 128,
-                "max_train_step": 2, "run_validation": False, "mixed_precision": False}
+                "max_train_step": 2, "run_validation": False, "mixed_precision": False, **flags}
     runs = [finetuning.main(**settings, torch_compile=compiled,
                             output_dir=str(tmp_path / str(compiled))) for compiled in (True, False)]
     compiled, eager = ([m["loss"] for m in r["metrics"] if "loss" in m] for r in runs)

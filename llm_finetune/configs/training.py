@@ -62,7 +62,10 @@ class train_config:
     plot_metrics: bool = True  # output_dir/plots/*.png at the end (when matplotlib is installed)
     # Observability
     dry_run: bool = False  # print the memory plan (python -m llm_finetune.plan) and exit
-    gpu_memory: str = ""  # for --dry_run: GPU memory to plan for, e.g. 80GiB ("": the GPU here)
+    gpu_memory: str = ""  # for --dry_run and --auto_fit, e.g. 80GiB ("": the GPU here)
+    # the planner's fastest micro-batch and activation checkpointing that fit in 90% of the
+    # GPU (same tokens per optimizer step; the micro-batch changes in one process only)
+    auto_fit: bool = False
     flop_counter: bool = False  # count FLOPs of one optimizer step
     flop_counter_start: int = 3  # steps to run before the counted one
     use_profiler: bool = False  # torch.profiler trace of steps 4-6 for TensorBoard
