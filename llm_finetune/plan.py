@@ -518,14 +518,16 @@ def report(run, world_size: int, gpu_memory: float | None, counts: ModelCounts) 
         lines.append("\nno GPU found and no --gpu_memory given: cannot say whether it fits")
     elif plan.gpu_peak <= gpu_memory:
         lines.append(f"\nfits: {plan.gpu_peak / GIB:.1f} of {gpu_memory / GIB:.1f} GiB per GPU")
-        faster = faster_flags(run, world_size, gpu_memory, counts)
+        # under --auto_fit the run already has the fastest setting (for 90% of the memory)
+        faster = "" if t.auto_fit else faster_flags(run, world_size, gpu_memory, counts)
         if faster:
             lines.append(f"fastest within the same memory: {faster}")
         if not t.torch_compile and t.batching_strategy == "packing":
             # compiled layers run faster and keep about a quarter less activation memory
             compiled_run = dataclasses.replace(
                 run, train=dataclasses.replace(t, torch_compile=True))
-            compiled = faster_flags(compiled_run, world_size, gpu_memory, counts)
+            compiled = "" if t.auto_fit else faster_flags(compiled_run, world_size, gpu_memory,
+                                                          counts)
             lines.append("faster still: add --torch_compile True (compiled layers" + (
                 f"; their smaller activations fit {compiled})" if compiled and compiled != faster
                 else ")"))

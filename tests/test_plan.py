@@ -116,6 +116,14 @@ def test_auto_fit_changes_how_a_step_runs_not_what_it_computes(tmp_path, capsys)
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
+def test_dry_run_with_auto_fit_plans_the_fitted_run(tmp_path):
+    text = finetuning.main(auto_fit=True, dry_run=True, gpu_memory="0.45GiB",
+                           batch_size_training=8, context_length=256,
+                           batching_strategy="packing", output_dir=str(tmp_path))["plan"]
+    assert "batch 4 x 256 tokens per GPU" in text and "activations (all layers)" in text
+    assert "fastest within the same memory" not in text  # already applied
+
+
 def test_auto_fit_refuses_without_a_gpu_size_and_when_nothing_fits(tmp_path):
     with pytest.raises(ConfigError, match="--gpu_memory"):
         finetuning.main(auto_fit=True, max_train_step=1, output_dir=str(tmp_path))
