@@ -127,6 +127,15 @@ def ours(scenario: Scenario, model: str, extra: list[str], steps: int, out: Path
                 "losses": [step["loss"] for step in steps_logged]}
 
 
+def model_path(scenario: Scenario, work: Path, env: dict) -> str:
+    """The scenario's model: a built-in shape, or for QLoRA a random checkpoint on disk."""
+    if scenario.model != "CHECKPOINT":
+        return scenario.model
+    directory = work / "llama3-8b-random"
+    write_checkpoint(directory, env)
+    return str(directory)
+
+
 def without_levers(scenario: Scenario) -> Scenario:
     """The plain path of ``scenario``: the baseline's micro-batch and checkpointing, eager
     layers, the loss from the full logits."""
@@ -153,10 +162,7 @@ def check_losses(names: list[str], steps: int, work: Path, env: dict, fast_kerne
     exact = ["--lora_config.lora_dropout", "0", "--lr", "1e-4"]
     for name in names:
         scenario, plain = SCENARIOS[name], without_levers(SCENARIOS[name])
-        model = scenario.model
-        if model == "CHECKPOINT":
-            model = str(work / "llama3-8b-random")
-            write_checkpoint(Path(model), env)
+        model = model_path(scenario, work, env)
         fast = ["--use_fast_kernels", "True"] if fast_kernels else []
         runs = [ours(scenario, model, [*scenario.flags, *fast, *exact], steps,
                      work / f"{name}-levers", env),
@@ -212,10 +218,7 @@ def main(only: str = "", steps: int = 8, out: str = "benchmark.json", peak_tflop
     rows, baselines = [], {}
     for name in names:
         scenario = SCENARIOS[name]
-        model = scenario.model
-        if model == "CHECKPOINT":
-            model = str(work / "llama3-8b-random")
-            write_checkpoint(Path(model), env)
+        model = model_path(scenario, work, env)
         key = (model, scenario.mode, scenario.batch, scenario.ac)
         if key not in baselines:  # one baseline run serves every scenario of the same shape
             baselines[key] = run_json(

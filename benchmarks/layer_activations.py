@@ -33,17 +33,14 @@ def build(shape: str, mode: str, depth: int) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
                                                  attn_implementation="sdpa")
     if mode == "qlora":
-        from llm_finetune.quantization import quantize_pending, to_4bit_layers
+        from llm_finetune.quantization import to_4bit_layers
         from transformers import BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
         to_4bit_layers(model, quant, torch.bfloat16)
-        model.cuda()
-        for module in model.modules():
-            quantize_pending(module)
-    model.cuda()
+    model.cuda()  # bitsandbytes quantises the 4-bit layers as they move
     if mode == "full":
         return model.train()
     run = build_run_config(model_name=shape, use_peft=True)

@@ -43,11 +43,11 @@ def main(**kwargs) -> dict:
     # 1. config: every setting checked before anything expensive happens
     run = build_run_config(**kwargs)
     cuda = torch.cuda.is_available()
-    validate(run, distributed.world_size_from_env(), cuda)
+    world_size = distributed.world_size_from_env()
+    validate(run, world_size, cuda)
     if run.train.auto_fit:  # the fastest micro-batch and checkpointing this GPU holds
-        run = fit_to_gpu(run, distributed.world_size_from_env(), cuda)
+        run = fit_to_gpu(run, world_size, cuda)
     if run.train.dry_run:  # the memory plan instead of the run (printed by the first rank)
-        world_size = distributed.world_size_from_env()
         first = os.environ.get("RANK", "0") == "0"
         return {"plan": plan_run(run, world_size, run.train.gpu_memory or None) if first else ""}
     precision = choose_precision(run, cuda)

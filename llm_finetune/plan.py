@@ -348,20 +348,20 @@ def combined_fix(run, world_size: int, gpu_memory: float) -> list[str]:
     return ["  - none of the usual changes: a larger GPU, or more GPUs with CPU offload"]
 
 
-def compute_per_token(frozen_base: bool, recomputed_layers: int, num_layers: int) -> float:
-    """Forward passes' worth of compute per token: forward 1, backward 2 (input and weight
-    gradients; 1 for a frozen base, which needs input gradients only), and each recomputed
-    layer's share of a second forward. Only the ratio between settings of one run matters."""
-    return 1 + (1 if frozen_base else 2) + recomputed_layers / num_layers
-
-
-@dataclass
+@dataclass(frozen=True)
 class Setting:
     """Sequences per forward and decoder layers kept out of activation checkpointing (all of
     them: checkpointing off), at the same tokens per optimizer step as the run."""
     micro_batch: int
     kept: int
-    compute: float  # compute_per_token of the run with this setting
+
+
+def compute_per_token(run, setting: Setting, num_layers: int) -> float:
+    """Forward passes' worth of compute per token: forward 1, backward 2 (input and weight
+    gradients; 1 for a frozen base, which needs input gradients only), and each recomputed
+    layer's share of a second forward. Only the ratio between settings of one run matters."""
+    backward = 1 if run.train.use_peft else 2
+    return 1 + backward + (num_layers - setting.kept) / num_layers
 
 
 def with_setting(run, setting: Setting, num_layers: int):
@@ -381,8 +381,7 @@ def current_setting(run, counts: ModelCounts) -> Setting:
     layers = counts.num_layers
     kept = (layers if not run.fsdp.fsdp_activation_checkpointing
             else min(run.fsdp.no_checkpoint_layers, layers))
-    return Setting(run.train.batch_size_training, kept,
-                   compute_per_token(run.train.use_peft, layers - kept, layers))
+    return Setting(run.train.batch_size_training, kept)
 
 
 def fastest_setting(run, world_size: int, gpu_memory: float,
@@ -405,20 +404,22 @@ def fastest_setting(run, world_size: int, gpu_memory: float,
                      [m for m in range(t.batch_size_training, 0, -1)
                       if t.batch_size_training % m == 0])
     lowest = 0 if counts.supports_checkpointing else layers
-    choices = []
+    choices = []  # per micro-batch, the most layers kept that fit
     for micro in micro_batches:
         fitting = [kept for kept in range(lowest, layers + 1)
-                   if estimate(with_setting(run, Setting(micro, kept, 0), layers), world_size,
+                   if estimate(with_setting(run, Setting(micro, kept), layers), world_size,
                                counts).gpu_peak <= gpu_memory]
         if fitting:
-            kept = max(fitting)
-            choices.append(Setting(micro, kept,
-                                   compute_per_token(t.use_peft, layers - kept, layers)))
+            choices.append(Setting(micro, max(fitting)))
     if not choices:
         return None
-    least = min(choice.compute for choice in choices)
-    return min((c for c in choices if c.compute <= 1.03 * least),
-               key=lambda c: (c.compute, -c.micro_batch))
+
+    def compute(setting: Setting) -> float:
+        return compute_per_token(run, setting, layers)
+
+    least = min(map(compute, choices))
+    return min((c for c in choices if compute(c) <= 1.03 * least),
+               key=lambda c: (compute(c), -c.micro_batch))
 
 
 def setting_flags(run, setting: Setting, counts: ModelCounts) -> str:
@@ -438,9 +439,9 @@ def setting_flags(run, setting: Setting, counts: ModelCounts) -> str:
         recompute = f"recompute {layers - setting.kept} of {layers} layers"
     same = (f"; the same {t.batch_size_training * t.gradient_accumulation_steps} sequences per "
             "optimizer step" if setting.micro_batch != t.batch_size_training else "")
-    now = current_setting(run, counts).compute
-    return (f"{' '.join(flags)} ({recompute}{same}: {1 - setting.compute / now:.0%} less "
-            "compute per token)")
+    saved = 1 - (compute_per_token(run, setting, layers)
+                 / compute_per_token(run, current_setting(run, counts), layers))
+    return f"{' '.join(flags)} ({recompute}{same}: {saved:.0%} less compute per token)"
 
 
 def faster_flags(run, world_size: int, gpu_memory: float, counts: ModelCounts) -> str:
@@ -462,9 +463,7 @@ def fit_to_gpu(run, world_size: int, cuda: bool):
     ``AUTO_FIT_SHARE`` of the GPU's memory (``--gpu_memory``, else the GPU's own), at the same
     tokens per optimizer step; a ConfigError when none fits. Every rank computes the same
     choice; the first prints it."""
-    gpu_memory = None
-    if cuda or run.train.gpu_memory:
-        gpu_memory = gpu_memory_available(run.train.gpu_memory)
+    gpu_memory = gpu_memory_available(run.train.gpu_memory)
     if gpu_memory is None:
         raise ConfigError("--auto_fit plans for a GPU's memory and none was found: give "
                           "--gpu_memory (e.g. 80GiB) or drop --auto_fit")
@@ -488,10 +487,8 @@ def auto_fit(run, world_size: int, gpu_memory: float, verbose: bool = True):
             "that fit (4-bit, more GPUs, CPU offload, a shorter context)")
     fitted = with_setting(run, best, counts.num_layers)
     if verbose:
-        now = current_setting(run, counts)
         change = ("the run's own micro-batch and checkpointing"
-                  if (best.micro_batch, best.kept) == (now.micro_batch, now.kept)
-                  else setting_flags(run, best, counts))
+                  if best == current_setting(run, counts) else setting_flags(run, best, counts))
         peak = estimate(fitted, world_size, counts).gpu_peak
         print(f"auto_fit: {change}, planned {peak / GIB:.1f} of {gpu_memory / GIB:.1f} GiB",
               flush=True)

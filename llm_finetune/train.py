@@ -31,7 +31,7 @@ def token_loss_sum(model, batch: dict, head=None) -> tuple[torch.Tensor, int]:
     itself, chunk by chunk, without the full logits; None: logits, then cross-entropy."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     labels = batch["labels"][:, 1:]
-    tokens = int((labels != -100).sum())
+    tokens = count_label_tokens(batch)
     if head is not None:
         with loss_in_output_layer(head, batch["labels"]):
             return model(**inputs, use_cache=False).logits, tokens

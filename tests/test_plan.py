@@ -92,7 +92,8 @@ def test_the_fastest_setting_trades_micro_batch_for_recompute_on_one_gpu_only():
     eager = plan.fastest_setting(run, 1, 24 * GIB, counts)
     compiled = plan.fastest_setting(build_run_config(**settings, torch_compile=True), 1,
                                     24 * GIB, counts)
-    assert compiled.kept > eager.kept and compiled.compute < eager.compute
+    assert compiled.kept > eager.kept
+    assert plan.compute_per_token(run, compiled, 32) < plan.compute_per_token(run, eager, 32)
     assert plan.fastest_setting(run, 1, 10 * GIB, counts) is None  # the weights alone are 15
 
 
