@@ -18,6 +18,7 @@ the GPU's bf16 dense peak (``--peak_tflops``, 790 measured on H100/H200 SXM).
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,12 +119,19 @@ def ours(scenario: Scenario, model: str, extra: list[str], steps: int, out: Path
            "--save_model", "False", "--num_workers_dataloader", "2", "--output_dir", str(out),
            "--fsdp_config.fsdp_activation_checkpointing", str(ac), *extra]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    log = done.stdout + done.stderr
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.log").write_text(log)  # kept: compiler warnings, the run summary
     if done.returncode != 0 or not (out / "metrics.jsonl").is_file():
-        return done.stdout + done.stderr, None
+        return log, None
     steps_logged, _ = read_metrics(out)
     tokens = steady_tokens_per_s(steps_logged)
-    return "", {"tokens_per_s": tokens, "step_time_s": scenario.batch * 2048 / tokens,
+    step_time = scenario.batch * 2048 / tokens
+    return "", {"tokens_per_s": tokens, "step_time_s": step_time,
                 "peak_gpu_mem_gib": steps_logged[-1]["peak_gpu_mem_gib"],
+                # the median step's share of time the GPU stood idle waiting for batches
+                "data_wait": statistics.median(s["data_wait_s"] for s in steps_logged[2:]
+                                               or steps_logged) / step_time,
                 "losses": [step["loss"] for step in steps_logged]}
 
 
@@ -150,23 +158,42 @@ def without_levers(scenario: Scenario) -> Scenario:
                     [*flags, "--chunked_loss", "False"])
 
 
+def in_fp32(flags: list[str]) -> list[str]:
+    """``flags`` computing in fp32: no bf16 autocast, no bf16 weights, 4-bit layers
+    dequantised to fp32. Without bf16 rounding the levers must equal the plain path almost
+    exactly, which tells a lever's rounding from a lever's bug."""
+    kept, pairs = [], iter(flags)
+    for flag in pairs:
+        if flag == "--fsdp_config.pure_bf16":
+            next(pairs)
+        else:
+            kept.append(flag)
+    fp32 = ["--mixed_precision", "False"]
+    if "--quantization" in kept:
+        fp32 += ["--quantization_config.compute_dtype", "float32"]
+    return [*kept, *fp32]
+
+
 def check_losses(names: list[str], steps: int, work: Path, env: dict, fast_kernels: bool,
-                 tolerance: float) -> list[dict]:
+                 tolerance: float, fp32: bool = False) -> list[dict]:
     """Each scenario's levers against its plain path (``without_levers``, SDPA): same model,
     data and seed, LoRA dropout off (its masks depend on how a step is split into
     micro-batches), lr 1e-4 (at the default 1e-3 a random-init model's bf16 full fine-tuning is
     unstable and rounding differences grow: measured 3.7% apart by step 4, with the plain
     path's own loss rising); the largest relative difference between their losses over
-    ``steps``, within ``tolerance`` or not."""
+    ``steps``, within ``tolerance`` or not. ``fp32``: both runs computing in fp32
+    (``in_fp32``)."""
     rows = []
     exact = ["--lora_config.lora_dropout", "0", "--lr", "1e-4"]
     for name in names:
         scenario, plain = SCENARIOS[name], without_levers(SCENARIOS[name])
         model = model_path(scenario, work, env)
         fast = ["--use_fast_kernels", "True"] if fast_kernels else []
-        runs = [ours(scenario, model, [*scenario.flags, *fast, *exact], steps,
+        precise = in_fp32 if fp32 else list
+        runs = [ours(scenario, model, precise([*scenario.flags, *fast, *exact]), steps,
                      work / f"{name}-levers", env),
-                ours(plain, model, [*plain.flags, *exact], steps, work / f"{name}-plain", env)]
+                ours(plain, model, precise([*plain.flags, *exact]), steps,
+                     work / f"{name}-plain", env)]
         for log, result in runs:
             if result is None:
                 print(f"{name} failed:\n{log[-3000:]}", flush=True)
@@ -196,12 +223,13 @@ def write_checkpoint(directory: Path, env: dict) -> None:
 
 def main(only: str = "", steps: int = 8, out: str = "benchmark.json", peak_tflops: float = 790,
          workdir: str = "", data: str = "packed", fast_kernels: bool = False,
-         check: bool = False, tolerance: float = 1e-2) -> list[dict]:
+         check: bool = False, tolerance: float = 1e-2, fp32: bool = False) -> list[dict]:
     """``fast_kernels``: our runs with ``--use_fast_kernels``. ``data``: ``packed`` (the
     shipped samples packed into 2048-token blocks, kept apart by the attention mask) or
     ``long`` (one 2048-token sample per row, the baseline's shape). ``check``: instead of
     timing, each scenario's losses against its plain path (``check_losses``), at a relative
-    ``tolerance`` (1e-2 for bf16 runs; fp32 runs agree to 1e-5)."""
+    ``tolerance`` (1e-2 for bf16 runs; fp32 runs agree to 1e-5); ``fp32``: the check with
+    both runs computing in fp32."""
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     work = Path(workdir or tempfile.mkdtemp(prefix="llm-finetune-bench-"))
@@ -212,7 +240,7 @@ def main(only: str = "", steps: int = 8, out: str = "benchmark.json", peak_tflop
         print("| scenario | steps | loss with levers | plain path | largest relative difference "
               f"| within {tolerance:.0e} |")
         print("| --- | ---: | --- | --- | ---: | --- |")
-        rows = check_losses(names, steps, work, env, fast_kernels, tolerance)
+        rows = check_losses(names, steps, work, env, fast_kernels, tolerance, fp32)
         Path(out).write_text(json.dumps(rows, indent=1))
         return rows
     rows, baselines = [], {}
@@ -247,17 +275,18 @@ def main(only: str = "", steps: int = 8, out: str = "benchmark.json", peak_tflop
 
 def print_table(rows: list[dict]) -> None:
     print("\n| scenario | runner | tokens/s | step s | peak GiB | MFU | speed vs baseline | "
-          "memory vs baseline |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "memory vs baseline | waiting for data |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         if "tokens_per_s" not in r:
-            print(f"| {r['scenario']} | {r['runner']} | failed | | | | | |")
+            print(f"| {r['scenario']} | {r['runner']} | failed | | | | | | |")
             continue
         ratio = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         memory = f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else ""
+        waiting = f"{r['data_wait']:.2%}" if "data_wait" in r else ""  # the baseline loads none
         print(f"| {r['scenario']} | {r['runner']} | {r['tokens_per_s']:,.0f} | "
               f"{r['step_time_s']:.2f} | {r['peak_gpu_mem_gib']:.1f} | {r['mfu']:.0%} | {ratio} | "
-              f"{memory} |", flush=True)
+              f"{memory} | {waiting} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from llm_finetune.loss import loss_in_output_layer, output_layer
 from llm_finetune.profiling import StepProfiler
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+DATA_WAIT_WARNING = 0.1  # share of training time spent waiting for batches that gets a warning
 
 
 def token_loss_sum(model, batch: dict, head=None) -> tuple[torch.Tensor, int]:
@@ -116,14 +117,16 @@ class Trainer:
         input_tokens = sum(int(b["num_tokens"]) for b in micro_batches)
         total_tokens, total_inputs = all_reduce_sum([local_tokens, input_tokens], self.dist.device)
         scale = self.dist.world_size / max(total_tokens, 1)
-        loss_sum = 0.0
+        # summed on the device: reading it per micro-batch (.item()) would wait for the GPU to
+        # finish each one, and leave it idle while the next one's kernels are launched
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         for batch in micro_batches:
             batch = to_device(batch, self.dist.device)
             with self.autocast():
                 loss, _ = token_loss_sum(self.model, batch, self.loss_head)
             scaled = loss * scale
             (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
         if self.grad_scaler:
             self.grad_scaler.unscale_(self.optimizer)
         if self.run.train.gradient_clipping:
@@ -158,6 +161,13 @@ class Trainer:
         return {"step": self.step, "eval_loss": eval_loss,
                 "eval_perplexity": math.exp(min(eval_loss, 50.0))}
 
+    def warn_if_data_stalls(self, data_waited: float, wall: float) -> None:
+        """Say so when the GPU spent more than a tenth of training waiting for batches."""
+        if self.dist.is_main and wall > 0 and data_waited > DATA_WAIT_WARNING * wall:
+            print(f"warning: {data_waited / wall:.0%} of the training time went to waiting for "
+                  f"batches (data_wait_s in metrics.jsonl): raise --num_workers_dataloader "
+                  f"(now {self.run.train.num_workers_dataloader})", flush=True)
+
     def fit(self, train_loader, eval_loader, total_steps: int, on_step_end=None,
             on_epoch_end=None) -> dict:
         """Train from ``self.step``/``self.epoch`` (0, or a restored checkpoint's) to
@@ -167,7 +177,7 @@ class Trainer:
         t = self.run.train
         summary = {"train_loss": [], "eval_loss": [], "eval_perplexity": []}
         started = time.perf_counter()
-        tokens_seen = 0
+        tokens_seen, data_waited = 0, 0.0
         profiler = StepProfiler(t, self.dist.is_main)
         for epoch in range(self.epoch, t.num_epochs):
             self.epoch = epoch
@@ -177,10 +187,14 @@ class Trainer:
             bar = tqdm(total=min(math.ceil(len(train_loader) / t.gradient_accumulation_steps),
                                  total_steps - self.step),
                        desc=f"epoch {epoch + 1}/{t.num_epochs}", disable=not self.dist.is_main)
+            # A step's time runs from asking the loader for its batches to the optimizer step
+            # done: the step ends in a GPU sync (its loss), so time spent waiting for data is
+            # time the GPU stands idle, and it counts. ``data_wait_s`` says how much it was.
+            step_start = time.perf_counter()
             for micro_batches in grouped(train_loader, t.gradient_accumulation_steps):
                 if self.step >= total_steps:
                     break
-                step_start = time.perf_counter()
+                data_wait = time.perf_counter() - step_start
                 lr = self.optimizer.param_groups[0]["lr"]
                 with profiler.step(self.step + 1):
                     loss, tokens = self.train_step(micro_batches)
@@ -189,11 +203,12 @@ class Trainer:
                                              "lower --lr or enable --gradient_clipping")
                 self.step += 1
                 tokens_seen += tokens
+                data_waited += data_wait
                 elapsed = time.perf_counter() - step_start
                 epoch_losses.append(loss)
                 record = {"step": self.step, "epoch": epoch + 1, "loss": loss, "lr": lr,
                           "tokens_per_s": tokens / max(elapsed, 1e-9),
-                          "peak_gpu_mem_gib": peak_gpu_gib()}
+                          "data_wait_s": round(data_wait, 6), "peak_gpu_mem_gib": peak_gpu_gib()}
                 if self.grad_scaler is not None:
                     record["grad_scale"] = float(self.grad_scaler.get_scale())
                 self.metrics.log(record)
@@ -201,7 +216,8 @@ class Trainer:
                                 tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
                 bar.update()
                 if on_step_end is not None:
-                    on_step_end(self)
+                    on_step_end(self)  # checkpoints: not part of the next step's time
+                step_start = time.perf_counter()
             bar.close()
             if epoch_losses:
                 summary["train_loss"].append(sum(epoch_losses) / len(epoch_losses))
@@ -221,7 +237,8 @@ class Trainer:
         profiler.close()
         wall = time.perf_counter() - started
         summary.update(steps=self.step, train_time_s=wall, tokens_per_s=tokens_seen / wall,
-                       peak_gpu_mem_gib=peak_gpu_gib(), **memory_trace())
+                       data_wait_s=data_waited, peak_gpu_mem_gib=peak_gpu_gib(), **memory_trace())
+        self.warn_if_data_stalls(data_waited, wall)
         if profiler.flops_per_step is not None:
             summary["flops_per_step"] = profiler.flops_per_step
         return summary

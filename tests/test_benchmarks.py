@@ -39,3 +39,18 @@ def test_the_check_catches_a_lever_that_changes_the_math(tiny_scenario, tmp_path
     row = check(tmp_path, tolerance=1e-5)
     assert row["levers"][0] == pytest.approx(row["plain"][0], rel=1e-6)
     assert not row["within_tolerance"]
+
+
+def test_the_fp32_check_computes_in_fp32_and_4bit_levers_keep_the_losses(monkeypatch, tmp_path):
+    """``--fp32``: the GPU check without bf16 rounding (docs/performance.md). pure_bf16 goes,
+    4-bit layers compute in fp32; the QLoRA scenario's levers then equal its plain path."""
+    full = compare.in_fp32(compare.SCENARIOS["full_1b_ac_keep6_compile"].flags)
+    assert "--fsdp_config.pure_bf16" not in full and full[-2:] == ["--mixed_precision", "False"]
+    qlora = compare.in_fp32(compare.SCENARIOS["qlora_8b_mb1_noac_compile"].flags)
+    assert qlora[-2:] == ["--quantization_config.compute_dtype", "float32"]
+    monkeypatch.setitem(compare.SCENARIOS, "tiny", compare.Scenario(
+        "tiny-llama", "qlora", 4, True, [*compare.QLORA, *compare.COMPILE], micro_batch=1,
+        our_ac=False))
+    (row,) = compare.main(only="tiny", check=True, steps=2, workdir=str(tmp_path), fp32=True,
+                          out=str(tmp_path / "check.json"), tolerance=1e-5)
+    assert len(row["levers"]) == 2 and row["within_tolerance"]

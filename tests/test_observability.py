@@ -106,3 +106,29 @@ def test_moving_average_smooths_the_per_step_curve():
 
     assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert moving_average([5.0, 1.0], 1) == [5.0, 1.0]
+
+
+def test_time_waiting_for_data_is_measured_counted_and_warned_about(tiny_model_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    """A loader that takes 0.3 s per optimizer step: each step records the wait, its tokens/s
+    counts it (the GPU stands idle meanwhile; this CPU trains the tiny model at about 12,000
+    tokens/s), and the run says to add loader workers."""
+    import time
+
+    from llm_finetune import train
+
+    batches = train.grouped
+
+    def slow(loader, size):
+        for group in batches(loader, size):
+            time.sleep(0.3)
+            yield group
+
+    monkeypatch.setattr(train, "grouped", slow)
+    summary = finetuning.main(**FAST, model_name=str(tiny_model_dir), output_dir=str(tmp_path))
+    steps = [m for m in summary["metrics"] if "data_wait_s" in m]
+    assert len(steps) == 4 and all(m["data_wait_s"] >= 0.3 for m in steps)
+    assert summary["data_wait_s"] >= 1.2
+    most_tokens_per_step = 4 * 512  # FAST's 4 rows of at most the default 512 tokens
+    assert all(m["tokens_per_s"] <= most_tokens_per_step / 0.3 for m in steps)
+    assert "of the training time went to waiting for batches" in capsys.readouterr().out

@@ -33,7 +33,8 @@ def test_default_run_learns_and_writes_metrics(tmp_path):
     steps = [r for r in lines if "loss" in r]
     evals = [r for r in lines if "eval_loss" in r]
     assert len(steps) == 150 and len(evals) == 1
-    assert set(steps[0]) == {"step", "epoch", "loss", "lr", "tokens_per_s", "peak_gpu_mem_gib"}
+    assert set(steps[0]) == {"step", "epoch", "loss", "lr", "tokens_per_s", "data_wait_s",
+                            "peak_gpu_mem_gib"}
     assert set(evals[0]) == {"step", "eval_loss", "eval_perplexity"}
     assert evals[0]["eval_perplexity"] == pytest.approx(2.718281828 ** evals[0]["eval_loss"])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
