@@ -18,7 +18,6 @@ the GPU's bf16 dense peak (``--peak_tflops``, 790 measured on H100/H200 SXM).
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import fire
 
-from llm_finetune.metrics import read_metrics, steady_tokens_per_s
+from llm_finetune.metrics import read_metrics, steady_median, steady_tokens_per_s
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,8 +129,7 @@ def ours(scenario: Scenario, model: str, extra: list[str], steps: int, out: Path
     return "", {"tokens_per_s": tokens, "step_time_s": step_time,
                 "peak_gpu_mem_gib": steps_logged[-1]["peak_gpu_mem_gib"],
                 # the median step's share of time the GPU stood idle waiting for batches
-                "data_wait": statistics.median(s["data_wait_s"] for s in steps_logged[2:]
-                                               or steps_logged) / step_time,
+                "data_wait": steady_median(steps_logged, "data_wait_s") / step_time,
                 "losses": [step["loss"] for step in steps_logged]}
 
 
@@ -144,16 +142,21 @@ def model_path(scenario: Scenario, work: Path, env: dict) -> str:
     return str(directory)
 
 
-def without_levers(scenario: Scenario) -> Scenario:
-    """The plain path of ``scenario``: the baseline's micro-batch and checkpointing, eager
-    layers, the loss from the full logits."""
-    flags, dropped = [], {"--torch_compile", "--fsdp_config.no_checkpoint_layers"}
-    pairs = iter(scenario.flags)
+def without_flags(flags: list[str], dropped: set[str]) -> list[str]:
+    """``flags`` (``--name value`` pairs) without the ``dropped`` names and their values."""
+    kept, pairs = [], iter(flags)
     for flag in pairs:
         if flag in dropped:
             next(pairs)  # and its value
         else:
-            flags.append(flag)
+            kept.append(flag)
+    return kept
+
+
+def without_levers(scenario: Scenario) -> Scenario:
+    """The plain path of ``scenario``: the baseline's micro-batch and checkpointing, eager
+    layers, the loss from the full logits."""
+    flags = without_flags(scenario.flags, {"--torch_compile", "--fsdp_config.no_checkpoint_layers"})
     return Scenario(scenario.model, scenario.mode, scenario.batch, scenario.ac,
                     [*flags, "--chunked_loss", "False"])
 
@@ -162,12 +165,7 @@ def in_fp32(flags: list[str]) -> list[str]:
     """``flags`` computing in fp32: no bf16 autocast, no bf16 weights, 4-bit layers
     dequantised to fp32. Without bf16 rounding the levers must equal the plain path almost
     exactly, which tells a lever's rounding from a lever's bug."""
-    kept, pairs = [], iter(flags)
-    for flag in pairs:
-        if flag == "--fsdp_config.pure_bf16":
-            next(pairs)
-        else:
-            kept.append(flag)
+    kept = without_flags(flags, {"--fsdp_config.pure_bf16"})
     fp32 = ["--mixed_precision", "False"]
     if "--quantization" in kept:
         fp32 += ["--quantization_config.compute_dtype", "float32"]

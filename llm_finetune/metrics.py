@@ -52,10 +52,15 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return ([r for r in records if "loss" in r], [r for r in records if "eval_loss" in r])
 
 
+def steady_median(steps: list[dict], key: str) -> float:
+    """Median of a step record's ``key`` over steps 3 and later: the first steps pay for
+    warm-up (allocator growth, kernel selection, compilation, loader workers starting)."""
+    return statistics.median(s[key] for s in steps[2:] or steps)
+
+
 def steady_tokens_per_s(steps: list[dict]) -> float:
-    """Median tokens/s of steps 3 and later: the first steps pay for warm-up (allocator growth,
-    kernel selection, compilation), which is not the speed of the run."""
-    return statistics.median(s["tokens_per_s"] for s in steps[2:] or steps)
+    """The run's speed, without its warm-up steps."""
+    return steady_median(steps, "tokens_per_s")
 
 
 class PhaseTimer:

@@ -144,7 +144,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader) -> dict:
         self.model.eval()
-        loss_sum, tokens = 0.0, 0
+        # summed on the device, as in train_step: no wait for the GPU after every batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        tokens = 0
         max_steps = self.run.train.max_eval_step
         for i, batch in enumerate(tqdm(loader, desc="eval", disable=not self.dist.is_main,
                                        leave=False)):
@@ -153,7 +155,7 @@ class Trainer:
             with self.autocast():
                 loss, n = token_loss_sum(self.model, to_device(batch, self.dist.device),
                                          self.loss_head)
-            loss_sum += loss.item()
+            loss_sum += loss
             tokens += n
         loss_sum, tokens = all_reduce_sum([loss_sum, tokens], self.dist.device)
         self.model.train()
@@ -204,16 +206,16 @@ class Trainer:
                 self.step += 1
                 tokens_seen += tokens
                 data_waited += data_wait
-                elapsed = time.perf_counter() - step_start
+                tokens_per_s = tokens / max(time.perf_counter() - step_start, 1e-9)
                 epoch_losses.append(loss)
                 record = {"step": self.step, "epoch": epoch + 1, "loss": loss, "lr": lr,
-                          "tokens_per_s": tokens / max(elapsed, 1e-9),
+                          "tokens_per_s": tokens_per_s,
                           "data_wait_s": round(data_wait, 6), "peak_gpu_mem_gib": peak_gpu_gib()}
                 if self.grad_scaler is not None:
                     record["grad_scale"] = float(self.grad_scaler.get_scale())
                 self.metrics.log(record)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
+                                tok_s=f"{tokens_per_s:,.0f}")
                 bar.update()
                 if on_step_end is not None:
                     on_step_end(self)  # checkpoints: not part of the next step's time
