@@ -1,6 +1,8 @@
 """The benchmark harness's loss check (benchmarks/compare.py --check), on CPU with the tiny
 model: the GPU scenarios' levers are checked the same way on the device (docs/performance.md)."""
 
+import json
+
 import pytest
 
 from benchmarks import compare
@@ -54,3 +56,7 @@ def test_the_fp32_check_computes_in_fp32_and_4bit_levers_keep_the_losses(monkeyp
     (row,) = compare.main(only="tiny", check=True, steps=2, workdir=str(tmp_path), fp32=True,
                           out=str(tmp_path / "check.json"), tolerance=1e-5)
     assert len(row["levers"]) == 2 and row["within_tolerance"]
+    for side in ("levers", "plain"):  # both runs were launched computing in fp32
+        config = json.loads((tmp_path / f"tiny-{side}" / "run_config.json").read_text())
+        assert config["train_config"]["mixed_precision"] is False
+        assert config["quantization_config"]["compute_dtype"] == "float32"
