@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import torch
+
 from peft import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfig,
                   get_peft_model)
 
@@ -17,12 +19,12 @@ def peft_config(run, num_layers: int):
     return PrefixTuningConfig(**fields)
 
 
-def apply_peft(model, run, num_layers: int, adapter_dtype=None) -> PeftModel:
+def apply_peft(model, run, num_layers: int, adapter_dtype: torch.dtype = torch.float32) -> PeftModel:
     """New adapters, or the saved ones of ``from_peft_checkpoint``, trainable.
 
-    ``adapter_dtype``: peft creates adapters in fp32 over a bf16 base; FSDP can only flatten
-    parameters of one dtype into a unit, so under FSDP (and with ``pure_bf16``, which stores
-    everything in bf16) the adapters take the base's dtype.
+    ``adapter_dtype``: the trainable weights' dtype (``Precision.trainable_dtype``): fp32
+    masters over a base stored in the compute dtype, or bf16 with ``pure_bf16``. Under FSDP
+    the adapters sit in units of their own, so their dtype may differ from the base's.
 
     Wrapping a model that already has adapters nests them and silently trains the wrong
     weights (a common trap with ``get_peft_model`` called twice), so that is an error.
@@ -34,8 +36,7 @@ def apply_peft(model, run, num_layers: int, adapter_dtype=None) -> PeftModel:
         model = PeftModel.from_pretrained(model, run.train.from_peft_checkpoint, is_trainable=True)
     else:
         model = get_peft_model(model, peft_config(run, num_layers))
-    if adapter_dtype is not None:
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.to(adapter_dtype)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(adapter_dtype)
     return model

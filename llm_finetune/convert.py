@@ -46,9 +46,10 @@ def _shard_groups(names: list[str], sizes: dict[str, int], limit: int) -> list[l
 
 
 def dcp_to_hf(checkpoint: str, model_name: str, output: str, dtype: str = "bfloat16",
-              max_shard_gb: float = 5.0) -> str:
+              max_shard_gb: float = 5.0, tokenizer_name: str = "") -> str:
     """``model_name``: the base model (hub name, directory or built-in) the run trained, for its
-    config and tokenizer; ``dtype``: of the written weights.
+    config and tokenizer (``tokenizer_name`` when the run named one: a config-only model
+    directory has none); ``dtype``: of the written weights.
 
     Streams: reads the checkpoint's index, then loads one output shard's tensors at a time
     (DCP loads any subset of a checkpoint's keys) and writes it, so converting a 70B model
@@ -92,7 +93,12 @@ def dcp_to_hf(checkpoint: str, model_name: str, output: str, dtype: str = "bfloa
         GenerationConfig.from_pretrained(path).save_pretrained(output)
     except OSError:
         GenerationConfig.from_model_config(config).save_pretrained(output)
-    AutoTokenizer.from_pretrained(path).save_pretrained(output)
+    tokenizer = resolve_model_path(tokenizer_name) if tokenizer_name else path
+    try:
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(output)
+    except (OSError, ValueError):
+        print(f"note: no tokenizer in {tokenizer}; the model is written without one (pass "
+              "--tokenizer_name, the run's tokenizer)", flush=True)
     print(f"saved a Hugging Face model ({len(groups)} shard(s)) to {output}", flush=True)
     return output
 

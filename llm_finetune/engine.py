@@ -24,10 +24,16 @@ from llm_finetune.random_init import SeededInit
 
 def mixed_precision_policy(compute_dtype: torch.dtype) -> MixedPrecision | None:
     """Compute in ``compute_dtype``; reduce gradients in fp32 (bf16 sums lose small updates);
-    keep buffers (rotary frequencies) as they are."""
+    keep buffers (rotary frequencies) as they are.
+
+    Every unit casts its floating-point inputs to the compute dtype, not only the root: an
+    adapter in a unit of its own is called from inside its layer's forward, and peft first casts
+    the layer's input to the dtype the adapter's weight has outside its unit's forward (the
+    fp32 master), which would meet the unit's bf16 weight in the matmul."""
     if compute_dtype == torch.float32:
         return None
-    return MixedPrecision(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    return MixedPrecision(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                          cast_forward_inputs=True)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module, keep_last: int = 0) -> None:
@@ -159,25 +165,50 @@ def meta_init_fn(model: torch.nn.Module, dist_info: DistInfo, seed: int,
 
 
 def auto_wrap_policy(model: torch.nn.Module):
-    """One FSDP unit per decoder layer; with adapters, also one per trainable leaf module.
+    """One FSDP unit per decoder layer; when a layer mixes frozen and trainable weights
+    (adapters), the trainable ones get units of their own.
 
-    FSDP1 gives each unit's flat parameter one gradient the size of the whole unit. When a
-    unit mixes frozen base weights and trainable adapters, that gradient covers the frozen
-    weights too: as much memory as the sharded weights themselves (measured: Llama-3-70B LoRA
-    on 2 H200s ran out of memory with 65 GiB of zero gradients per GPU). Wrapping the adapters
-    apart leaves the layer's units wholly frozen, so they get no gradient at all."""
-    layers = functools.partial(transformer_auto_wrap_policy,
-                               transformer_layer_cls=decoder_layer_classes(model))
-    grads = {p.requires_grad for p in model.parameters()}
-    if grads != {True, False}:
+    FSDP1 flattens a unit into one parameter, of one dtype, with one gradient the size of the
+    whole unit. Adapters kept apart from their layer can keep fp32 master weights beside a base
+    stored in the compute dtype, and they leave the layer's units wholly frozen, so those get no
+    gradient at all (mixed, the gradient also covers the frozen weights: Llama-3-70B LoRA on 2
+    H200s ran out of memory that way, docs/fsdp.md). Full fine-tuning with frozen layers
+    (``freeze_layers``) needs none of this: each layer is wholly frozen or wholly trainable."""
+    layer_classes = decoder_layer_classes(model)
+    layers = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_classes)
+    if not any(mixes_frozen_and_trainable(unit) for unit in layer_units(model)):
         return layers
-
-    def trainable_leaf(module: torch.nn.Module) -> bool:
-        own = list(module.parameters(recurse=False))
-        return not list(module.children()) and bool(own) and all(p.requires_grad for p in own)
-
+    apart = adapter_units(model)
     return functools.partial(_or_policy, policies=[
-        functools.partial(lambda_auto_wrap_policy, lambda_fn=trainable_leaf), layers])
+        functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda module: module in apart),
+        layers])
+
+
+def layer_units(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """The parameters of each decoder layer, and those outside every layer (the root unit)."""
+    layers = [list(layer.parameters()) for layer in decoder_layers(model)]
+    in_layers = {id(p) for params in layers for p in params}
+    return [*layers, [p for p in model.parameters() if id(p) not in in_layers]]
+
+
+def mixes_frozen_and_trainable(params: list[torch.nn.Parameter]) -> bool:
+    return len({p.requires_grad for p in params}) == 2
+
+
+def adapter_units(model: torch.nn.Module) -> set[torch.nn.Module]:
+    """The modules that become FSDP units of their own beside the decoder layers: each module
+    whose own parameters all train (LoRA's A and B, a prefix encoder, llama_adapter's adapted
+    attention), and inside such a module each one holding frozen weights (the projections of
+    the attention that llama_adapter wraps), which would otherwise join the adapter's unit.
+    Those are wrapped one by one, not as their parent: llama_adapter calls the projections
+    directly, outside their attention module's forward, where a parent's unit is sharded."""
+    def own_grads(module) -> set[bool]:
+        return {p.requires_grad for p in module.parameters(recurse=False)}
+
+    owners = {m for m in model.modules() if own_grads(m) == {True}}
+    frozen_inside = {inner for owner in owners for inner in owner.modules()
+                     if inner is not owner and own_grads(inner) == {False}}
+    return owners | frozen_inside
 
 
 def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dtype: torch.dtype,
@@ -196,7 +227,17 @@ def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dty
         else:
             mesh = init_device_mesh(dist_info.device.type, (replica, shard),
                                     mesh_dim_names=("replicate", "shard"))
-    return FullyShardedDataParallel(
+    replicated = strategy == ShardingStrategy.NO_SHARD or dist_info.world_size == 1
+    ignored = (frozen_in_compute_dtype(model, compute_dtype)
+               if replicated and not fsdp_cfg.fsdp_cpu_offload else [])
+    if param_init_fn is not None and any(p.is_meta for p in ignored):
+        # FSDP materialises only what it manages: build the left-out ones first (ties kept)
+        left_out = {id(p) for p in ignored}
+        for module in [m for m in model.modules()
+                       if any(id(p) in left_out for p in m.parameters(recurse=False))]:
+            param_init_fn(module)
+        ignored = frozen_in_compute_dtype(model, compute_dtype)
+    wrapped = FullyShardedDataParallel(
         model,
         auto_wrap_policy=auto_wrap_policy(model),
         sharding_strategy=strategy,
@@ -209,4 +250,26 @@ def wrap_fsdp(model: torch.nn.Module, fsdp_cfg, dist_info: DistInfo, compute_dty
         device_id=dist_info.device,  # on CPU too: FSDP otherwise looks for an accelerator
         param_init_fn=param_init_fn,
         use_orig_params=True,  # frozen and trainable PEFT parameters may share a unit
+        ignored_states=ignored or None,
     )
+    for param in ignored:  # FSDP leaves them where they are; every rank holds them whole
+        if param.device != dist_info.device:
+            param.data = param.data.to(dist_info.device)
+    return wrapped
+
+
+def frozen_in_compute_dtype(model: torch.nn.Module,
+                            compute_dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """The frozen weights (a PEFT base) that an unsharded FSDP (NO_SHARD, or one rank) leaves
+    out. Unsharded, FSDP1 never restores a frozen unit's parameters after backward: they stay
+    plain tensors, so a tied embedding fails the next forward ('as_params=True
+    type(prim_param)=Tensor') and the state dict misses them ('FSDP assumes ... is in the
+    state_dict'). Left out, they sit on each rank whole, as unsharded FSDP would keep them, with
+    nothing to reduce since nothing trains them. Only weights already in the compute dtype (no
+    cast needed: a frozen base is stored that way) are left out."""
+    seen, frozen = set(), []
+    for param in model.parameters():
+        if id(param) not in seen and not param.requires_grad and param.dtype == compute_dtype:
+            seen.add(id(param))
+            frozen.append(param)
+    return frozen

@@ -71,9 +71,7 @@ def main(**kwargs) -> dict:
     if run.train.freeze_layers:
         freeze_layers(model, run.train.num_freeze_layers)
     if run.train.use_peft:
-        bf16_adapters = run.train.enable_fsdp or run.fsdp.pure_bf16
-        model = apply_peft(model, run, num_layers,
-                           adapter_dtype=precision.weight_dtype if bf16_adapters else None)
+        model = apply_peft(model, run, num_layers, adapter_dtype=precision.trainable_dtype)
     if run.fsdp.fsdp_activation_checkpointing:
         enable_activation_checkpointing(model, keep_last=run.fsdp.no_checkpoint_layers)
     if run.train.torch_compile:
@@ -110,7 +108,7 @@ def main(**kwargs) -> dict:
                          resumed_step=resumed_step, trackers=trackers)
     if dist_info.is_main:
         write_run_config(run)
-    scaler = grad_scaler(precision, run.train.enable_fsdp)
+    scaler = grad_scaler(precision, run.train.enable_fsdp, dist_info.device)
     # DDP wraps the model for training only; saving and checkpoints see the model itself
     trained = distributed.data_parallel(model, dist_info) if run.train.enable_ddp else model
     trainer = Trainer(trained, optimizer, scheduler, run, dist_info, precision, metrics, scaler)
@@ -149,14 +147,14 @@ def main(**kwargs) -> dict:
     return summary
 
 
-def grad_scaler(precision, fsdp: bool):
+def grad_scaler(precision, fsdp: bool, device: torch.device):
     if not precision.grad_scaler:
         return None
     if fsdp:
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-        return ShardedGradScaler()
-    return torch.amp.GradScaler("cuda")
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
 
 
 def count_parameters(model, dist_info) -> tuple[int, int]:

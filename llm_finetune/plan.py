@@ -161,7 +161,7 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
     precision = choose_precision(run, cuda=True, bf16_supported=True)
     weight_bytes = precision.weight_dtype.itemsize
     compute_bytes = precision.compute_dtype.itemsize
-    adapter_bytes = weight_bytes if (t.enable_fsdp or not t.use_peft) else 4  # peft: fp32
+    adapter_bytes = precision.trainable_dtype.itemsize
     shards = shard_group(run, world_size)
     offload = t.enable_fsdp and f.fsdp_cpu_offload
     plan = Plan()

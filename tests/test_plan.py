@@ -225,3 +225,19 @@ def test_peak_is_the_larger_of_forward_end_and_backward_end():
     assert one.gpu_peak == max(one.forward_end, one.backward_end) < sum(one.gpu.values())
     accumulating = plan.estimate(build_run_config(**settings, gradient_accumulation_steps=2), 1)
     assert accumulating.forward_end == pytest.approx(one.forward_end + one.gpu["gradients"])
+
+
+@pytest.mark.parametrize("engine", [{}, {"enable_fsdp": True}])
+def test_a_frozen_base_is_planned_in_the_compute_dtype(engine):
+    """LoRA's frozen base is stored in bf16 (2 bytes a weight) under FSDP too, the adapters
+    and their AdamW states in fp32; full fine-tuning keeps fp32 masters (4 bytes)."""
+    lora = build_run_config(model_name="llama3-8b", use_peft=True, **engine)
+    counts = plan.count_parameters(lora)
+    frozen = counts.total - counts.trainable
+    weights = plan.estimate(lora, 1, counts).gpu["weights"]
+    assert weights == pytest.approx(frozen * 2 + counts.trainable * 4)
+    assert plan.estimate(lora, 1, counts).gpu["optimizer states (AdamW)"] == \
+        pytest.approx(counts.trainable * 8)
+    full = build_run_config(model_name="llama3-8b", **engine)
+    full_counts = plan.count_parameters(full)
+    assert plan.estimate(full, 1, full_counts).gpu["weights"] == pytest.approx(full_counts.total * 4)
