@@ -10,7 +10,8 @@ files and sizes), so a run killed while saving leaves no checkpoint that
 ``--resume_from_checkpoint auto`` would pick; a checkpoint is checked against its manifest before
 use, and ``auto`` falls back past damaged ones. ``save_total_limit`` keeps the newest K.
 
-Our state files hold tensors and plain values only and load with ``weights_only=True``.
+Our state files hold tensors and plain values only and load with ``weights_only=True``; DCP's
+index (a pickle) is read first with an unpickler that admits only its own classes.
 """
 
 import json
@@ -216,10 +217,52 @@ def set_aside_newer(output_dir: str, start_step: int) -> Path | None:
     return aside
 
 
+class IndexUnpickler(pickle.Unpickler):
+    """Reads DCP's ``.metadata`` (a pickle) admitting only what a checkpoint index is made of:
+    DCP's metadata classes, tensor sizes, dtypes and layouts, paths. A planted payload names
+    some other callable and is refused before anything runs."""
+
+    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib._local", "PosixPath"),
+               ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        found = super().find_class(module, name) if self.allowed(module, name) else None
+        if found is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+        return found
+
+    def allowed(self, module: str, name: str) -> bool:
+        if (module, name) in self.ALLOWED:
+            return True
+        if module == "torch":
+            return isinstance(getattr(torch, name, None), torch.dtype)
+        if module == "torch.distributed.checkpoint.metadata":
+            import torch.distributed.checkpoint.metadata as metadata
+
+            value = getattr(metadata, name, None)
+            return isinstance(value, type) and value.__module__ == module
+        return False
+
+
+def read_index(path: Path):
+    """DCP's index of a checkpoint (what each tensor is, where it is stored), read safely; torch
+    reads the same file again with plain pickle inside ``dcp.load``, after this check."""
+    file = Path(path) / ".metadata"
+    try:
+        with open(file, "rb") as stream:
+            return IndexUnpickler(stream).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
+        raise CheckpointError(f"{file}: refused to load ({error}). A checkpoint index holds only "
+                              "DCP's metadata; this one does not (damaged, or replaced by "
+                              "someone). Resume from another checkpoint") from error
+
+
 def shape_mismatches(path: Path, model_state: dict) -> list[str]:
     """Model tensors whose shape differs between the checkpoint and this run's model, or that
     only one of them has (another model, or other adapter settings)."""
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    stored = read_index(path).state_dict_metadata
     stored_model = {key[len("model."):]: meta for key, meta in stored.items()
                     if key.startswith("model.")}
     problems = []

@@ -1,9 +1,13 @@
-"""Resume: a run stopped after step k and resumed continues the same loss curve; a run killed
+"""Resume: a run stopped after step k and resumed continues the same loss curve, bit for bit on
+the default path too (a prefetching loader worker, LoRA dropout, accumulation); a run killed
 with SIGKILL under torchrun resumes from its newest complete checkpoint, by hand or through
-torchrun's restarts, and on another world size; a full disk mid-run keeps the last checkpoint."""
+torchrun's restarts, and on another world size. Checkpoints under real failures: a write error
+inside DCP, SIGKILL while pruning, damaged files (auto falls back), an older checkpoint resumed
+in the same output_dir, a torn metrics line, a planted pickle, another model's shapes."""
 
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -388,17 +392,30 @@ class PlantedPayload:
         return os.mkdir, (str(self.marker),)
 
 
-def test_planted_pickle_in_trainer_state_is_not_executed(tiny_model_dir, tmp_path):
+def plant_in_trainer_state(file: Path, payload) -> None:
     import torch
 
+    torch.save({"step": 2, "payload": payload}, file)
+
+
+def plant_in_index(file: Path, payload) -> None:
+    file.write_bytes(pickle.dumps(payload))
+
+
+@pytest.mark.parametrize("name, plant", [("trainer_state.pt", plant_in_trainer_state),
+                                         (".metadata", plant_in_index)],
+                         ids=["trainer_state", "dcp_index"])
+def test_planted_pickle_in_a_checkpoint_is_not_executed(name, plant, tiny_model_dir, tmp_path):
+    """A payload planted in our state file or in DCP's index (MANIFEST updated to match, as
+    whoever planted it could) is refused with the file named, and never runs."""
     quick_run(tiny_model_dir, tmp_path, max_train_step=2, save_steps=2)
     checkpoint = tmp_path / "checkpoints" / "step-00000002"
     marker = tmp_path / "payload-ran"
-    torch.save({"step": 2, "payload": PlantedPayload(marker)}, checkpoint / "trainer_state.pt")
-    manifest = json.loads((checkpoint / "MANIFEST.json").read_text())  # sizes made consistent
-    manifest["files"]["trainer_state.pt"] = (checkpoint / "trainer_state.pt").stat().st_size
+    plant(checkpoint / name, PlantedPayload(marker))
+    manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
+    manifest["files"][name] = (checkpoint / name).stat().st_size
     (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"trainer_state\.pt: refused to load"):
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}: refused to load"):
         quick_run(tiny_model_dir, tmp_path, max_train_step=4, resume_from_checkpoint="auto")
     assert not marker.exists(), "the planted payload ran"
 
