@@ -328,29 +328,29 @@ def steps_in_metrics(out) -> list[int]:
 
 
 def test_resuming_an_older_checkpoint_in_the_same_output_dir(tiny_model_dir, tmp_path):
-    """Resumed from step 2 of a run that went on to step 6: the new run's checkpoints take the
+    """Resumed from step 2 of a run that went on to step 4: the new run's checkpoints take the
     place of the abandoned ones (set aside, never picked by auto), and auto then continues the
     new timeline."""
-    quick_run(tiny_model_dir, tmp_path, save_steps=2)
-    quick_run(tiny_model_dir, tmp_path, save_steps=2,
+    quick_run(tiny_model_dir, tmp_path, max_train_step=4, save_steps=1)
+    quick_run(tiny_model_dir, tmp_path, max_train_step=4, save_steps=1,
               resume_from_checkpoint=str(tmp_path / "checkpoints" / "step-00000002"))
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == [
-        "step-00000002", "step-00000004", "step-00000006"]
+        f"step-{n:08d}" for n in (1, 2, 3, 4)]
     aside = checkpoints / "abandoned-after-step-00000002"
-    assert sorted(p.name for p in aside.iterdir()) == ["step-00000004", "step-00000006"]
-    assert steps_in_metrics(tmp_path) == [1, 2, 3, 4, 5, 6]
-    again = quick_run(tiny_model_dir, tmp_path, max_train_step=7, resume_from_checkpoint="auto")
-    assert [m["step"] for m in again["metrics"]] == [7]
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000003", "step-00000004"]
+    assert steps_in_metrics(tmp_path) == [1, 2, 3, 4]
+    again = quick_run(tiny_model_dir, tmp_path, max_train_step=5, resume_from_checkpoint="auto")
+    assert [m["step"] for m in again["metrics"]] == [5]
 
 
 def test_torn_last_line_of_metrics_is_dropped_on_resume(tiny_model_dir, tmp_path, capsys):
-    quick_run(tiny_model_dir, tmp_path, max_train_step=4, save_steps=2)
+    quick_run(tiny_model_dir, tmp_path, max_train_step=2, save_steps=2)
     with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"step": 5, "epoch": 1, "lo')  # killed while appending
-    quick_run(tiny_model_dir, tmp_path, save_steps=2, resume_from_checkpoint="auto")
+        f.write('{"step": 3, "epoch": 1, "lo')  # killed while appending
+    quick_run(tiny_model_dir, tmp_path, max_train_step=3, resume_from_checkpoint="auto")
     assert "dropped its half-written last line" in capsys.readouterr().out
-    assert steps_in_metrics(tmp_path) == [1, 2, 3, 4, 5, 6]
+    assert steps_in_metrics(tmp_path) == [1, 2, 3]
 
 
 def truncate(path: Path, keep: int = 10) -> None:
@@ -359,27 +359,27 @@ def truncate(path: Path, keep: int = 10) -> None:
 
 def test_auto_falls_back_past_damaged_checkpoints(tiny_model_dir, tmp_path, capsys):
     """Newest checkpoint with a truncated MANIFEST, the one before with a truncated shard, the
-    one before that with a deleted RNG file: auto names each and resumes from step 2 (metrics
-    cut back to step 2, not earlier or later); an explicit damaged path is refused with what,
+    one before that with a deleted RNG file: auto names each and resumes from step 1 (metrics
+    cut back to step 1, not earlier or later); an explicit damaged path is refused with what,
     where and the fix."""
-    first = quick_run(tiny_model_dir, tmp_path, save_steps=2, max_train_step=8)  # 2, 4, 6, 8
+    first = quick_run(tiny_model_dir, tmp_path, save_steps=1, max_train_step=4)
     checkpoints = tmp_path / "checkpoints"
-    truncate(checkpoints / "step-00000008" / "MANIFEST.json")
-    truncate(next((checkpoints / "step-00000006").glob("*.distcp")))
-    (checkpoints / "step-00000004" / "rng-rank0.pt").unlink()
-    for name, problem in [("step-00000008", "its MANIFEST.json is unreadable"),
-                          ("step-00000006", r"__0_0\.distcp has 10 bytes, MANIFEST.json records"),
-                          ("step-00000004", "rng-rank0.pt is missing")]:
+    truncate(checkpoints / "step-00000004" / "MANIFEST.json")
+    truncate(next((checkpoints / "step-00000003").glob("*.distcp")))
+    (checkpoints / "step-00000002" / "rng-rank0.pt").unlink()
+    for name, problem in [("step-00000004", "its MANIFEST.json is unreadable"),
+                          ("step-00000003", r"__0_0\.distcp has 10 bytes, MANIFEST.json records"),
+                          ("step-00000002", "rng-rank0.pt is missing")]:
         with pytest.raises(ConfigError, match=rf"{name}: {problem}.*intact ones there: "
-                                              r"step-00000002.*--resume_from_checkpoint auto"):
+                                              r"step-00000001.*--resume_from_checkpoint auto"):
             validate(build_run_config(resume_from_checkpoint=str(checkpoints / name)),
                      world_size=1, cuda=False)
-    resumed = quick_run(tiny_model_dir, tmp_path, resume_from_checkpoint="auto")
+    resumed = quick_run(tiny_model_dir, tmp_path, max_train_step=3, resume_from_checkpoint="auto")
     out = capsys.readouterr().out
     assert all(f"skipping checkpoint {checkpoints / name}" in out
-               for name in ("step-00000008", "step-00000006", "step-00000004"))
-    assert step_losses(resumed) == step_losses(first)[2:6]
-    assert steps_in_metrics(tmp_path) == [1, 2, 3, 4, 5, 6]
+               for name in ("step-00000004", "step-00000003", "step-00000002"))
+    assert step_losses(resumed) == step_losses(first)[1:3]
+    assert steps_in_metrics(tmp_path) == [1, 2, 3]
 
 
 class PlantedPayload:
@@ -526,9 +526,8 @@ def test_deterministic_reaches_torch_before_the_model_is_built(tiny_model_dir, t
         return real_load_model(*args, **kwargs)
 
     monkeypatch.setattr(finetuning, "load_model", load_model)
-    summary = quick_run(tiny_model_dir, tmp_path, max_train_step=4, use_peft=True,
-                        deterministic=True)
+    summary = quick_run(tiny_model_dir, tmp_path, max_train_step=3, deterministic=True)
     assert seen == {"deterministic": True, "cublas": ":4096:8", "mem_efficient_sdp": False,
                     "cudnn": True}
     losses = step_losses(summary)
-    assert len(losses) == 4 and losses[-1] < losses[0]  # it trains
+    assert len(losses) == 3 and losses[-1] < losses[0]  # it trains
