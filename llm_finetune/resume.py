@@ -96,7 +96,7 @@ def say(message: str) -> None:
 def latest_checkpoint(output_dir: str, report: bool = False) -> Path | None:
     """The newest intact checkpoint in ``output_dir``, or None. ``report``: name each newer
     damaged one passed over, and why."""
-    for step, path in reversed(step_dirs(output_dir)):
+    for _, path in reversed(step_dirs(output_dir)):
         problem = checkpoint_problem(path)
         if problem is None:
             return path

@@ -316,7 +316,7 @@ def test_resume_is_exact_across_an_epoch_end(tiny_model_dir, tmp_path):
 
 # --- robust checkpoints: real failures --------------------------------------------------------
 
-FULL = dict(RUN, model_name=None, max_train_step=6)  # full fine-tuning, no worker: quick runs
+FULL = dict(RUN, max_train_step=6)  # full fine-tuning, no loader worker: quick runs
 
 
 def quick_run(model_dir, out, **extra) -> dict:
@@ -424,8 +424,9 @@ def test_checkpoint_of_another_model_shape_is_refused(tiny_model_dir, tmp_path):
     """LoRA rank 8 saved, rank 4 resumed: the tensors that differ are named, before loading."""
     lora = dict(use_peft=True, max_train_step=2, save_steps=2)
     quick_run(tiny_model_dir, tmp_path, **lora)
-    with pytest.raises(ValueError, match=r"(?s)holds another model than this run builds .*lora_A"
-                                         r".*\[8, 128\] in the checkpoint, \[4, 128\] in this model"):
+    expected = (r"(?s)holds another model than this run builds .*lora_A"
+                r".*\[8, 128\] in the checkpoint, \[4, 128\] in this model")
+    with pytest.raises(ValueError, match=expected):
         quick_run(tiny_model_dir, tmp_path / "other", **lora, **{"lora_config.r": 4},
                   resume_from_checkpoint=str(tmp_path / "checkpoints" / "step-00000002"))
 
