@@ -337,7 +337,9 @@ class Checkpointer:
             torch.save(rng, tmp / f"rng-rank{self.dist.rank}.pt")
             if self.dist.is_main:
                 torch.save(self.trainer_state(trainer), tmp / TRAINER_STATE)
-        except (OSError, CheckpointException) as failure:  # disk full, quota, lost mount
+        # disk full, quota, lost mount: OSError, or DCP's CheckpointException, or RuntimeError
+        # from torch's zip writer (which turns a failed write into "unexpected pos")
+        except (OSError, RuntimeError, CheckpointException) as failure:
             error = failure
         # every rank learns whether any failed, so all stop together (none waits forever)
         (failed,) = all_reduce_sum([int(error is not None)], self.dist.device)
