@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from llm_finetune.resume import latest_checkpoint, read_manifest
+from llm_finetune.resume import CheckpointError, choose_checkpoint, read_manifest
 
 from llm_finetune.configs import (
     DATASET_CONFIGS,
@@ -262,11 +262,10 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
                           "own work: use one of them per run")
     if t.save_steps < 0 or t.save_total_limit < 0:
         raise ConfigError("--save_steps and --save_total_limit must be 0 (off) or positive")
-    resume = t.resume_from_checkpoint
-    if resume and resume != "auto" and not (Path(resume) / "MANIFEST.json").is_file():
-        raise ConfigError(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no "
-                          "MANIFEST.json); give output_dir/checkpoints/step-N or auto")
-    checkpoint = latest_checkpoint(t.output_dir) if resume == "auto" else resume
+    try:  # the checkpoint the run will resume from, checked against its manifest
+        checkpoint = choose_checkpoint(t.resume_from_checkpoint, t.output_dir)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from error
     if checkpoint:
         saved = read_manifest(checkpoint)
         ours = t.batch_size_training * world_size * t.gradient_accumulation_steps

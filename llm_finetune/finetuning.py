@@ -21,6 +21,7 @@ from llm_finetune.adapters import apply_peft
 from llm_finetune.checkpoint import check_output_dir, save_model
 from llm_finetune.config_utils import ConfigError, build_run_config, field_help, validate
 from llm_finetune.data import build_dataloaders
+from llm_finetune.determinism import make_deterministic
 from llm_finetune.engine import (compile_layers, enable_activation_checkpointing, meta_init_fn,
                                  wrap_fsdp)
 from llm_finetune.metrics import MetricsLog, PhaseTimer, model_flops_utilization
@@ -45,6 +46,8 @@ def main(**kwargs) -> dict:
     cuda = torch.cuda.is_available()
     world_size = distributed.world_size_from_env()
     validate(run, world_size, cuda)
+    if run.train.deterministic:  # before CUDA does any work, and before the model is built
+        make_deterministic()
     if run.train.auto_fit:  # the fastest micro-batch and checkpointing this GPU holds
         run = fit_to_gpu(run, world_size, cuda)
     if run.train.dry_run:  # the memory plan instead of the run (printed by the first rank)
@@ -116,6 +119,7 @@ def main(**kwargs) -> dict:
                                train_loader.batch_sampler, scaler)
     if resume_from is not None:
         checkpoints.restore(trainer, resume_from)
+    checkpoints.start(trainer)
     summary = trainer.fit(train_loader, eval_loader, total_steps,
                           on_step_end=checkpoints.maybe_save,
                           on_epoch_end=checkpoints.epoch_end)

@@ -27,11 +27,10 @@ class MetricsLog:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         kept = []
         if resumed_step is not None and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f
-                        if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+            kept = [record for record in read_records(Path(path))
+                    if record.get("step", 0) <= resumed_step]
         with open(path, "w") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(record) + "\n" for record in kept)
 
     def log(self, record: dict) -> None:
         self.records.append(record)
@@ -42,13 +41,31 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A run killed while appending leaves a half-written last
+    line: it is dropped, with a warning (the step it described is run again on resume); a bad
+    line elsewhere is an error naming the file and line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: not JSON ({error}): repair or remove "
+                                 "that line") from error
+            print(f"warning: {path}: dropped its half-written last line {line[:80]!r} (a run "
+                  "stopped while writing it)", flush=True)
+    return records
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(optimizer-step records, evaluation records) of a run directory."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"{run_dir}: no metrics.jsonl (was the run started with "
                          "--save_metrics False?)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(path)
     return ([r for r in records if "loss" in r], [r for r in records if "eval_loss" in r])
 
 

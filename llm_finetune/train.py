@@ -94,6 +94,9 @@ class Trainer:
         self.loss_head = output_layer(model) if run.train.chunked_loss else None
         self.step = 0  # optimizer steps done
         self.epoch = 0  # the epoch in progress
+        # optimizer steps done in that epoch: the data position a checkpoint records (the
+        # loader's workers fetch batches ahead, so only the loop knows what was consumed)
+        self.steps_in_epoch = 0
 
     def autocast(self):
         if not self.precision.autocast or self.run.train.enable_fsdp:  # FSDP casts itself
@@ -175,7 +178,8 @@ class Trainer:
         """Train from ``self.step``/``self.epoch`` (0, or a restored checkpoint's) to
         ``total_steps``; ``on_step_end(trainer)`` runs after every optimizer step,
         ``on_epoch_end(trainer)`` after each epoch and its evaluation, with ``self.epoch``
-        already the next one (a checkpoint taken there resumes at the next epoch)."""
+        already the next one (a checkpoint taken there resumes at the next epoch). A restored
+        ``self.steps_in_epoch`` is where the loader's sampler was told to continue."""
         t = self.run.train
         summary = {"train_loss": [], "eval_loss": [], "eval_perplexity": []}
         started = time.perf_counter()
@@ -204,6 +208,7 @@ class Trainer:
                     raise FloatingPointError(f"loss is {loss} at step {self.step + 1}: stopping; "
                                              "lower --lr or enable --gradient_clipping")
                 self.step += 1
+                self.steps_in_epoch += 1
                 tokens_seen += tokens
                 data_waited += data_wait
                 tokens_per_s = tokens / max(time.perf_counter() - step_start, 1e-9)
@@ -231,7 +236,7 @@ class Trainer:
             if self.dist.is_main:
                 shown = {k: round(v[-1], 4) for k, v in summary.items() if v}
                 print(f"epoch {epoch + 1}: {shown} memory {memory_trace()}", flush=True)
-            self.epoch = epoch + 1
+            self.epoch, self.steps_in_epoch = epoch + 1, 0
             if on_epoch_end is not None:
                 on_epoch_end(self)
             if self.step >= total_steps:

@@ -17,6 +17,18 @@ from llm_finetune.model import load_model
 from tests.helpers import FAST, probe_input
 
 FSDP = dict(FAST, enable_fsdp=True)
+
+
+def resume_pair(name: str, engine: dict) -> dict:
+    """Two cases: a run that saves at step 2, and one resuming from that checkpoint."""
+    settings = {k: v for k, v in engine.items()
+                if k not in ("num_workers_dataloader", "lora_config.lora_dropout")}
+    settings.update(use_peft=True, gradient_accumulation_steps=2, batch_size_training=2,
+                    max_train_step=4, run_validation=False, save_steps=2)
+    checkpoint = f"{{out}}/{name}/checkpoints/step-00000002"
+    return {name: settings, f"{name}_resumed": dict(settings, resume_from_checkpoint=checkpoint)}
+
+
 CASES = {
     "FULL_SHARD": dict(FSDP, **{"fsdp_config.sharding_strategy": "FULL_SHARD"}),
     "SHARD_GRAD_OP": dict(FSDP, **{"fsdp_config.sharding_strategy": "SHARD_GRAD_OP"}),
@@ -58,6 +70,10 @@ CASES = {
     # random-init and 4-bit: every rank builds the same quantised layers, FSDP shards them
     "qlora_seeded": dict(FSDP, model_name="tiny-llama", use_peft=True, quantization="4bit",
                          lr=5e-2),
+    # exact resume on the default path: a loader worker that prefetches, LoRA dropout,
+    # accumulation; each "_resumed" case continues the case before it from its step-2 checkpoint
+    **resume_pair("resume_fsdp_lora", FSDP),
+    **resume_pair("resume_ddp_lora", dict(FAST, enable_ddp=True)),
 }
 
 
@@ -116,7 +132,10 @@ def main(out: str, model_dir: str, tied_dir: str, tied_config_dir: str, only: st
     for name in CASES:
         if only and name not in only.split(","):
             continue
-        summary = finetuning.main(**case_settings(name, model_dir, tied_config_dir),
+        settings = case_settings(name, model_dir, tied_config_dir)
+        if "resume_from_checkpoint" in settings:
+            settings["resume_from_checkpoint"] = settings["resume_from_checkpoint"].format(out=out)
+        summary = finetuning.main(**settings,
                                   output_dir=f"{out}/{name}",
                                   dist_checkpoint_root_folder=f"{out}/{name}-dcp")
         results[name] = {"losses": [m["loss"] for m in summary["metrics"] if "loss" in m],

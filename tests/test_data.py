@@ -71,7 +71,7 @@ def test_sampler_resumes_mid_epoch():
     interrupted.set_epoch(1)
     stream = iter(interrupted)
     first = [next(stream) for _ in range(5)]
-    state = interrupted.state_dict()
+    state = interrupted.position(epoch=1, steps_done=5)  # what the trainer counted
     resumed = sampler()
     resumed.load_state_dict(state)
     resumed.set_epoch(1)

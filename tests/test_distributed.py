@@ -71,6 +71,16 @@ def test_fsdp_matches_single_process(case, fsdp_results, tiny_model_dir, tied_co
     assert got[-1] < got[0], "training did not lower the loss"
 
 
+@pytest.mark.parametrize("engine", ["fsdp", "ddp"])
+def test_lora_resumes_exactly_on_the_default_path(engine, fsdp_results):
+    """2 ranks, LoRA with dropout, a loader worker, 2 accumulation steps: resumed from the
+    checkpoint of step 2, steps 3-4 repeat the uninterrupted run."""
+    straight = fsdp_results[f"resume_{engine}_lora"]["losses"]
+    resumed = fsdp_results[f"resume_{engine}_lora_resumed"]["losses"]
+    assert len(straight) == 4
+    assert resumed == straight[2:]
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_low_cpu_fsdp_gives_rank0_weights_on_every_rank(tied, fsdp_results, tiny_model_dir,
                                                         tied_model_dir):

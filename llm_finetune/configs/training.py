@@ -38,6 +38,9 @@ class train_config:
     gamma: float = 0.85
     warmup_steps: int = 0  # linear warm-up, in optimizer steps, before any schedule
     seed: int = 42
+    # deterministic algorithms only (cuBLAS workspace, cuDNN, SDPA backends): on a GPU, runs
+    # and resumed runs repeat bit for bit, at some cost in speed (docs/checkpoints.md)
+    deterministic: bool = False
     # Precision: bf16 mixed precision on GPUs that support it; CPU runs compute in fp32
     mixed_precision: bool = True
     use_fp16: bool = False

@@ -37,8 +37,7 @@ class GlobalBatchSampler(Sampler):
         self.group_by_length = group_by_length
         self.accumulation = accumulation
         self.epoch = 0
-        self.consumed = 0  # micro-batches of this epoch already handed out
-        self._resume_at = 0
+        self._resume_at = 0  # micro-batches of the epoch to skip on the next pass (resume)
 
     @property
     def step_size(self) -> int:
@@ -49,15 +48,19 @@ class GlobalBatchSampler(Sampler):
             self._resume_at = 0
         self.epoch = epoch
 
-    def state_dict(self) -> dict:
-        """Where the data stream stands, for exact resume: the epoch and how many of its
-        optimizer steps were done (the order itself is recomputed from seed and epoch). Counted
-        in steps, not this rank's micro-batches, so a run may resume with another split of the
-        same global batch: other world size, micro-batch and accumulation."""
-        return {"epoch": self.epoch, "steps": self.consumed // self.accumulation,
-                "seed": self.seed, "step_size": self.step_size}
+    def position(self, epoch: int, steps_done: int) -> dict:
+        """The data stream's position for exact resume: the epoch and how many of its optimizer
+        steps the trainer completed (the order itself is recomputed from seed and epoch).
+
+        The trainer says how far it got: the sampler cannot know, because DataLoader workers
+        ask it for batches ahead of the training loop (prefetching). Counted in steps, not this
+        rank's micro-batches, so a run may resume with another split of the same global batch:
+        other world size, micro-batch and accumulation."""
+        return {"epoch": epoch, "steps": steps_done, "seed": self.seed,
+                "step_size": self.step_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue at a ``position``: the next pass over this epoch skips its done steps."""
         if state["seed"] != self.seed or state["step_size"] != self.step_size:
             raise ValueError(f"the data order was saved for seed {state['seed']} and "
                              f"{state['step_size']} samples per step, this run has seed "
@@ -82,10 +85,8 @@ class GlobalBatchSampler(Sampler):
         micro = self.batch_size * self.world_size
         batches = [step[start:start + micro][self.rank::self.world_size]
                    for step in self.step_batches() for start in range(0, len(step), micro)]
-        self.consumed, self._resume_at = self._resume_at, 0
-        for batch in batches[self.consumed:]:
-            self.consumed += 1
-            yield batch
+        skip, self._resume_at = self._resume_at, 0
+        yield from batches[skip:]
 
     def __len__(self) -> int:
         return len(self.lengths) // self.step_size * self.accumulation
