@@ -23,8 +23,9 @@ def read_split(config, split: str):
         return datasets.load_dataset(config.hub_name, getattr(config, "hub_config", None) or None,
                                      split=split), None
     except Exception as error:  # offline, unknown repo, gated data set
+        reason = " ".join(str(error).split())[:200]  # one line
         raise DataError(f"{name}: could not load {config.hub_name!r} split {split!r} from the "
-                        f"hub ({type(error).__name__}: {str(error)[:200]}). Download it and pass "
+                        f"hub ({type(error).__name__}: {reason}). Download it and pass "
                         f"--{name}.train_file and --{name}.eval_file") from error
 
 
