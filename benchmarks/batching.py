@@ -36,7 +36,7 @@ def main(steps: int = 20, **flags) -> None:
     for strategy in ("padding", "packing"):
         settings = dict(flags, batching_strategy=strategy, max_train_step=steps,
                         run_validation=False, save_model=False, save_metrics=False,
-                        output_dir=f"output/batching-{strategy}")
+                        output_dir=f"output/batching-{strategy}", overwrite_output_dir=True)
         run = build_run_config(**settings)
         padding, steps_per_epoch = epoch_shape(run, load_tokenizer(run.train))
         summary = finetuning.main(**settings)

@@ -110,7 +110,8 @@ def ours(scenario: Scenario, model: str, extra: list[str], steps: int, out: Path
                       "--batching_strategy", "padding"]
     else:
         data_flags = ["--batching_strategy", "packing"]
-    cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", model,
+    cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--overwrite_output_dir", "True",
+           "--model_name", model,
            "--tokenizer_name", "tiny-llama", *data_flags,
            "--context_length", "2048", "--batch_size_training", str(micro),
            "--gradient_accumulation_steps", str(scenario.batch // micro),

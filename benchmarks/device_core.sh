@@ -5,7 +5,7 @@
 set -uo pipefail
 out=${1:-/tmp/device_core}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
-ft="-m llm_finetune.finetuning --num_workers_dataloader 2"
+ft="-m llm_finetune.finetuning --overwrite_output_dir True --num_workers_dataloader 2"
 run() { local name=$1; shift; echo "== $name: $*"; timeout "${RUN_TIMEOUT:-240}" "$@" > "$out/$name.log" 2>&1; echo "rc=$?";
         grep -h "run summary" "$out/$name.log" | cut -c1-400; }
 tr2="torchrun --standalone --nproc_per_node 2"

@@ -6,7 +6,7 @@
 set -uo pipefail
 out=${1:-/tmp/device_scale}; shift || true; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
-ft="-m llm_finetune.finetuning --num_workers_dataloader 2 --tokenizer_name tiny-llama
+ft="-m llm_finetune.finetuning --overwrite_output_dir True --num_workers_dataloader 2 --tokenizer_name tiny-llama
     --batching_strategy packing --context_length 2048 --run_validation False --save_model False
     --num_epochs 5 --use_fast_kernels True"
 tr2="torchrun --standalone --nproc_per_node 2"

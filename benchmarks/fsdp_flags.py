@@ -41,7 +41,8 @@ def main(nproc: int = 2, model: str = "llama3.2-1b", steps: int = 8, only=()) ->
             continue
         out = work / str(index)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(nproc), "-m", "llm_finetune.finetuning", "--model_name", model,
+               str(nproc), "-m", "llm_finetune.finetuning", "--overwrite_output_dir", "True",
+               "--model_name", model,
                "--tokenizer_name", "tiny-llama", "--enable_fsdp", "--fsdp_config.pure_bf16",
                "True", "--batching_strategy", "packing", "--context_length", "2048",
                "--batch_size_training", "4", "--max_train_step", str(steps), "--num_epochs",

@@ -343,14 +343,38 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
                           "which transformers drops in checkpointed layers (the attention mask "
                           "then no longer matches). Add --fsdp_config.fsdp_activation_checkpointing "
                           "False, or use --peft_method lora")
-    data_path = getattr(run.dataset, "data_path", "")
-    if data_path and not os.path.exists(data_path):
-        raise ConfigError(f"--{t.dataset}.data_path {data_path}: no such file")
+    if t.use_peft and t.peft_method == "prefix" and t.batching_strategy == "packing":
+        raise ConfigError("prefix tuning with --batching_strategy packing would let packed "
+                          "samples attend to each other: the virtual tokens arrive as a KV cache, "
+                          "and transformers builds the samples-apart mask only without one. Use "
+                          "--batching_strategy padding, or --peft_method lora")
+    check_data_files(run)
     if t.dataset == "file_dataset" and not run.dataset.data_files:
         raise ConfigError("--dataset file_dataset needs --file_dataset.data_files PATH[,PATH...]")
     if t.dataset == "custom_dataset" and not run.dataset.file:
         raise ConfigError("--dataset custom_dataset needs --custom_dataset.file "
                           "path/to/file.py[:function]")
+
+
+ALPACA_SOURCE = ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/"
+                 "alpaca_data.json")
+
+
+def check_data_files(run: RunConfig) -> None:
+    """Every local data file the run will read exists, before the model loads."""
+    t = run.train
+    data_path = getattr(run.dataset, "data_path", "")
+    if data_path and not os.path.exists(data_path):
+        where = ""
+        if Path(data_path).name == "alpaca_data.json":
+            where = (f". It is the Stanford Alpaca data set that llama-recipes trains on: "
+                     f"download it from {ALPACA_SOURCE} and point --{t.dataset}.data_path at "
+                     "the file (relative paths start from the current directory)")
+        raise ConfigError(f"--{t.dataset}.data_path {data_path}: no such file{where}")
+    for setting in ("data_files", "eval_files", "train_file", "eval_file"):
+        for file in str(getattr(run.dataset, setting, "")).split(","):
+            if file.strip() and not Path(file.strip()).is_file():
+                raise ConfigError(f"--{t.dataset}.{setting}: {file.strip()}: no such file")
 
 
 def hybrid_mesh_shape(f: fsdp_config, world_size: int) -> tuple[int, int]:

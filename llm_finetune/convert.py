@@ -14,6 +14,7 @@ most 5 GB, the config, generation config and tokenizer.
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import fire
@@ -24,7 +25,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from llm_finetune.model import resolve_model_path
+from llm_finetune.config_utils import ConfigError
+from llm_finetune.model import load_base_model, resolve_model_path
 
 
 def _save(model, tokenizer_source: str, output: str) -> str:
@@ -120,11 +122,15 @@ def merge_adapters(model_name: str, adapter: str, output: str, dtype: str = "bfl
     from peft import PeftModel
 
     path = resolve_model_path(model_name)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    base = load_base_model(model_name, getattr(torch, dtype), adapter)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     return _save(merged, adapter if (Path(adapter) / "tokenizer_config.json").is_file() else path,
                  output)
 
 
 if __name__ == "__main__":
-    fire.Fire({"dcp_to_hf": dcp_to_hf, "hf_to_dcp": hf_to_dcp, "merge_adapters": merge_adapters})
+    try:
+        fire.Fire({"dcp_to_hf": dcp_to_hf, "hf_to_dcp": hf_to_dcp, "merge_adapters": merge_adapters})
+    except ConfigError as error:  # a model that is not there: one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -43,8 +43,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup(need_group: bool) -> tuple[DistInfo, bool]:
+def setup(need_group: bool, timeout_minutes: int = 60) -> tuple[DistInfo, bool]:
     """Join (or create) the default process group when the run is distributed or uses FSDP.
+
+    ``timeout_minutes``: how long a collective waits for the slowest rank. torch's default (10
+    minutes) is shorter than rank 0 alone reading a 70B model or writing a full state dict,
+    while the other ranks wait in a broadcast or barrier (docs/large_models.md).
 
     Returns the rank information and whether this call created the group (then the run tears it
     down; a group the caller made, in a notebook or a test, is left to the caller)."""
@@ -69,7 +73,8 @@ def setup(need_group: bool) -> tuple[DistInfo, bool]:
             rendezvous = dict(store=attempt_store(), rank=int(os.environ["RANK"]),
                               world_size=int(os.environ["WORLD_SIZE"]))
         dist.init_process_group(backend="nccl" if cuda else "gloo",
-                                device_id=device if cuda else None, **rendezvous)
+                                device_id=device if cuda else None,
+                                timeout=timedelta(minutes=timeout_minutes), **rendezvous)
     return DistInfo(rank, local_rank, world_size, device), created
 
 

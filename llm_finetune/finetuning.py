@@ -21,16 +21,19 @@ from llm_finetune.adapters import apply_peft
 from llm_finetune.checkpoint import check_output_dir, save_model
 from llm_finetune.config_utils import ConfigError, build_run_config, field_help, validate
 from llm_finetune.data import build_dataloaders
+from llm_finetune.data.rows import DataError
 from llm_finetune.determinism import make_deterministic
 from llm_finetune.engine import (compile_layers, enable_activation_checkpointing, meta_init_fn,
                                  wrap_fsdp)
 from llm_finetune.metrics import MetricsLog, PhaseTimer, model_flops_utilization
 from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
-                                load_tokenizer)
+                                load_tokenizer, record_random_base, weights_on_disk)
 from llm_finetune.optim import build_optimizer, build_scheduler
+from llm_finetune.output_dir import check_output_dir_reuse, clear_previous_run
 from llm_finetune.plan import fit_to_gpu, plan_run
 from llm_finetune.plot import plot
 from llm_finetune.precision import choose_precision
+from llm_finetune.progress import quiet_library_bars_off_terminal
 from llm_finetune.quantization import bnb_config, is_4bit
 from llm_finetune.random_init import SeededInit
 from llm_finetune.resume import Checkpointer, checkpoint_step, resolve_resume
@@ -53,16 +56,25 @@ def main(**kwargs) -> dict:
     if run.train.dry_run:  # the memory plan instead of the run (printed by the first rank)
         first = os.environ.get("RANK", "0") == "0"
         return {"plan": plan_run(run, world_size, run.train.gpu_memory or None) if first else ""}
+    check_output_dir_reuse(run.train)
+    quiet_library_bars_off_terminal()
     precision = choose_precision(run, cuda)
 
     # 2. distributed set-up (a one-rank group when FSDP runs in a single process)
     dist_info, owns_group = distributed.setup(
-        need_group=run.train.enable_fsdp or run.train.enable_ddp)
+        need_group=run.train.enable_fsdp or run.train.enable_ddp,
+        timeout_minutes=run.train.distributed_timeout_minutes)
+    if dist_info.is_main:
+        clear_previous_run(run.train)
     torch.manual_seed(run.train.seed)
     phases = PhaseTimer(verbose=dist_info.is_main)
-    # 3. model: rank 0 alone reads weights under low_cpu_fsdp; a random-init model stays on
-    #    the meta device until its adapters are in place, then each rank initialises its units
+    # 3. data, before the model: a bad file or setting stops the run before minutes of loading
     tokenizer = load_tokenizer(run.train)
+    train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info)
+    phases.mark("data")
+
+    # 4. model: rank 0 alone reads weights under low_cpu_fsdp; a random-init model stays on
+    #    the meta device until its adapters are in place, then each rank initialises its units
     seeded_init = init_after_adapters(run.train)
     # 4-bit layers are quantised unit by unit as FSDP materialises them (model.quantized_at_load)
     rank0_loads = run.train.low_cpu_fsdp and not seeded_init
@@ -91,10 +103,6 @@ def main(**kwargs) -> dict:
     phases.mark("shard" if run.train.enable_fsdp else "to_device")
     total_params, trainable_params = count_parameters(model, dist_info)
     check_output_dir(model, run, dist_info)
-
-    # 4. data
-    train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info)
-    phases.mark("data")
 
     # 5. train
     steps_per_epoch = math.ceil(len(train_loader) / run.train.gradient_accumulation_steps)
@@ -130,6 +138,8 @@ def main(**kwargs) -> dict:
     # 6. save
     if run.train.save_model:
         summary["saved_to"] = str(save_model(model, run, tokenizer, dist_info, optimizer))
+        if dist_info.is_main and run.train.use_peft and not weights_on_disk(run.train):
+            record_random_base(summary["saved_to"], run.train, precision.weight_dtype)
         phases.mark("save")
     summary["phase_s"] = phases.seconds
     trackers.close()
@@ -194,18 +204,26 @@ def print_summary(summary: dict) -> None:
     print("run summary: " + json.dumps(shown, default=str), flush=True)
 
 
+def usage() -> str:
+    """What ``--help`` prints: how to launch, then every setting with its default."""
+    return ("usage: python -m llm_finetune.finetuning [--config FILE.yaml] [--SETTING VALUE ...]\n"
+            "       torchrun --nproc_per_node N -m llm_finetune.finetuning --enable_fsdp ...\n"
+            "Settings are --key value (or --key=value); a bare --flag means True. Dotted keys set "
+            "one config (--lora_config.r 16). Docs: docs/configuration.md\n\n" + field_help())
+
+
 def cli(*args, **kwargs) -> None:
     """Command-line entry: settings errors print one clear message and exit with status 2."""
     if args:
         print(f"error: unexpected positional argument(s) {args}; settings are --key value",
               file=sys.stderr)
         sys.exit(2)
-    if kwargs.pop("help_settings", False):
-        print(field_help())
+    if any(kwargs.pop(flag, False) for flag in ("help", "h", "help_settings")):
+        print(usage())
         return
     try:
         main(**kwargs)
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

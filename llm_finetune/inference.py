@@ -16,10 +16,11 @@ from pathlib import Path
 
 import fire
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+from transformers import AutoTokenizer, TextStreamer
 
+from llm_finetune.config_utils import ConfigError
 from llm_finetune.data.alpaca import format_prompt
-from llm_finetune.model import resolve_model_path
+from llm_finetune.model import load_base_model, resolve_model_path
 
 
 def load(model_name: str, peft_model: str = ""):
@@ -30,7 +31,7 @@ def load(model_name: str, peft_model: str = ""):
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = load_base_model(model_name, dtype, peft_model)
     if peft_model:
         from peft import PeftModel
 
@@ -92,4 +93,8 @@ def main(model_name: str, peft_model: str = "", prompt: str = "", prompt_file: s
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    try:
+        fire.Fire(main)
+    except ConfigError as error:  # a model that is not there: one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

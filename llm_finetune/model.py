@@ -7,12 +7,14 @@ built-in name) gives a randomly initialised model, seeded so every rank builds t
 """
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from llm_finetune.config_utils import ConfigError
 from llm_finetune.quantization import to_4bit_layers
 from llm_finetune.random_init import SeededInit
 from llm_finetune.shapes import SHAPES
@@ -20,10 +22,28 @@ from llm_finetune.shapes import SHAPES
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama"}
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+# in an adapter directory trained on a config-only base: how to rebuild that base's weights
+RANDOM_BASE_FILE = "random_init_base.json"
 
 
 def resolve_model_path(name: str) -> str:
     return str(BUILTIN_MODELS.get(name, name))
+
+
+def from_pretrained(loader, name: str, setting: str = "model_name", **kwargs):
+    """``loader.from_pretrained`` of a hub name, directory or built-in name; a name that is none
+    of these (a typo, a directory that is not there, no network) is one ``ConfigError`` line
+    instead of a page of connection traceback."""
+    try:
+        return loader.from_pretrained(resolve_model_path(name), **kwargs)
+    except OSError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"--{setting} {name} is neither a local directory nor a model on the Hugging Face "
+            f"hub that could be reached ({reason}). Give a directory with config.json, a "
+            f"built-in name ({', '.join(BUILTIN_MODELS)}), or a hub name as spelt on "
+            "huggingface.co (gated models need `hf auth login`; offline, it must be in the "
+            "cache)") from None
 
 
 def has_weights(path: str) -> bool:
@@ -39,8 +59,8 @@ def load_tokenizer(train_cfg):
     if name in SHAPES:
         raise ValueError(f"{name} is a built-in shape without a tokenizer: add --tokenizer_name "
                          "(a hub name, a directory, or tiny-llama for token ids below 1024)")
-    name = resolve_model_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    setting = "tokenizer_name" if train_cfg.tokenizer_name else "model_name"
+    tokenizer = from_pretrained(AutoTokenizer, name, setting)
     if tokenizer.pad_token_id is None:  # Llama tokenizers ship without one
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -64,7 +84,7 @@ def model_config(model_name: str):
     """The config of a built-in shape, a local directory or a hub model (no weights read)."""
     if model_name in SHAPES:
         return SHAPES[model_name]()
-    return AutoConfig.from_pretrained(resolve_model_path(model_name))
+    return from_pretrained(AutoConfig, model_name)
 
 
 def meta_model(config, dtype: torch.dtype, attn: str) -> torch.nn.Module:
@@ -89,7 +109,39 @@ def random_init(model: torch.nn.Module, seed: int, device) -> torch.nn.Module:
 
 
 def weights_on_disk(train_cfg) -> bool:
-    return train_cfg.model_name not in SHAPES and has_weights(resolve_model_path(train_cfg.model_name))
+    return name_has_weights(train_cfg.model_name)
+
+
+def name_has_weights(model_name: str) -> bool:
+    return model_name not in SHAPES and has_weights(resolve_model_path(model_name))
+
+
+def record_random_base(adapter_dir, train_cfg, dtype: torch.dtype) -> None:
+    """Beside an adapter trained on a config-only base (``tiny-llama``, a directory with only
+    config.json), note the seed and dtype its base was initialised with: the base has no weights
+    to load, and ``load_base_model`` rebuilds exactly those random weights from this."""
+    record = {"model_name": train_cfg.model_name, "seed": train_cfg.seed,
+              "dtype": str(dtype).removeprefix("torch.")}
+    (Path(adapter_dir) / RANDOM_BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def load_base_model(model_name: str, dtype: torch.dtype, adapter_dir: str = ""):
+    """The base model for inference or adapter merging, in ``dtype`` on the CPU: its weights, or
+    for a config-only base the seeded random weights its adapter was trained on."""
+    if name_has_weights(model_name):
+        return from_pretrained(AutoModelForCausalLM, model_name, dtype=dtype)
+    record_file = Path(adapter_dir) / RANDOM_BASE_FILE if adapter_dir else None
+    if record_file is None or not record_file.is_file():
+        raise ConfigError(f"--model_name {model_name} has no weights (a config that the run "
+                          "initialised randomly), and " + (
+                              f"{adapter_dir} does not say with which seed (no "
+                              f"{RANDOM_BASE_FILE}; adapters saved before it existed): "
+                              "retrain the adapter" if adapter_dir else
+                              "no adapter was given to say with which seed: add --peft_model "
+                              "(or --adapter) with the adapter trained on it"))
+    record = json.loads(record_file.read_text())
+    model = meta_model(model_config(model_name), getattr(torch, record["dtype"]), "sdpa")
+    return random_init(model, record["seed"], "cpu").to(dtype)
 
 
 def init_after_adapters(train_cfg) -> bool:

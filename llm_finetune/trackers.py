@@ -7,6 +7,26 @@ package is missing. Training records go under ``train/``, evaluations under ``ev
 
 from pathlib import Path
 
+WANDB_RUN_ID = "wandb_run_id"  # in output_dir: the wandb run a resumed run continues
+
+
+def start_wandb(run, resumed: bool):
+    """A new wandb run, or on resume the one this output_dir logged to (its id is kept in
+    ``output_dir/wandb_run_id``), so a resumed run continues the same charts."""
+    import wandb
+
+    t, w = run.train, run.wandb
+    id_file = Path(t.output_dir) / WANDB_RUN_ID
+    resume = {}
+    if resumed and id_file.is_file():
+        resume = dict(id=id_file.read_text().strip(), resume="allow")
+    started = wandb.init(project=w.project, entity=w.entity or None, job_type=w.job_type or None,
+                         tags=w.tags, group=w.group or None, notes=w.notes or None,
+                         mode=w.mode or None, dir=t.output_dir, config=run.to_dict(), **resume)
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(started.id + "\n")
+    return started
+
 
 class Trackers:
     def __init__(self, run, enabled: bool, resumed_step: int | None = None):
@@ -17,17 +37,13 @@ class Trackers:
         if t.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # a resumed run continues the same curve: events after the checkpoint are dropped
+            # a resumed run continues the same curve: events logged after the checkpoint's
+            # step are dropped (purge_step drops steps >= it; the checkpoint's own step stays)
+            purge_step = resumed_step + 1 if resumed_step is not None else None
             self.tensorboard = SummaryWriter(str(Path(t.output_dir) / "tensorboard"),
-                                             purge_step=resumed_step)
+                                             purge_step=purge_step)
         if t.use_wandb:
-            import wandb
-
-            w = run.wandb
-            self.wandb = wandb.init(project=w.project, entity=w.entity or None,
-                                    job_type=w.job_type or None, tags=w.tags, group=w.group or None,
-                                    notes=w.notes or None, mode=w.mode or None,
-                                    dir=t.output_dir, config=run.to_dict())
+            self.wandb = start_wandb(run, resumed=resumed_step is not None)
 
     def log(self, record: dict) -> None:
         prefix = "eval" if "eval_loss" in record else "train"

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from llm_finetune.distributed import DistInfo, all_reduce_sum
 from llm_finetune.loss import loss_in_output_layer, output_layer
 from llm_finetune.profiling import StepProfiler
+from llm_finetune.progress import on_terminal, progress_bar
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 DATA_WAIT_WARNING = 0.1  # share of training time spent waiting for batches that gets a warning
@@ -151,8 +152,8 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         tokens = 0
         max_steps = self.run.train.max_eval_step
-        for i, batch in enumerate(tqdm(loader, desc="eval", disable=not self.dist.is_main,
-                                       leave=False)):
+        for i, batch in enumerate(tqdm(loader, desc="eval", leave=False,
+                                       disable=not (self.dist.is_main and on_terminal()))):
             if max_steps and i >= max_steps:
                 break
             with self.autocast():
@@ -190,9 +191,9 @@ class Trainer:
             train_loader.batch_sampler.set_epoch(epoch)
             self.model.train()
             epoch_losses = []
-            bar = tqdm(total=min(math.ceil(len(train_loader) / t.gradient_accumulation_steps),
-                                 total_steps - self.step),
-                       desc=f"epoch {epoch + 1}/{t.num_epochs}", disable=not self.dist.is_main)
+            bar = progress_bar(min(math.ceil(len(train_loader) / t.gradient_accumulation_steps),
+                                   total_steps - self.step),
+                               f"epoch {epoch + 1}/{t.num_epochs}", enabled=self.dist.is_main)
             # A step's time runs from asking the loader for its batches to the optimizer step
             # done: the step ends in a GPU sync (its loss), so time spent waiting for data is
             # time the GPU stands idle, and it counts. ``data_wait_s`` says how much it was.

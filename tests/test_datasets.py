@@ -59,7 +59,8 @@ def test_chat_rows_learn_only_assistant_turns(tmp_path):
 def test_bad_rows_fail_with_the_row_or_are_skipped(tmp_path):
     rows = ROWS[:10] + [{"instruction": "x", "output": ""}] + ROWS[10:20] + [{"instruction": "y"}]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError, match=r"2 of 22 rows cannot be used; first at row 10: field 'output' is empty"):
+    with pytest.raises(DataError, match=r"2 of 22 rows cannot be used; first at \S*bad.jsonl line 11: "
+                                        r"field 'output' is empty"):
         build = build_run_config(dataset="file_dataset", **{"file_dataset.data_files": str(path),
                                                             "file_dataset.eval_files": str(path)})
         load_dataset_split(build, load_tokenizer(build.train), "train")
@@ -177,7 +178,7 @@ def test_llamaguard_toxicchat_learns_only_the_verdict(tmp_path):
                                                          "openai_moderation": "[]"}])
     run = build_run_config(dataset="llamaguard_toxicchat_dataset",
                            **{"llamaguard_toxicchat_dataset.train_file": str(bad)})
-    with pytest.raises(DataError, match="row 2: field 'toxicity' is 7"):
+    with pytest.raises(DataError, match="bad.jsonl line 3: field 'toxicity' is 7"):
         load_dataset_split(run, tokenizer, "train")
 
 

@@ -86,7 +86,8 @@ def check_command(where: str, command: str) -> None:
         if module == "plan":
             flags.pop("world_size", None)
             flags.pop("gpu_memory", None)
-        flags.pop("help_settings", None)
+        for flag in ("help", "h", "help_settings"):  # print the usage, not settings
+            flags.pop(flag, None)
         preset = flags.get("config")
         if preset and not (REPO / preset).is_file():
             flags.pop("config")  # a user's own file (my_run.yaml)

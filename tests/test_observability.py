@@ -19,6 +19,7 @@ class FakeWandb(types.ModuleType):
         super().__init__("wandb")
         self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
         self.init_kwargs, self.logged, self.finished = None, [], False
+        self.id = "fake-run-id"  # the run's id, as wandb.init's run has
 
     def init(self, **kwargs):
         self.init_kwargs = kwargs

@@ -229,7 +229,7 @@ def test_full_disk_and_unwritable_output_fail_before_training(tiny_model_dir, tm
     assert not (tmp_path / "full" / "metrics.jsonl").exists(), "training must not have started"
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(OSError, match="is not writable"):
+    with pytest.raises(ConfigError, match="is not writable"):  # before the model loads
         finetuning.main(**RUN, model_name=str(tiny_model_dir), output_dir=str(blocker / "out"))
 
 

@@ -150,7 +150,7 @@ def test_lr_schedules():
 def test_optimisation_flags_change_training(setting, tiny_model_dir, tmp_path):
     def losses(**extra):
         summary = finetuning.main(**{**FAST, **extra}, model_name=str(tiny_model_dir),
-                                  output_dir=str(tmp_path))
+                                  output_dir=str(tmp_path / "-".join(extra)))
         return [m["loss"] for m in summary["metrics"] if "loss" in m]
 
     assert losses(**setting)[1:] != pytest.approx(losses(lr=setting.get("lr", FAST["lr"]))[1:],

@@ -16,6 +16,9 @@ class train_config:
     enable_ddp: bool = False  # data parallel, a full replica per rank (what 8-bit bases need)
     low_cpu_fsdp: bool = False  # rank 0 alone reads the weights; other ranks start on "meta"
     one_gpu: bool = False  # llama-recipes' single-process flag: refuses a multi-rank launch
+    # how long a rank waits in a collective while another works alone (rank 0 reading a 70B
+    # model under low_cpu_fsdp, tokenising, writing a FULL_STATE_DICT); docs/large_models.md
+    distributed_timeout_minutes: int = 60
     # Data
     dataset: str = "alpaca_dataset"
     batching_strategy: str = "padding"  # padding | packing
@@ -57,6 +60,7 @@ class train_config:
     # Evaluation, outputs
     run_validation: bool = True
     output_dir: str = "output"  # everything the run writes goes below this directory
+    overwrite_output_dir: bool = False  # replace a previous run's output_dir (else refused)
     save_model: bool = True
     save_optimizer: bool = False
     dist_checkpoint_root_folder: str = ""  # empty: output_dir

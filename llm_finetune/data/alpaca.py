@@ -4,6 +4,7 @@ llama-recipes."""
 
 import datasets
 
+from llm_finetune.data.read import read_rows, require_columns
 from llm_finetune.data.rows import prompt_response_sample, require_text, tokenize_rows
 
 PROMPT_WITH_INPUT = (
@@ -34,11 +35,14 @@ def instruction_sample(tokenizer, row: dict, max_length: int, columns=("instruct
 
 def load_alpaca(dataset_config, tokenizer, split: str, max_length: int, bad_rows: str,
                 num_proc: int = 1) -> datasets.Dataset:
-    rows = datasets.load_dataset("json", data_files=dataset_config.data_path, split="train")
+    setting = "--alpaca_dataset.data_path"
+    rows, source = read_rows([dataset_config.data_path], setting)
+    require_columns(rows, {"instruction": setting, "output": setting},
+                    f"alpaca_dataset {dataset_config.data_path}")
     eval_size = dataset_config.eval_size
     if split == dataset_config.train_split:
         rows = rows.select(range(eval_size, len(rows)))
     else:
         rows = rows.select(range(min(eval_size, len(rows))))
     return tokenize_rows(rows, lambda row: instruction_sample(tokenizer, row, max_length),
-                         f"alpaca_dataset {split}", bad_rows, num_proc)
+                         f"alpaca_dataset {split}", bad_rows, num_proc, where=source.where)

@@ -121,8 +121,10 @@ def pack_samples(samples, context_length: int, pad_token_id: int) -> list[dict]:
 
     ``position_ids`` restart at 0 at each sample, and no attention mask is passed: transformers
     then builds a block-diagonal causal mask (SDPA/eager) or uses varlen flash-attention, so no
-    token attends across a sample boundary. Each sample starts with a masked prompt token, so no
-    loss term predicts one sample from another.
+    token attends across a sample boundary. Each sample's first label is masked (-100): that
+    label is what the previous token predicts, the last token of the sample before it in the
+    block, so no loss term predicts one sample from another, whatever labels a custom data set
+    gives its first token.
     """
     lengths = [len(s["input_ids"]) for s in samples]
     members: list[list[int]] = []  # sample indices per block
@@ -143,7 +145,7 @@ def pack_samples(samples, context_length: int, pad_token_id: int) -> list[dict]:
         ids, labels, positions = [], [], []
         for index in indices:
             ids += list(samples[index]["input_ids"])
-            labels += list(samples[index]["labels"])
+            labels += [-100] + list(samples[index]["labels"][1:])
             positions += list(range(lengths[index]))
         pad = context_length - len(ids)
         blocks.append({"input_ids": ids + [pad_token_id] * pad, "labels": labels + [-100] * pad,

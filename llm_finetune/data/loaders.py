@@ -7,13 +7,21 @@ from llm_finetune.data.alpaca import load_alpaca
 from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_collate, packed_collate
 from llm_finetune.data.custom import load_custom
 from llm_finetune.data.files import load_files
+from llm_finetune.data.rows import check_labels
 from llm_finetune.data.templated import load_templated
 from llm_finetune.data.toxicchat import load_toxicchat
 from llm_finetune.distributed import DistInfo, barrier
 
 
 def load_dataset_split(run, tokenizer, split: str):
-    """The tokenised samples (input_ids, labels) of one split of the configured data set."""
+    """The tokenised samples (input_ids, labels) of one split of the configured data set, with
+    at least one sample that has tokens to learn."""
+    samples = read_dataset_split(run, tokenizer, split)
+    check_labels(samples, f"{run.train.dataset} {split}", run.train.context_length)
+    return samples
+
+
+def read_dataset_split(run, tokenizer, split: str):
     t = run.train
     if t.dataset == "file_dataset":
         return load_files(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed,

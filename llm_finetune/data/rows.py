@@ -32,34 +32,57 @@ def require_text(row: dict, field: str, allow_empty: bool = False) -> str:
 
 
 def tokenize_rows(rows: datasets.Dataset, to_sample, name: str, policy: str,
-                  num_proc: int = 1) -> datasets.Dataset:
+                  num_proc: int = 1, where=None) -> datasets.Dataset:
     """Map ``to_sample`` over ``rows`` in ``num_proc`` processes; enforce ``policy`` ("fail" or
-    "skip") on bad rows."""
+    "skip") on bad rows. ``where(position)`` names a row's place in its file (read.RowSource):
+    the position is the row's ``_source_row`` when it has one, else its index here."""
+    where = where or (lambda position: f"row {position}")
 
-    def convert(row):
+    def convert(row, index):
+        position = row.get("_source_row", index)
         try:
             sample = to_sample(row)
         except BadRow as error:
-            return {"input_ids": [], "labels": [], "truncated": False, "error": str(error)}
-        return {**sample, "error": ""}
+            return {"input_ids": [], "labels": [], "truncated": False, "error": str(error),
+                    "position": position}
+        return {**sample, "error": "", "position": position}
 
     samples = rows.map(convert, remove_columns=rows.column_names, desc=f"tokenize {name}",
-                       num_proc=num_proc if num_proc > 1 else None)
+                       with_indices=True, num_proc=num_proc if num_proc > 1 else None)
     errors = [(i, e) for i, e in enumerate(samples["error"]) if e]
     if errors:
         first, reason = errors[0]
+        first = where(samples[first]["position"])
         if policy == "fail":
             raise DataError(f"{name}: {len(errors)} of {len(samples)} rows cannot be used; first "
-                            f"at row {first}: {reason}. Fix the data, or pass --bad_rows skip to "
+                            f"at {first}: {reason}. Fix the data, or pass --bad_rows skip to "
                             "drop such rows")
-        print(f"{name}: skipped {len(errors)} of {len(samples)} rows (first at row {first}: "
+        print(f"{name}: skipped {len(errors)} of {len(samples)} rows (first at {first}: "
               f"{reason})", flush=True)
         samples = samples.filter(lambda error: not error, input_columns="error")
     truncated = sum(samples["truncated"])
     if truncated:
         print(f"{name}: {truncated} of {len(samples)} samples truncated to the context length",
               flush=True)
-    return samples.remove_columns(["error", "truncated"])
+    return samples.remove_columns(["error", "truncated", "position"])
+
+
+def check_labels(samples, name: str, context_length: int) -> None:
+    """A sample without a label token trains nothing (the loss is over label tokens): when
+    truncation to ``context_length`` cut off every response, a run would train on nothing and
+    report a loss of 0. Refuse that; warn when some samples lost all their labels."""
+    empty = 0
+    for batch in samples.iter(batch_size=1024):
+        # the first token is never a target (each position predicts the next one)
+        empty += sum(all(label == -100 for label in labels[1:]) for labels in batch["labels"])
+    if empty == len(samples):
+        raise DataError(f"{name}: none of the {len(samples)} samples has a token to learn "
+                        f"within --context_length {context_length}: truncation cut off every "
+                        "response (or every label is -100). Raise --context_length")
+    if empty:
+        print(f"warning: {name}: {empty} of {len(samples)} samples have no token to learn "
+              f"within --context_length {context_length} (responses cut off by truncation) and "
+              "train nothing: raise --context_length to keep them", flush=True)
 
 
 def prompt_response_sample(tokenizer, prompt: str, response: str, max_length: int) -> dict:

@@ -8,32 +8,40 @@ import string
 import datasets
 
 from llm_finetune.data.files import read_files
+from llm_finetune.data.read import require_columns
 from llm_finetune.data.rows import DataError, prompt_response_sample, require_text, tokenize_rows
 
 
-def read_split(config, split: str) -> datasets.Dataset:
-    """The split's rows from local files when given, else from the hub."""
+def read_split(config, split: str):
+    """(rows, RowSource or None) of the split: from local files when given, else the hub."""
     local = config.train_file if split == config.train_split else config.eval_file
-    if local:
-        return read_files(local)
     name = type(config).__name__
+    if local:
+        setting = "train_file" if split == config.train_split else "eval_file"
+        return read_files(local, f"--{name}.{setting}")
     try:
         return datasets.load_dataset(config.hub_name, getattr(config, "hub_config", None) or None,
-                                     split=split)
+                                     split=split), None
     except Exception as error:  # offline, unknown repo, gated data set
+        reason = " ".join(str(error).split())[:200]  # one line
         raise DataError(f"{name}: could not load {config.hub_name!r} split {split!r} from the "
-                        f"hub ({type(error).__name__}: {str(error)[:200]}). Download it and pass "
+                        f"hub ({type(error).__name__}: {reason}). Download it and pass "
                         f"--{name}.train_file and --{name}.eval_file") from error
 
 
 def load_templated(config, tokenizer, split: str, max_length: int, bad_rows: str,
                    num_proc: int = 1):
-    rows = read_split(config, split)
+    rows, source = read_split(config, split)
     fields = [f for _, f, _, _ in string.Formatter().parse(config.prompt) if f]
+    name = type(config).__name__
+    require_columns(rows, {**{f: f"--{name}.prompt" for f in fields},
+                           config.response_column: f"--{name}.response_column"},
+                    f"{name} {split}")
 
     def to_sample(row):
         prompt = config.prompt.format(**{f: require_text(row, f) for f in fields})
         response = require_text(row, config.response_column)
         return prompt_response_sample(tokenizer, prompt, response, max_length)
 
-    return tokenize_rows(rows, to_sample, f"{type(config).__name__} {split}", bad_rows, num_proc)
+    return tokenize_rows(rows, to_sample, f"{name} {split}", bad_rows, num_proc,
+                         where=source.where if source else None)

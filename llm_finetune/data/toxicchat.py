@@ -57,11 +57,11 @@ def verdict(row: dict) -> str:
 
 def load_toxicchat(config, tokenizer, split: str, max_length: int, bad_rows: str,
                    num_proc: int = 1):
-    rows = read_split(config, split)
+    rows, source = read_split(config, split)
 
     def to_sample(row):
         prompt = PROMPT.format(user_input=require_text(row, "user_input"))
         return prompt_response_sample(tokenizer, prompt, verdict(row), max_length)
 
     return tokenize_rows(rows, to_sample, f"llamaguard_toxicchat_dataset {split}", bad_rows,
-                         num_proc)
+                         num_proc, where=source.where if source else None)

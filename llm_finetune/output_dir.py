@@ -1,0 +1,70 @@
+"""The run's output directory, checked before anything loads: writable, and not holding a
+previous run that this one would silently mix with or replace.
+
+A run writes ``run_config.json`` and ``metrics.jsonl`` at its start and ``model/`` at its end,
+so a second run into the same directory would replace the first one's record, and one killed
+early would leave the old model beside the new config. Reusing a directory is therefore
+something to ask for: ``--resume_from_checkpoint`` (continue that run) or
+``--overwrite_output_dir True`` (remove what the previous run wrote, then start afresh).
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from llm_finetune.config_utils import ConfigError
+
+# what a run writes directly under output_dir (checkpoint.py, metrics.py, plot.py, trackers.py)
+RUN_OUTPUTS = ("run_config.json", "metrics.jsonl", "model", "checkpoints", "plots", "tensorboard",
+               "profiler", "wandb", "wandb_run_id")
+# any one of these means a run got past its start
+RUN_MARKERS = ("run_config.json", "metrics.jsonl", "model", "checkpoints")
+
+
+def previous_run_outputs(train_cfg) -> list[str]:
+    """Names of a previous run's outputs in ``output_dir`` (empty: a fresh directory), the
+    sharded model directory (``<dist_checkpoint_folder>-<model>``) included."""
+    directory = Path(train_cfg.output_dir)
+    if not any((directory / name).exists() for name in RUN_MARKERS):
+        return []
+    sharded = sorted(p.name for p in directory.glob(f"{train_cfg.dist_checkpoint_folder}-*"))
+    return [name for name in RUN_OUTPUTS if (directory / name).exists()] + sharded
+
+
+def check_writable(output_dir: str) -> None:
+    """The directory exists and is writable, or can be created: without creating anything."""
+    path = Path(output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--output_dir {output_dir} is not writable ({existing} is a file, "
+                          "not a directory): choose another directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {output_dir} is not writable (no write permission on "
+                          f"{existing}): choose another directory")
+
+
+def check_output_dir_reuse(train_cfg) -> None:
+    """Refuse a directory holding a previous run unless the user resumes or overwrites it."""
+    check_writable(train_cfg.output_dir)
+    if train_cfg.resume_from_checkpoint or train_cfg.overwrite_output_dir:
+        return
+    found = previous_run_outputs(train_cfg)
+    if found:
+        raise ConfigError(f"--output_dir {train_cfg.output_dir} holds a previous run "
+                          f"({', '.join(found)}): continue it with --resume_from_checkpoint auto, "
+                          "replace it with --overwrite_output_dir True, or choose another "
+                          "--output_dir")
+
+
+def clear_previous_run(train_cfg) -> None:
+    """With ``--overwrite_output_dir`` (and no resume): remove the previous run's outputs, so
+    that nothing of it is left beside the new run's, whenever that one stops."""
+    if not train_cfg.overwrite_output_dir or train_cfg.resume_from_checkpoint:
+        return
+    found = previous_run_outputs(train_cfg)
+    for name in found:
+        path = Path(train_cfg.output_dir) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if found:
+        print(f"--overwrite_output_dir: removed the previous run's {', '.join(found)} from "
+              f"{train_cfg.output_dir}", flush=True)
