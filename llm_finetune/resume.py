@@ -65,12 +65,18 @@ def step_dirs(output_dir: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def save_finished(path: Path) -> bool:
+    """Whether the save of ``path`` got to its end: rank 0 writes the manifest last, after every
+    rank's files. (Finished is not intact: ``checkpoint_problem`` also checks the files.)"""
+    return (Path(path) / MANIFEST).is_file()
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` cannot be resumed from, or None: its manifest must parse, and every file
     it lists must exist with the recorded size (a truncated or deleted shard shows here, not
     as a zip error deep inside loading)."""
     path = Path(path)
-    if not (path / MANIFEST).is_file():
+    if not save_finished(path):
         return f"not a complete checkpoint (no {MANIFEST}: its save never finished)"
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -366,7 +372,7 @@ class Checkpointer:
         keep = self.run.train.save_total_limit
         if not keep:
             return
-        complete = [path for _, path in step_dirs(self.output_dir) if (path / MANIFEST).is_file()]
+        complete = [path for _, path in step_dirs(self.output_dir) if save_finished(path)]
         for old in complete[:-keep]:
             remove_checkpoint(old)
 
