@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_finetune.checkpoint import unwrap
+from llm_finetune.model import base_model_of
 
 IGNORE = -100
 CHUNK_TOKENS = 2048  # 2048 x 128k fp32 logits = 1 GiB per chunk, freed before the next
@@ -92,7 +93,7 @@ def output_layer(model):
     """The model's output projection if it is a plain ``nn.Linear`` applied last (no logit
     soft-capping or scaling after it), else None: such models use the plain loss."""
     model = unwrap(model)  # DDP does not forward attribute look-ups
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     config = getattr(base, "config", None)
     post_processed = any(getattr(config, name, None) not in (None, 1.0, 1)

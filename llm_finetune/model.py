@@ -216,10 +216,15 @@ def keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT model (the model itself when it has no adapters)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layer_classes(model: torch.nn.Module) -> set[type]:
     """The transformer block classes of any Hugging Face model, found through the model's own
     ``_no_split_modules`` list (no per-family table to keep up to date)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if not classes:
