@@ -2,10 +2,10 @@
 
 For a 128k vocabulary the logits are the largest tensor of a step: 4 x 2048 tokens of Llama-3-8B
 give 2 GiB of bf16 logits, their 4 GiB fp32 copy, and the 4 GiB that cross-entropy keeps for
-backward (measured 9.8 of 28.9 GiB peak). Here the output projection and the loss are one
-operation (``linear_cross_entropy``): it runs over chunks of label tokens, computes each chunk's
-loss and its gradients at once, and keeps only the gradients, which are the size of the hidden
-states and of the output weight. Tokens whose label is ignored (prompts, padding) never get
+backward (their share of a measured peak: docs/fsdp.md). Here the output projection and the
+loss are one operation (``linear_cross_entropy``): it runs over chunks of label tokens, computes
+each chunk's loss and its gradients at once, and keeps only the gradients, which are the size of
+the hidden states and of the output weight. Tokens whose label is ignored (prompts, padding) never get
 logits at all.
 
 The model computes the loss inside its own forward (``loss_in_output_layer``), where its output

@@ -137,8 +137,8 @@ def pack_samples(samples, context_length: int, pad_token_id: int) -> list[dict]:
 
     Best-fit decreasing: the longest samples are placed first, each into the block with the
     least room that still holds it. Filling blocks in data order instead leaves the tail of a
-    block empty whenever the next sample is long (measured: 23% padding against under 1% on a
-    data set of mixed short and long answers; benchmarks/batching.py).
+    block empty whenever the next sample is long (far more padding on data of mixed short and
+    long answers: docs/datasets.md, benchmarks/batching.py).
 
     ``position_ids`` restart at 0 at each sample, and no attention mask is passed: transformers
     then builds a block-diagonal causal mask (SDPA/eager) or uses varlen flash-attention, so no
