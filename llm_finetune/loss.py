@@ -5,8 +5,8 @@ give 2 GiB of bf16 logits, their 4 GiB fp32 copy, and the 4 GiB that cross-entro
 backward (their share of a measured peak: docs/fsdp.md). Here the output projection and the
 loss are one operation (``linear_cross_entropy``): it runs over chunks of label tokens, computes
 each chunk's loss and its gradients at once, and keeps only the gradients, which are the size of
-the hidden states and of the output weight. Tokens whose label is ignored (prompts, padding) never get
-logits at all.
+the hidden states and of the output weight. Tokens whose label is ignored (prompts, padding)
+never get logits at all.
 
 The model computes the loss inside its own forward (``loss_in_output_layer``), where its output
 projection's weight is available, unsharded by FSDP for that forward like any other weight; the
