@@ -20,6 +20,7 @@ import torch
 from llm_finetune.adapters import apply_peft
 from llm_finetune.config_utils import build_run_config
 from llm_finetune.engine import compile_layers
+from llm_finetune.model import base_model_of
 from llm_finetune.plan import activation_bytes_per_token_per_layer, count_parameters
 from llm_finetune.shapes import SHAPES
 
@@ -51,7 +52,7 @@ def forward_bytes(shape: str, mode: str, compiled: bool, depth: int, tokens: int
     model = build(shape, mode, depth)
     if compiled:
         compile_layers(model)
-    base = model.get_base_model().model if mode != "full" else model.model
+    base = base_model_of(model).model
     ids = torch.randint(0, 1000, (1, tokens), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(2):  # the first pass compiles; both leave no gradient behind

@@ -13,7 +13,6 @@ State dicts come from ``torch.distributed.checkpoint.state_dict`` (not the depre
 place once complete, so a crash never leaves a half-written checkpoint under the final name.
 """
 
-import os
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict)
 
+from llm_finetune.atomic_dir import fresh_tmp_dir, publish, tmp_dir_for
 from llm_finetune.distributed import DistInfo, barrier
 
 
@@ -71,23 +71,6 @@ def sharded_dir(run) -> Path:
     return Path(root) / f"{run.train.dist_checkpoint_folder}-{model_name}"
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Swap a finished temporary directory into place (old copy removed only afterwards)."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _tmp_dir(final: Path) -> Path:
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The Hugging Face / PEFT model inside an FSDP or DDP wrapper."""
     return getattr(model, "module", model)
@@ -102,12 +85,12 @@ def save_model(model, run, tokenizer, dist_info: DistInfo, optimizer=None) -> Pa
     final = model_dir(run)
     if not t.enable_fsdp and t.use_peft:  # peft's own writer (works for 4/8-bit bases too)
         if dist_info.is_main:
-            tmp = _tmp_dir(final)
+            tmp = fresh_tmp_dir(final)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             if optimizer is not None and t.save_optimizer:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            _publish(tmp, final)
+            publish(tmp, final)
         return final
     # Full model: gathered to rank 0 only, moved to CPU as it arrives (not on a CPU-only run:
     # the tensors are there already, and FSDP's offload path crashes there). PEFT: only the
@@ -118,7 +101,7 @@ def save_model(model, run, tokenizer, dist_info: DistInfo, optimizer=None) -> Pa
                                ignore_frozen_params=t.use_peft)
     state = get_model_state_dict(model, options=options)
     if dist_info.is_main:
-        tmp = _tmp_dir(final)
+        tmp = fresh_tmp_dir(final)
         if t.use_peft:
             save_fsdp_adapter(unwrap(model), state, tmp)
         else:
@@ -127,7 +110,7 @@ def save_model(model, run, tokenizer, dist_info: DistInfo, optimizer=None) -> Pa
         if optimizer is not None and t.save_optimizer:
             _, optim_state = get_state_dict(model, optimizer, options=options)
             torch.save(optim_state, tmp / "optimizer.pt")
-        _publish(tmp, final)
+        publish(tmp, final)
     elif optimizer is not None and t.save_optimizer:
         get_state_dict(model, optimizer, options=options)  # collective: every rank takes part
     barrier()
@@ -158,9 +141,9 @@ def save_fsdp_adapter(peft_model, trainable_state: dict, directory: Path) -> Non
 
 def save_sharded(model, optimizer, final: Path, dist_info: DistInfo) -> Path:
     """Every rank writes its shards with DCP; rank 0 publishes the directory."""
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = tmp_dir_for(final)
     if dist_info.is_main:
-        _tmp_dir(final)
+        fresh_tmp_dir(final)
     barrier()
     if optimizer is not None:
         model_state, optim_state = get_state_dict(model, optimizer)
@@ -170,6 +153,6 @@ def save_sharded(model, optimizer, final: Path, dist_info: DistInfo) -> Path:
     dcp.save(state, checkpoint_id=str(tmp))
     barrier()
     if dist_info.is_main:
-        _publish(tmp, final)
+        publish(tmp, final)
     barrier()
     return final

@@ -267,15 +267,13 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
     except CheckpointError as error:
         raise ConfigError(str(error)) from error
     if checkpoint:
-        saved = read_manifest(checkpoint)
-        ours = t.batch_size_training * world_size * t.gradient_accumulation_steps
-        if saved.get("global_batch", ours) != ours:
-            raise ConfigError(
-                f"{checkpoint} was saved with {saved['global_batch']} samples per optimizer step "
-                f"and this run has {ours} ({t.batch_size_training} per rank x {world_size} ranks "
-                f"x {t.gradient_accumulation_steps} accumulation steps). The data order resumes "
-                "only with the same global batch: another world size works when batch_size_"
-                "training x ranks x gradient_accumulation_steps stays the same")
+        from llm_finetune.data.batching import global_batch_problem
+
+        saved = read_manifest(checkpoint).get("global_batch")
+        problem = saved and global_batch_problem(saved, t.batch_size_training, world_size,
+                                                 t.gradient_accumulation_steps)
+        if problem:
+            raise ConfigError(f"{checkpoint} was {problem}")
     if f.no_checkpoint_layers < 0:
         raise ConfigError(f"--fsdp_config.no_checkpoint_layers must be 0 or more, got "
                           f"{f.no_checkpoint_layers}")

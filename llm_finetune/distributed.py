@@ -83,8 +83,8 @@ def attempt_store() -> dist.Store:
 
     torchrun shares its own TCP store with the workers, and after ``--max_restarts`` restarts
     them the keys the killed attempt wrote (each rank's address) are still there: a new rank
-    can read its peer's old address and fail with "Connection refused" (measured here about
-    one restart in two; pytorch/pytorch#135712). Each attempt gets its own key space. On
+    can read its peer's old address and fail with "Connection refused" (often:
+    docs/troubleshooting.md; pytorch/pytorch#135712). Each attempt gets its own key space. On
     several nodes, where restart counts can differ between nodes, launch with
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (docs/checkpoints.md)."""
     rank = int(os.environ["RANK"])

@@ -17,7 +17,7 @@ from torch.distributed.fsdp.wrap import (_or_policy, lambda_auto_wrap_policy,
 
 from llm_finetune.config_utils import hybrid_mesh_shape
 from llm_finetune.distributed import DistInfo
-from llm_finetune.model import decoder_layer_classes, decoder_layers
+from llm_finetune.model import base_model_of, decoder_layer_classes, decoder_layers
 from llm_finetune.quantization import is_4bit, pending_4bit_like, quantize_pending
 from llm_finetune.random_init import SeededInit
 
@@ -47,7 +47,7 @@ def enable_activation_checkpointing(model: torch.nn.Module, keep_last: int = 0) 
     ``load_model`` sets. Unlike torch's ``checkpoint_wrapper`` this renames no module, so
     ``peft`` still finds its adapters when saving (with the wrapper it saves an empty adapter).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     if not base.supports_gradient_checkpointing:
         raise ValueError(f"{type(base).__name__} does not support activation checkpointing; "
                          "set --fsdp_config.fsdp_activation_checkpointing False")

@@ -101,7 +101,7 @@ def main(**kwargs) -> dict:
     elif run.train.quantization == "":
         model.to(dist_info.device)
     phases.mark("shard" if run.train.enable_fsdp else "to_device")
-    total_params, trainable_params = count_parameters(model, dist_info)
+    total_params, trainable_params = report_parameter_counts(model, dist_info)
     check_output_dir(model, run, dist_info)
 
     # 5. train
@@ -171,9 +171,11 @@ def grad_scaler(precision, fsdp: bool, device: torch.device):
     return torch.amp.GradScaler(device.type)
 
 
-def count_parameters(model, dist_info) -> tuple[int, int]:
-    """(total, trainable) parameters of the model, printed on rank 0. Under FSDP each rank holds
-    a shard: the local counts are scaled back to the model's size (approximate: padding)."""
+def report_parameter_counts(model, dist_info) -> tuple[int, int]:
+    """Print on rank 0 and return (total, trainable) parameters of the model as this rank holds
+    it. Under FSDP each rank holds a shard: the local counts are scaled back to the model's size
+    (approximate: padding). The planner's exact counts come from a meta model:
+    ``plan.count_parameters``."""
     total = sum(parameter_count(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     scale = dist_info.world_size if hasattr(model, "sharding_strategy") and \

@@ -2,11 +2,11 @@
 
 For a 128k vocabulary the logits are the largest tensor of a step: 4 x 2048 tokens of Llama-3-8B
 give 2 GiB of bf16 logits, their 4 GiB fp32 copy, and the 4 GiB that cross-entropy keeps for
-backward (measured 9.8 of 28.9 GiB peak). Here the output projection and the loss are one
-operation (``linear_cross_entropy``): it runs over chunks of label tokens, computes each chunk's
-loss and its gradients at once, and keeps only the gradients, which are the size of the hidden
-states and of the output weight. Tokens whose label is ignored (prompts, padding) never get
-logits at all.
+backward (their share of a measured peak: docs/fsdp.md). Here the output projection and the
+loss are one operation (``linear_cross_entropy``): it runs over chunks of label tokens, computes
+each chunk's loss and its gradients at once, and keeps only the gradients, which are the size of
+the hidden states and of the output weight. Tokens whose label is ignored (prompts, padding)
+never get logits at all.
 
 The model computes the loss inside its own forward (``loss_in_output_layer``), where its output
 projection's weight is available, unsharded by FSDP for that forward like any other weight; the
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_finetune.checkpoint import unwrap
+from llm_finetune.model import base_model_of
 
 IGNORE = -100
 CHUNK_TOKENS = 2048  # 2048 x 128k fp32 logits = 1 GiB per chunk, freed before the next
@@ -92,7 +93,7 @@ def output_layer(model):
     """The model's output projection if it is a plain ``nn.Linear`` applied last (no logit
     soft-capping or scaling after it), else None: such models use the plain loss."""
     model = unwrap(model)  # DDP does not forward attribute look-ups
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     config = getattr(base, "config", None)
     post_processed = any(getattr(config, name, None) not in (None, 1.0, 1)

@@ -99,7 +99,7 @@ class PhaseTimer:
 
 
 # dense bf16 matrix throughput per GPU that MFU is measured against: for Hopper the rate
-# measured on these machines (issue 6), not the datasheet's 989 TFLOP/s
+# measured on these machines, not the datasheet's (docs/observability.md)
 PEAK_BF16_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12}
 
 

@@ -2,8 +2,9 @@
 
 With ``low_cpu_fsdp`` only rank 0 reads weights into CPU memory; the other ranks build the same
 architecture on the ``meta`` device (no memory at all) and receive their shards from rank 0 when
-FSDP wraps the model (``sync_module_states``). A directory that holds only ``config.json`` (or a
-built-in name) gives a randomly initialised model, seeded so every rank builds the same one.
+FSDP wraps the model: ``engine.RankZeroInit`` broadcasts rank 0's values unit by unit. A
+directory that holds only ``config.json`` (or a built-in name) gives a randomly initialised
+model, seeded so every rank builds the same one.
 """
 
 import importlib.util
@@ -69,8 +70,8 @@ def load_tokenizer(train_cfg):
 def attention_implementation(use_fast_kernels: bool, packing: bool = False) -> str:
     """With ``use_fast_kernels`` on a GPU: flash-attention 2 when installed; else, for packed
     batches, PyTorch's flex attention, which runs the samples-apart block mask as a sparse
-    kernel (measured on an H200, Llama-3-8B LoRA: 14% more tokens/s than SDPA, which gets that
-    mask as a dense tensor and cannot use its flash kernel; docs/performance.md). Otherwise
+    kernel (faster than SDPA, which gets that mask as a dense tensor and cannot use its flash
+    kernel: docs/performance.md has the measurement). Otherwise
     PyTorch SDPA, which picks its own flash / memory-efficient kernels."""
     if use_fast_kernels and torch.cuda.is_available():
         if importlib.util.find_spec("flash_attn") is not None:
@@ -216,10 +217,15 @@ def keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT model (the model itself when it has no adapters)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layer_classes(model: torch.nn.Module) -> set[type]:
     """The transformer block classes of any Hugging Face model, found through the model's own
     ``_no_split_modules`` list (no per-family table to keep up to date)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if not classes:

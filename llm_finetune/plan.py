@@ -77,7 +77,8 @@ class Plan:
 
 
 def count_parameters(run) -> ModelCounts:
-    """Exact counts from the model built on the meta device, with the run's adapters."""
+    """Exact counts from the model built on the meta device, with the run's adapters (the
+    run's own printout, ``finetuning.report_parameter_counts``, scales a rank's shard)."""
     config = model_config(run.train.model_name)
     model = meta_model(config, torch.float32, "sdpa")
     layers = decoder_layers(model)
@@ -130,8 +131,8 @@ def quantized_bytes_per_param(run) -> float:
 
 
 # torch.compile's partitioner recomputes cheap elementwise results (norms, SiLU, the rotary
-# copies) in backward instead of keeping them: measured 0.69 (full) and 0.73 (LoRA) of eager
-# (benchmarks/layer_activations.py, Llama-3-8B on an H200)
+# copies) in backward instead of keeping them; the share of eager's activations they keep is
+# measured by benchmarks/layer_activations.py (figures in docs/memory.md)
 COMPILED_ACTIVATIONS = 0.73
 
 
@@ -394,9 +395,8 @@ def fastest_setting(run, world_size: int, gpu_memory: float,
     gradient (the loss is a sum over every token of the step) and leave room for more layers'
     activations; among settings within 3% of the least compute the largest micro-batch wins.
     Under FSDP or DDP the micro-batch stays: each one gathers every weight and reduces every
-    gradient again (measured, Llama-3-8B full on 2 H200s, compiled layers: 1 sequence x 4
-    accumulation steps with 10 of 32 layers recomputed ran at 0.76x the tokens/s of 4
-    sequences with all 32 recomputed)."""
+    gradient again, which costs more than the recompute it saves (measured: docs/performance.md,
+    docs/fsdp.md)."""
     t = run.train
     layers = counts.num_layers
     communicates = world_size > 1 and (t.enable_fsdp or t.enable_ddp)

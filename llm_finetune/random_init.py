@@ -40,7 +40,9 @@ class SeededInit:
     def __init__(self, model: torch.nn.Module, seed: int, device: torch.device):
         self.seed = seed
         self.device = torch.device(device)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        from llm_finetune.model import base_model_of  # model.py imports this module
+
+        base = base_model_of(model)
         self.init_weights = base._init_weights  # the architecture's own init scheme
         self.lora_init = {name: getattr(cfg, "init_lora_weights", True)
                           for name, cfg in getattr(model, "peft_config", {}).items()}

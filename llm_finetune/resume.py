@@ -28,12 +28,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_state_dict)
 
+from llm_finetune.atomic_dir import fresh_tmp_dir, publish, tmp_dir_for
 from llm_finetune.distributed import DistInfo, all_reduce_sum, barrier
 
 MANIFEST = "MANIFEST.json"
 TRAINER_STATE = "trainer_state.pt"
 REQUIRED_FILES = (".metadata", TRAINER_STATE)  # DCP's index, and where the run stands
 STEP_DIR = re.compile(r"step-(\d+)")
+REPLACED = ".replaced"  # a checkpoint being replaced by a new save of the same step
 
 
 class CheckpointError(ValueError):
@@ -63,12 +65,18 @@ def step_dirs(output_dir: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def save_finished(path: Path) -> bool:
+    """Whether the save of ``path`` got to its end: rank 0 writes the manifest last, after every
+    rank's files. (Finished is not intact: ``checkpoint_problem`` also checks the files.)"""
+    return (Path(path) / MANIFEST).is_file()
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` cannot be resumed from, or None: its manifest must parse, and every file
     it lists must exist with the recorded size (a truncated or deleted shard shows here, not
     as a zip error deep inside loading)."""
     path = Path(path)
-    if not (path / MANIFEST).is_file():
+    if not save_finished(path):
         return f"not a complete checkpoint (no {MANIFEST}: its save never finished)"
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -169,19 +177,6 @@ def save_failure(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Rename a finished checkpoint into place. A directory already there is renamed aside,
-    then removed: under the final name there is always one whole checkpoint, or none."""
-    if final.exists():
-        stale = final.with_name(final.name + ".replaced")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def remove_checkpoint(path: Path) -> None:
     """Rename, then delete: a run killed while deleting leaves a directory no longer named
     step-N, never a half-deleted checkpoint that ``auto`` would pick."""
@@ -193,7 +188,7 @@ def remove_checkpoint(path: Path) -> None:
 
 def remove_leftovers(output_dir: str) -> None:
     """Directories a killed save or prune left behind (never picked, only taking space)."""
-    for suffix in (".deleting", ".replaced"):
+    for suffix in (".deleting", REPLACED):
         for path in checkpoints_dir(output_dir).glob(f"step-*{suffix}"):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -324,11 +319,10 @@ class Checkpointer:
     def save(self, trainer) -> Path:
         rng = rng_state()  # first: the state at the step boundary, whatever saving draws
         final = checkpoints_dir(self.output_dir) / step_dir_name(trainer.step)
-        tmp = final.with_name(final.name + ".tmp")
+        tmp = tmp_dir_for(final)
         if self.dist.is_main:
             remove_leftovers(self.output_dir)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            fresh_tmp_dir(final)
         barrier()
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.options)
         error = None
@@ -348,7 +342,7 @@ class Checkpointer:
         if self.dist.is_main:
             try:
                 self.write_manifest(tmp, trainer)
-                publish(tmp, final)
+                publish(tmp, final, aside_suffix=REPLACED)
             except OSError as failure:
                 self.abandon(tmp, final, failure)
             self.prune()
@@ -378,7 +372,7 @@ class Checkpointer:
         keep = self.run.train.save_total_limit
         if not keep:
             return
-        complete = [path for _, path in step_dirs(self.output_dir) if (path / MANIFEST).is_file()]
+        complete = [path for _, path in step_dirs(self.output_dir) if save_finished(path)]
         for old in complete[:-keep]:
             remove_checkpoint(old)
 

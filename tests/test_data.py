@@ -4,7 +4,7 @@ import pytest
 
 from llm_finetune.config_utils import build_run_config
 from llm_finetune.data.alpaca import load_alpaca
-from llm_finetune.data.batching import GlobalBatchSampler
+from llm_finetune.data.batching import GlobalBatchSampler, global_batch_problem
 from llm_finetune.model import load_tokenizer
 
 
@@ -81,6 +81,18 @@ def test_sampler_resumes_mid_epoch():
     with pytest.raises(ValueError, match="keep --seed"):
         GlobalBatchSampler(lengths, 4, 0, 2, shuffle=True, seed=4,
                            group_by_length=True).load_state_dict(state)
+    # another split of the same global batch (8) resumes; another global batch does not
+    GlobalBatchSampler(lengths, 2, 0, 2, shuffle=True, seed=3, group_by_length=True,
+                       accumulation=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="keep --seed"):
+        GlobalBatchSampler(lengths, 2, 0, 2, shuffle=True, seed=3,
+                           group_by_length=True).load_state_dict(state)
+
+
+def test_one_global_batch_rule():
+    assert global_batch_problem(8, 2, 2, 2) is None and global_batch_problem(8, 8, 1, 1) is None
+    assert "saved with 8 samples per optimizer step and this run has 4" in (
+        global_batch_problem(8, 2, 2, 1))
 
 
 def test_packing_keeps_every_sample_whole_and_wastes_little():

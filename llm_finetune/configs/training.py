@@ -59,7 +59,7 @@ class train_config:
     quantization: str = ""  # "" | 4bit | 8bit
     # Evaluation, outputs
     run_validation: bool = True
-    output_dir: str = "output"  # everything the run writes goes below this directory
+    output_dir: str = "output"  # the run's outputs (the sharded model: dist_checkpoint_root_folder)
     overwrite_output_dir: bool = False  # replace a previous run's output_dir (else refused)
     save_model: bool = True
     save_optimizer: bool = False

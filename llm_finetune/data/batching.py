@@ -15,6 +15,25 @@ import torch
 from torch.utils.data import Sampler
 
 
+def global_batch(batch_size: int, world_size: int, accumulation: int) -> int:
+    """Samples per optimizer step: the unit the data order is made of (see GlobalBatchSampler)."""
+    return batch_size * world_size * accumulation
+
+
+def global_batch_problem(saved: int, batch_size: int, world_size: int,
+                         accumulation: int) -> str | None:
+    """Why a data position saved with ``saved`` samples per step cannot be continued by this
+    split, or None. The order is cut into step batches, so it resumes only with the same global
+    batch; any split of it (world size, micro-batch, accumulation) works."""
+    ours = global_batch(batch_size, world_size, accumulation)
+    if saved == ours:
+        return None
+    return (f"saved with {saved} samples per optimizer step and this run has {ours} "
+            f"({batch_size} per rank x {world_size} ranks x {accumulation} accumulation steps). "
+            "The data order resumes only with the same global batch: another world size works "
+            "when batch_size_training x ranks x gradient_accumulation_steps stays the same")
+
+
 class GlobalBatchSampler(Sampler):
     """Yields this rank's micro-batches (lists of sample indices).
 
@@ -41,7 +60,7 @@ class GlobalBatchSampler(Sampler):
 
     @property
     def step_size(self) -> int:
-        return self.batch_size * self.world_size * self.accumulation
+        return global_batch(self.batch_size, self.world_size, self.accumulation)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -61,7 +80,9 @@ class GlobalBatchSampler(Sampler):
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at a ``position``: the next pass over this epoch skips its done steps."""
-        if state["seed"] != self.seed or state["step_size"] != self.step_size:
+        problem = global_batch_problem(state["step_size"], self.batch_size, self.world_size,
+                                       self.accumulation)
+        if state["seed"] != self.seed or problem:
             raise ValueError(f"the data order was saved for seed {state['seed']} and "
                              f"{state['step_size']} samples per step, this run has seed "
                              f"{self.seed} and {self.step_size}: keep --seed and the global batch")
@@ -116,8 +137,8 @@ def pack_samples(samples, context_length: int, pad_token_id: int) -> list[dict]:
 
     Best-fit decreasing: the longest samples are placed first, each into the block with the
     least room that still holds it. Filling blocks in data order instead leaves the tail of a
-    block empty whenever the next sample is long (measured: 23% padding against under 1% on a
-    data set of mixed short and long answers; benchmarks/batching.py).
+    block empty whenever the next sample is long (far more padding on data of mixed short and
+    long answers: docs/datasets.md, benchmarks/batching.py).
 
     ``position_ids`` restart at 0 at each sample, and no attention mask is passed: transformers
     then builds a block-diagonal causal mask (SDPA/eager) or uses varlen flash-attention, so no
