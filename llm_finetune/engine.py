@@ -267,9 +267,5 @@ def frozen_in_compute_dtype(model: torch.nn.Module,
     state_dict'). Left out, they sit on each rank whole, as unsharded FSDP would keep them, with
     nothing to reduce since nothing trains them. Only weights already in the compute dtype (no
     cast needed: a frozen base is stored that way) are left out."""
-    seen, frozen = set(), []
-    for param in model.parameters():
-        if id(param) not in seen and not param.requires_grad and param.dtype == compute_dtype:
-            seen.add(id(param))
-            frozen.append(param)
-    return frozen
+    return [p for p in model.parameters()  # each shared (tied) weight once
+            if not p.requires_grad and p.dtype == compute_dtype]
