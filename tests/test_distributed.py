@@ -255,3 +255,24 @@ def test_fsdp_qlora_adapter_loads_with_plain_peft_on_a_4bit_base(fsdp_results, t
                                rtol=3e-2, atol=3e-2)
     assert sorted(d.name for d in (fsdp_results["out"] / "qlora" / "checkpoints").iterdir()) == \
         ["step-00000002", "step-00000004"]
+
+
+def test_conversion_takes_the_runs_tokenizer_when_the_model_directory_has_none(
+        fsdp_results, tiny_model_dir, tmp_path, capsys):
+    """A config-only model directory (a random-init shape) has no tokenizer: the converter
+    writes the one named by --tokenizer_name, or the weights alone with a note."""
+    import shutil
+
+    from llm_finetune.convert import dcp_to_hf
+
+    directory = fsdp_results["out"] / "sharded_state_dict-dcp" / f"fine-tuned-{tiny_model_dir.name}"
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", config_only / "config.json")
+    dcp_to_hf(str(directory), str(config_only), str(tmp_path / "named"), dtype="float32",
+              tokenizer_name="tiny-llama")
+    assert (tmp_path / "named" / "tokenizer_config.json").is_file()
+    dcp_to_hf(str(directory), str(config_only), str(tmp_path / "none"), dtype="float32")
+    assert not (tmp_path / "none" / "tokenizer_config.json").is_file()
+    assert "no tokenizer in" in capsys.readouterr().out
+    AutoModelForCausalLM.from_pretrained(tmp_path / "none")  # the weights are all there
