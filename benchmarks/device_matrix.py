@@ -44,8 +44,9 @@ METHODS = {
     # 8-bit quantises as the weights load: a model with weights on disk
     "8bit": PEFT + ["--quantization", "8bit", "--model_name", "{weights}"],
     "llama_adapter": PEFT + ["--peft_method", "llama_adapter"],
-    # prefix tuning's KV cache does not survive activation checkpointing: refused with it on
-    "prefix": PEFT + ["--peft_method", "prefix",
+    # prefix tuning's KV cache does not survive activation checkpointing, and packed samples
+    # would see each other through it: both refused, so padding and no checkpointing
+    "prefix": PEFT + ["--peft_method", "prefix", "--batching_strategy", "padding",
                       "--fsdp_config.fsdp_activation_checkpointing", "False"],
 }
 PRECISIONS = {
@@ -116,9 +117,15 @@ def command(cell: dict, out: Path, steps: int, extra: list[str] = ()) -> list[st
     rest = flags[len(preset):]
     model = [] if "--model_name" in rest or cell["shape"] == "tiny" else \
         ["--model_name", str(SHAPES / cell["shape"])]
-    common = [] if cell["shape"] == "tiny" else COMMON
+    common = [] if cell["shape"] == "tiny" else without_flags(COMMON, rest)
     return [*launch, *preset, *model, *common, *rest, "--max_train_step", str(steps),
             "--output_dir", str(out), "--dist_checkpoint_root_folder", str(out / "dcp"), *extra]
+
+
+def without_flags(pairs: list[str], overrides: list[str]) -> list[str]:
+    """`pairs` (flag, value, flag, value...) less the flags that `overrides` sets."""
+    return [x for flag, value in zip(pairs[::2], pairs[1::2]) if flag not in overrides
+            for x in (flag, value)]
 
 
 def launch(cmd: list[str], log: Path, timeout: int = 900) -> int:
