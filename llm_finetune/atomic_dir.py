@@ -1,6 +1,6 @@
 """Write a directory under a temporary name, then rename it into place: a crash while writing
 never leaves a half-written directory under the final name. Used by training checkpoints
-(resume.py) and the final export (checkpoint.py)."""
+(training_checkpoint.py) and the final export (export.py)."""
 
 import os
 import shutil

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from llm_finetune.resume import CheckpointError, choose_checkpoint, read_manifest
+from llm_finetune.checkpoint_files import CheckpointError, choose_checkpoint, read_manifest
 
 from llm_finetune.configs import (
     DATASET_CONFIGS,

@@ -18,27 +18,28 @@ import torch
 
 from llm_finetune import distributed
 from llm_finetune.adapters import apply_peft
-from llm_finetune.checkpoint import check_output_dir, save_model
+from llm_finetune.checkpoint_files import checkpoint_step, resolve_resume
 from llm_finetune.config_utils import ConfigError, build_run_config, field_help, validate
 from llm_finetune.data import build_dataloaders
 from llm_finetune.data.rows import DataError
 from llm_finetune.determinism import make_deterministic
 from llm_finetune.engine import (compile_layers, enable_activation_checkpointing, meta_init_fn,
                                  wrap_fsdp)
+from llm_finetune.export import save_model
 from llm_finetune.metrics import MetricsLog, PhaseTimer, model_flops_utilization
 from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
                                 load_tokenizer, record_random_base, weights_on_disk)
 from llm_finetune.optim import build_optimizer, build_scheduler
-from llm_finetune.output_dir import check_output_dir_reuse, clear_previous_run
+from llm_finetune.output_dir import check_output_dir, check_output_dir_reuse, clear_previous_run
 from llm_finetune.plan import fit_to_gpu, plan_run
 from llm_finetune.plot import plot
 from llm_finetune.precision import choose_precision
 from llm_finetune.progress import quiet_library_bars_off_terminal
 from llm_finetune.quantization import bnb_config, is_4bit
 from llm_finetune.random_init import SeededInit
-from llm_finetune.resume import Checkpointer, checkpoint_step, resolve_resume
 from llm_finetune.trackers import Trackers
 from llm_finetune.train import Trainer
+from llm_finetune.training_checkpoint import Checkpointer
 
 
 def main(**kwargs) -> dict:

@@ -18,8 +18,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from llm_finetune.checkpoint import unwrap
-from llm_finetune.model import base_model_of
+from llm_finetune.model import base_model_of, unwrap
 
 IGNORE = -100
 CHUNK_TOKENS = 2048  # 2048 x 128k fp32 logits = 1 GiB per chunk, freed before the next

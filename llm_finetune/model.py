@@ -243,3 +243,8 @@ def freeze_layers(model: torch.nn.Module, num_layers: int) -> None:
     """Freeze the first ``num_layers`` decoder layers (partial full fine-tuning)."""
     for layer in decoder_layers(model)[:num_layers]:
         layer.requires_grad_(False)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face / PEFT model inside an FSDP or DDP wrapper."""
+    return getattr(model, "module", model)

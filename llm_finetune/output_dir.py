@@ -6,6 +6,8 @@ so a second run into the same directory would replace the first one's record, an
 early would leave the old model beside the new config. Reusing a directory is therefore
 something to ask for: ``--resume_from_checkpoint`` (continue that run) or
 ``--overwrite_output_dir True`` (remove what the previous run wrote, then start afresh).
+Once the model is built, ``check_output_dir`` checks that the directory has room for what the
+run will save.
 """
 
 import os
@@ -13,8 +15,10 @@ import shutil
 from pathlib import Path
 
 from llm_finetune.config_utils import ConfigError
+from llm_finetune.distributed import DistInfo
 
-# what a run writes directly under output_dir (checkpoint.py, metrics.py, plot.py, trackers.py)
+# what a run writes directly under output_dir (export.py, training_checkpoint.py, metrics.py,
+# plot.py, trackers.py)
 RUN_OUTPUTS = ("run_config.json", "metrics.jsonl", "model", "checkpoints", "plots", "tensorboard",
                "profiler", "wandb", "wandb_run_id")
 # any one of these means a run got past its start
@@ -68,3 +72,39 @@ def clear_previous_run(train_cfg) -> None:
     if found:
         print(f"--overwrite_output_dir: removed the previous run's {', '.join(found)} from "
               f"{train_cfg.output_dir}", flush=True)
+
+
+def expected_save_bytes(model, run, world_size: int) -> int:
+    """What the run's saves will write at most: the trainable (PEFT) or all weights, plus AdamW
+    moments in fp32 when optimizer states are saved. Under FSDP each rank sees its shard."""
+    params = [p for p in model.parameters() if p.requires_grad or not run.train.use_peft]
+    total = sum(p.numel() * p.element_size() for p in params)
+    moments = sum(p.numel() * 8 for p in model.parameters() if p.requires_grad)
+    if run.train.save_optimizer or run.train.save_steps or run.train.save_each_epoch:
+        total += moments
+    return total * (world_size if run.train.enable_fsdp else 1)
+
+
+def check_output_dir(model, run, dist_info: DistInfo) -> None:
+    """Fail before training, not at the first save hours later: output_dir must be writable and
+    have room for two copies of what the run saves (the new one is written before the old one
+    is removed)."""
+    if not dist_info.is_main:
+        return
+    directory = Path(run.train.output_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"--output_dir {directory} is not writable ({error.strerror}): choose "
+                      "another directory") from error
+    if not (run.train.save_model or run.train.save_steps or run.train.save_each_epoch):
+        return
+    needed = 2 * expected_save_bytes(model, run, dist_info.world_size)
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise OSError(f"--output_dir {directory} has {free / 2**30:.1f} GiB free, the run's "
+                      f"checkpoints need about {needed / 2**30:.1f} GiB: free space, choose "
+                      "another directory, or lower --save_total_limit")

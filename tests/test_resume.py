@@ -19,7 +19,7 @@ import pytest
 
 from llm_finetune import finetuning
 from llm_finetune.config_utils import ConfigError, build_run_config, validate
-from llm_finetune.resume import checkpoint_problem, latest_checkpoint
+from llm_finetune.checkpoint_files import checkpoint_problem, latest_checkpoint
 from tests.helpers import FAST, REPO
 
 # StepLR and warm-up depend on the step alone, so stopping early (a smaller max_train_step)

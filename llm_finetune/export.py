@@ -13,7 +13,6 @@ State dicts come from ``torch.distributed.checkpoint.state_dict`` (not the depre
 place once complete, so a crash never leaves a half-written checkpoint under the final name.
 """
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,42 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from llm_finetune.atomic_dir import fresh_tmp_dir, publish, tmp_dir_for
 from llm_finetune.distributed import DistInfo, barrier
-
-
-def expected_save_bytes(model, run, world_size: int) -> int:
-    """What the run's saves will write at most: the trainable (PEFT) or all weights, plus AdamW
-    moments in fp32 when optimizer states are saved. Under FSDP each rank sees its shard."""
-    params = [p for p in model.parameters() if p.requires_grad or not run.train.use_peft]
-    total = sum(p.numel() * p.element_size() for p in params)
-    moments = sum(p.numel() * 8 for p in model.parameters() if p.requires_grad)
-    if run.train.save_optimizer or run.train.save_steps or run.train.save_each_epoch:
-        total += moments
-    return total * (world_size if run.train.enable_fsdp else 1)
-
-
-def check_output_dir(model, run, dist_info: DistInfo) -> None:
-    """Fail before training, not at the first save hours later: output_dir must be writable and
-    have room for two copies of what the run saves (the new one is written before the old one
-    is removed)."""
-    if not dist_info.is_main:
-        return
-    directory = Path(run.train.output_dir)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write_test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as error:
-        raise OSError(f"--output_dir {directory} is not writable ({error.strerror}): choose "
-                      "another directory") from error
-    if not (run.train.save_model or run.train.save_steps or run.train.save_each_epoch):
-        return
-    needed = 2 * expected_save_bytes(model, run, dist_info.world_size)
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        raise OSError(f"--output_dir {directory} has {free / 2**30:.1f} GiB free, the run's "
-                      f"checkpoints need about {needed / 2**30:.1f} GiB: free space, choose "
-                      "another directory, or lower --save_total_limit")
+from llm_finetune.model import unwrap
 
 
 def model_dir(run) -> Path:
@@ -69,11 +33,6 @@ def sharded_dir(run) -> Path:
     root = run.train.dist_checkpoint_root_folder or run.train.output_dir
     model_name = Path(run.train.model_name.rstrip("/")).name
     return Path(root) / f"{run.train.dist_checkpoint_folder}-{model_name}"
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face / PEFT model inside an FSDP or DDP wrapper."""
-    return getattr(model, "module", model)
 
 
 def save_model(model, run, tokenizer, dist_info: DistInfo, optimizer=None) -> Path:
