@@ -161,7 +161,7 @@ def test_a_run_that_does_not_fit_gets_fixes_that_fit(capsys):
 
 
 def test_traps_are_named(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(plan, "host_memory", lambda: 2**20)  # a node with 1 MiB of RAM
+    monkeypatch.setattr(plan.memory, "host_memory", lambda: 2**20)  # a node with 1 MiB of RAM
     run = build_run_config(model_name=str(tiny_model_dir), enable_fsdp=True)
     notes = plan.estimate(run, 8, local_world_size=8).notes
     assert any("every one of 8 ranks per node loads the whole model" in n and

@@ -1,0 +1,237 @@
+"""How many bytes a run needs, per GPU and per rank's CPU RAM, from its parameter counts.
+
+``estimate`` adds up, per GPU: weights, gradients and AdamW states (divided by the FSDP shard
+group), the FSDP units gathered at once, activations (per token, per layer, with or without
+checkpointing), the loss's logits and a fixed workspace; the peak is the larger of the end of
+forward and the end of backward (and, for QLoRA under FSDP, the moment of loading). It also
+names the traps users hit (``notes``), and reads a GPU's memory from ``--gpu_memory`` or the GPU
+present (``parse_bytes``, ``gpu_memory_available``).
+"""
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from llm_finetune.config_utils import ConfigError, hybrid_mesh_shape
+from llm_finetune.loss import CHUNK_TOKENS
+from llm_finetune.model import init_after_adapters, quantized_at_load, weights_on_disk
+from llm_finetune.plan.counts import ModelCounts, count_parameters
+from llm_finetune.precision import choose_precision
+
+GIB = 2**30
+# what the CUDA caching allocator, cuBLAS/attention workspaces and NCCL add beyond the tensors
+WORKSPACE_BYTES = 0.35 * GIB
+
+
+@dataclass
+class Plan:
+    gpu: dict[str, float] = field(default_factory=dict)  # bytes per GPU, by component
+    cpu: dict[str, float] = field(default_factory=dict)  # bytes per rank in CPU RAM
+    notes: list[str] = field(default_factory=list)
+    gpu_loading: float = 0.0  # bytes per GPU while loading, before FSDP shards (QLoRA)
+    # Two moments of a step hold different things: at the end of forward, the activations and
+    # the loss, but no gradients yet (set to None after the last optimizer step, unless
+    # accumulation keeps them); at the end of backward, every gradient, but only the layer
+    # being recomputed. The peak is the larger of the two.
+    forward_only: set[str] = field(default_factory=set)  # keys of ``gpu`` freed by backward
+    backward_only: set[str] = field(default_factory=set)  # keys that backward creates
+    backward_activations: float = 0.0  # one layer's activations, recomputed in backward
+
+    @property
+    def forward_end(self) -> float:
+        return sum(v for k, v in self.gpu.items() if k not in self.backward_only)
+
+    @property
+    def backward_end(self) -> float:
+        return (sum(v for k, v in self.gpu.items() if k not in self.forward_only)
+                + self.backward_activations)
+
+    @property
+    def gpu_peak(self) -> float:
+        return max(self.forward_end, self.backward_end, self.gpu_loading)
+
+
+def shard_group(run, world_size: int) -> int:
+    """How many ranks share one copy of the parameters, gradients and optimizer states."""
+    if not run.train.enable_fsdp:
+        return 1
+    strategy = "HYBRID_SHARD" if run.fsdp.hsdp else run.fsdp.sharding_strategy
+    if strategy == "NO_SHARD":
+        return 1
+    if strategy == "HYBRID_SHARD":
+        return hybrid_mesh_shape(run.fsdp, world_size)[0]
+    return world_size
+
+
+def quantized_bytes_per_param(run) -> float:
+    """bitsandbytes storage: 4-bit NF4/FP4 packs two weights per byte plus one fp32 absmax per
+    64 weights (double quant: an 8-bit absmax plus an fp32 one per 256 of those); 8-bit stores
+    one byte per weight plus fp32 row statistics."""
+    if run.train.quantization == "8bit":
+        return 1.0 + 4 / 4096
+    absmax = (1 + 4 / 256) / 64 if run.quantization.use_double_quant else 4 / 64
+    return 0.5 + absmax
+
+
+# torch.compile's partitioner recomputes cheap elementwise results (norms, SiLU, the rotary
+# copies) in backward instead of keeping them; the share of eager's activations they keep is
+# measured by benchmarks/layer_activations.py (figures in docs/memory.md)
+COMPILED_ACTIVATIONS = 0.73
+
+
+def activation_bytes_per_token_per_layer(counts: ModelCounts, compute_bytes: int,
+                                         frozen_base: bool = False,
+                                         compiled: bool = False) -> float:
+    """Tensors a Llama-style decoder layer keeps for backward, per token: about ten hidden-size
+    vectors (norm inputs and outputs, q and its rotated copy, attention output, residuals), four
+    of the key/value width (k, v and their rotated or repeated copies) and four of the MLP width
+    (gate, up, activation, product). A frozen linear layer needs no input for its gradient, so
+    with a frozen base (LoRA, QLoRA) the inputs of the output and down projections go: one
+    hidden and one MLP vector fewer. Measured on Llama-3-8B in bf16
+    (benchmarks/layer_activations.py): 201 KB per token and layer for full fine-tuning, 164 KB
+    for LoRA; this gives 205 and 168."""
+    vectors = 10 * counts.hidden + 4 * counts.kv_dim + 4 * counts.intermediate
+    if frozen_base:
+        vectors -= counts.hidden + counts.intermediate
+    return compute_bytes * vectors * (COMPILED_ACTIVATIONS if compiled else 1.0)
+
+
+def estimate(run, world_size: int, counts: ModelCounts | None = None,
+             local_world_size: int | None = None) -> Plan:
+    """Peak memory per GPU and per rank's CPU RAM of ``run`` on ``world_size`` GPUs."""
+    counts = counts or count_parameters(run)
+    t, f = run.train, run.fsdp
+    local_world_size = local_world_size or min(world_size, 8)
+    precision = choose_precision(run, cuda=True, bf16_supported=True)
+    weight_bytes = precision.weight_dtype.itemsize
+    compute_bytes = precision.compute_dtype.itemsize
+    adapter_bytes = precision.trainable_dtype.itemsize
+    shards = shard_group(run, world_size)
+    offload = t.enable_fsdp and f.fsdp_cpu_offload
+    plan = Plan()
+
+    frozen = counts.total - counts.trainable
+    quantized = counts.quantizable if t.quantization else 0
+    weights = ((frozen - quantized) * weight_bytes + quantized * quantized_bytes_per_param(run)
+               + counts.trainable * adapter_bytes)
+    grads = counts.trainable * adapter_bytes
+    optimizer = 2 * counts.trainable * adapter_bytes  # AdamW: two moments per trainable weight
+    if t.enable_fsdp and quantized_at_load(t):
+        # every rank loads the whole quantised model onto its GPU, then FSDP keeps its shard
+        # (under low_cpu_fsdp, and for random-init models, FSDP quantises unit by unit instead)
+        plan.gpu_loading = weights + WORKSPACE_BYTES
+    states = {"weights": weights / shards, "gradients": grads / shards,
+              "optimizer states (AdamW)": optimizer / shards}
+    if t.gradient_accumulation_steps == 1:
+        plan.backward_only.add("gradients")
+    if offload:
+        plan.cpu.update({f"{k} (CPU offload)": v for k, v in states.items()})
+        plan.gpu["weights (CPU offload: none resident)"] = 0.0
+    else:
+        plan.gpu.update(states)
+    if t.enable_ddp:  # DDP all-reduces gradients through buckets that copy them
+        plan.gpu["DDP gradient buckets"] = grads
+        plan.backward_only.add("DDP gradient buckets")
+    if t.enable_fsdp and (shards > 1 or offload or compute_bytes != weight_bytes):
+        # FSDP1 keeps the root unit (embeddings, lm_head) gathered from forward to backward, and
+        # gathers at most two decoder layers ahead (prefetch); mixed precision casts them too
+        layer_bytes = quantized_bytes_per_param(run) if t.quantization else compute_bytes
+        gathered = counts.outside_layers * compute_bytes + 2 * counts.largest_layer * layer_bytes
+        gathered += counts.largest_layer * 4 if counts.trainable else 0  # unsharded fp32 grads
+        plan.gpu["gathered FSDP units (root + 2 layers)"] = gathered
+
+    tokens = t.batch_size_training * t.context_length
+    per_layer = tokens * activation_bytes_per_token_per_layer(
+        counts, compute_bytes, frozen_base=t.use_peft, compiled=t.torch_compile)
+    if f.fsdp_activation_checkpointing:
+        kept = min(f.no_checkpoint_layers, counts.num_layers)
+        checkpointed = counts.num_layers - kept
+        # at the end of forward: the checkpointed layers' inputs and the kept layers' activations
+        # (a checkpointed layer's own activations exist again only while backward recomputes it)
+        activations = (f"activations (checkpointed: {checkpointed} layer inputs"
+                       + (f"; {kept} layers kept)" if kept else ")"))
+        plan.gpu[activations] = (
+            checkpointed * tokens * counts.hidden * compute_bytes + kept * per_layer)
+    else:
+        activations = "activations (all layers)"
+        plan.gpu[activations] = counts.num_layers * per_layer
+    if t.chunked_loss:
+        # one chunk's fp32 logits and their gradient in the compute dtype (the fp32 copy is
+        # freed before the matmuls), plus the saved gradients: of the hidden states, and of
+        # the output weight (an fp32 sum and one chunk's term) when it trains
+        chunk = min(tokens, CHUNK_TOKENS)
+        head_trains = not t.use_peft
+        loss = "loss (chunked: one chunk of logits)"
+        plan.gpu[loss] = (
+            chunk * counts.vocab * (4 + compute_bytes) + tokens * counts.hidden * compute_bytes
+            + (counts.vocab * counts.hidden * (4 + compute_bytes) if head_trains else 0))
+    else:
+        # logits in the compute dtype, their fp32 copy for the loss, and the fp32 log-softmax
+        # that cross-entropy keeps for backward: the largest single item for 128k vocabularies
+        loss = "logits and loss"
+        plan.gpu[loss] = tokens * counts.vocab * (compute_bytes + 10)
+    plan.forward_only |= {activations, loss}
+    plan.backward_activations = per_layer
+    plan.gpu["workspace (allocator, cuBLAS, NCCL)"] = WORKSPACE_BYTES
+
+    # CPU RAM per rank while loading
+    full_model = counts.total * weight_bytes
+    if init_after_adapters(t) or quantized_at_load(t):
+        plan.cpu["loading"] = 0.0  # built on meta / quantised onto the GPU as it loads
+    elif t.low_cpu_fsdp:
+        plan.cpu["loading (rank 0 only; other ranks ~0)"] = full_model
+    else:
+        plan.cpu["loading (every rank)"] = full_model
+    notes(plan, run, counts, world_size, local_world_size, full_model, weights_on_disk(t))
+    return plan
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def notes(plan: Plan, run, counts: ModelCounts, world_size: int, local_world_size: int,
+          full_model: float, on_disk: bool) -> None:
+    """The traps users hit, said before the launch."""
+    t, f = run.train, run.fsdp
+    if (t.enable_fsdp and not t.low_cpu_fsdp and on_disk and not t.quantization
+            and local_world_size * full_model > 0.8 * host_memory()):
+        plan.notes.append(
+            f"every one of {local_world_size} ranks per node loads the whole model "
+            f"({full_model / GIB:.1f} GiB each, {local_world_size * full_model / GIB:.0f} GiB "
+            f"together) into {host_memory() / GIB:.0f} GiB of RAM: the loader would be "
+            "SIGKILLed. Add --low_cpu_fsdp (rank 0 alone reads the weights)")
+    if f.fsdp_activation_checkpointing and not counts.supports_checkpointing:
+        plan.notes.append("this model does not support activation checkpointing: set "
+                          "--fsdp_config.fsdp_activation_checkpointing False and plan for all "
+                          "activations")
+    if f.fsdp_activation_checkpointing:
+        plan.notes.append("activation checkpointing is non-reentrant and the model trains in "
+                          "train mode (transformers skips checkpointing in eval mode, the mode "
+                          "from_pretrained returns), so it is really on; PEFT needs no "
+                          "enable_input_require_grads")
+    if t.batching_strategy == "padding":
+        plan.notes.append("padding batches are planned at the full context_length; shorter "
+                          "batches need less")
+
+
+def parse_bytes(text) -> float:
+    """``80GiB``, ``80GB``, ``141G`` or a number of GiB."""
+    if isinstance(text, (int, float)):
+        return float(text) * GIB
+    match = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|G|MiB|MB|M)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--gpu_memory {text!r}: give a size such as 80GiB or 141GB")
+    unit = (match.group(2) or "GiB").lower()
+    scale = {"gib": GIB, "g": GIB, "gb": 1e9, "mib": 2**20, "m": 2**20, "mb": 1e6}[unit]
+    return float(match.group(1)) * scale
+
+
+def gpu_memory_available(gpu_memory) -> float | None:
+    if gpu_memory:
+        return parse_bytes(gpu_memory)
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    return None
