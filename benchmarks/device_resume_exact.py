@@ -88,9 +88,17 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     make_shapes()
     jobs = [(name, det) for name in CASES for det in (True, False)]
+    rows = []
+
+    def record(job):  # written as each case ends: a call stopped at its limit keeps them
+        rows.append(compare(*job, root, args.steps))
+        (root / "resume_exact.json").write_text(json.dumps(rows, indent=1))
+        print(json.dumps({k: rows[-1][k] for k in ("case", "deterministic", "exit_codes",
+                                                    "max_abs_diff", "before_diff")}), flush=True)
+
     with ThreadPoolExecutor(len(jobs)) as pool:
-        rows = list(pool.map(lambda job: compare(*job, root, args.steps), jobs))
-    (root / "resume_exact.json").write_text(json.dumps(rows, indent=1))
+        list(pool.map(record, jobs))
+    rows.sort(key=lambda r: jobs.index((r["case"], r["deterministic"])))
     lines = ["| case | --deterministic | resumed steps | max loss difference after resume |"
              " before (same start) |", "| --- | --- | --- | ---: | ---: |"]
     for r in rows:

@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+from llm_finetune.checkpoint_files import step_dirs
 from llm_finetune.config_utils import ConfigError
 from llm_finetune.distributed import DistInfo
 
@@ -85,10 +86,22 @@ def expected_save_bytes(model, run, world_size: int) -> int:
     return total * (world_size if run.train.enable_fsdp else 1)
 
 
+def copies_on_disk_at_once(run) -> int:
+    """How many saves' worth of new bytes the output directory must hold at the busiest moment:
+    the checkpoints kept (``--save_total_limit``) plus the one being written, less the ones a
+    resumed run finds already there (they are pruned, not added to). Keeping all checkpoints
+    (limit 0) asks for room for two: the run cannot know how many it will write."""
+    limit = run.train.save_total_limit
+    if not limit:
+        return 2
+    already_there = len(step_dirs(run.train.output_dir))
+    return max(1, limit + 1 - already_there)
+
+
 def check_output_dir(model, run, dist_info: DistInfo) -> None:
     """Fail before training, not at the first save hours later: output_dir must be writable and
-    have room for two copies of what the run saves (the new one is written before the old one
-    is removed)."""
+    have room for the saves it will hold at once (the new one is written before an old one is
+    removed)."""
     if not dist_info.is_main:
         return
     directory = Path(run.train.output_dir)
@@ -98,13 +111,13 @@ def check_output_dir(model, run, dist_info: DistInfo) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as error:
-        raise OSError(f"--output_dir {directory} is not writable ({error.strerror}): choose "
-                      "another directory") from error
+        raise ConfigError(f"--output_dir {directory} is not writable ({error.strerror}): "
+                          "choose another directory") from error
     if not (run.train.save_model or run.train.save_steps or run.train.save_each_epoch):
         return
-    needed = 2 * expected_save_bytes(model, run, dist_info.world_size)
+    needed = copies_on_disk_at_once(run) * expected_save_bytes(model, run, dist_info.world_size)
     free = shutil.disk_usage(directory).free
     if free < needed:
-        raise OSError(f"--output_dir {directory} has {free / 2**30:.1f} GiB free, the run's "
-                      f"checkpoints need about {needed / 2**30:.1f} GiB: free space, choose "
-                      "another directory, or lower --save_total_limit")
+        raise ConfigError(f"--output_dir {directory} has {free / 2**30:.1f} GiB free, the run's "
+                          f"checkpoints need about {needed / 2**30:.1f} GiB: free space, choose "
+                          "another directory, or lower --save_total_limit")

@@ -223,7 +223,7 @@ def test_full_disk_and_unwritable_output_fail_before_training(tiny_model_dir, tm
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(OSError, match="GiB free, the run's checkpoints need"):
+    with pytest.raises(ConfigError, match="GiB free, the run's checkpoints need"):
         finetuning.main(**RUN, model_name=str(tiny_model_dir), save_steps=5,
                         output_dir=str(tmp_path / "full"))
     assert not (tmp_path / "full" / "metrics.jsonl").exists(), "training must not have started"
@@ -231,6 +231,22 @@ def test_full_disk_and_unwritable_output_fail_before_training(tiny_model_dir, tm
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="is not writable"):  # before the model loads
         finetuning.main(**RUN, model_name=str(tiny_model_dir), output_dir=str(blocker / "out"))
+
+
+def test_room_needed_counts_the_checkpoints_a_resumed_run_finds(tmp_path):
+    """The disk check asks for the checkpoints kept plus the one being written, less those
+    already in the directory: a run resumed with --save_total_limit 1 next to its one
+    checkpoint needs room for one more, not two (the GPU matrix's 1B full fine-tuning resume
+    was refused with 24 GiB free for a 14 GiB checkpoint)."""
+    from llm_finetune.output_dir import copies_on_disk_at_once
+
+    def run(limit):
+        return build_run_config(output_dir=str(tmp_path), save_steps=2, save_total_limit=limit)
+
+    assert [copies_on_disk_at_once(run(k)) for k in (0, 1, 3)] == [2, 2, 4]
+    (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000004.tmp").mkdir()  # not a checkpoint
+    assert [copies_on_disk_at_once(run(k)) for k in (0, 1, 3)] == [2, 1, 3]
 
 
 def test_checkpoint_each_epoch_resumes_at_the_next_epoch(tiny_model_dir, tmp_path):
