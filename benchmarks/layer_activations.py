@@ -20,7 +20,7 @@ import torch
 from llm_finetune.adapters import apply_peft
 from llm_finetune.config_utils import build_run_config
 from llm_finetune.engine import compile_layers
-from llm_finetune.model import base_model_of
+from llm_finetune.adapters import base_model_of
 from llm_finetune.plan import activation_bytes_per_token_per_layer, count_parameters
 from llm_finetune.shapes import SHAPES
 

@@ -40,3 +40,8 @@ def apply_peft(model, run, num_layers: int, adapter_dtype: torch.dtype = torch.f
         if param.requires_grad:
             param.data = param.data.to(adapter_dtype)
     return model
+
+
+def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT model (the model itself when it has no adapters)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -17,7 +17,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from llm_finetune.checkpoint_files import CheckpointError, choose_checkpoint, read_manifest
-
 from llm_finetune.configs import (
     DATASET_CONFIGS,
     fsdp_config,
@@ -28,6 +27,9 @@ from llm_finetune.configs import (
     train_config,
     wandb_config,
 )
+from llm_finetune.data.batching import global_batch_problem
+from llm_finetune.errors import ConfigError  # noqa: F401 (where callers have always found it)
+from llm_finetune.model import weights_on_disk
 
 
 # what users of the transformers Trainer / TRL / axolotl type, and our name for it
@@ -41,10 +43,6 @@ OTHER_TOOLS_NAMES = {
     "lora_dropout": "lora_config.lora_dropout", "load_in_4bit": "quantization",
     "bf16": "mixed_precision", "fp16": "use_fp16", "max_grad_norm": "gradient_clipping_threshold",
 }
-
-
-class ConfigError(ValueError):
-    """A setting or a combination of settings that cannot run; the message names the fix."""
 
 
 CHOICES = {
@@ -267,8 +265,6 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
     except CheckpointError as error:
         raise ConfigError(str(error)) from error
     if checkpoint:
-        from llm_finetune.data.batching import global_batch_problem
-
         saved = read_manifest(checkpoint).get("global_batch")
         problem = saved and global_batch_problem(saved, t.batch_size_training, world_size,
                                                  t.gradient_accumulation_steps)
@@ -325,8 +321,6 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
                           "8-bit replica per rank), --quantization 4bit with --enable_fsdp, or "
                           "LoRA on bf16 weights with --enable_fsdp --fsdp_config.pure_bf16 True")
     if t.quantization == "8bit":
-        from llm_finetune.model import weights_on_disk
-
         if not weights_on_disk(t):
             raise ConfigError(f"--quantization 8bit quantises weights as they load, and "
                               f"{t.model_name} has none on disk (a config-only model): use "

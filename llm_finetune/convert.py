@@ -25,7 +25,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from llm_finetune.config_utils import ConfigError
+from llm_finetune.errors import ConfigError
 from llm_finetune.model import load_base_model, resolve_model_path
 
 

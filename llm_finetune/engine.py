@@ -17,7 +17,8 @@ from torch.distributed.fsdp.wrap import (_or_policy, lambda_auto_wrap_policy,
 
 from llm_finetune.config_utils import hybrid_mesh_shape
 from llm_finetune.distributed import DistInfo
-from llm_finetune.model import base_model_of, decoder_layer_classes, decoder_layers
+from llm_finetune.adapters import base_model_of
+from llm_finetune.model import decoder_layer_classes, decoder_layers
 from llm_finetune.quantization import is_4bit, pending_4bit_like, quantize_pending
 from llm_finetune.random_init import SeededInit
 

@@ -26,16 +26,17 @@ from llm_finetune.determinism import make_deterministic
 from llm_finetune.engine import (compile_layers, enable_activation_checkpointing, meta_init_fn,
                                  wrap_fsdp)
 from llm_finetune.export import save_model
-from llm_finetune.metrics import MetricsLog, PhaseTimer, model_flops_utilization
+from llm_finetune.metrics import (MetricsLog, PhaseTimer, model_flops_utilization,
+                                  report_parameter_counts)
 from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
                                 load_tokenizer, record_random_base, weights_on_disk)
 from llm_finetune.optim import build_optimizer, build_scheduler
 from llm_finetune.output_dir import check_output_dir, check_output_dir_reuse, clear_previous_run
 from llm_finetune.plan import fit_to_gpu, plan_run
 from llm_finetune.plot import plot
-from llm_finetune.precision import choose_precision
+from llm_finetune.precision import choose_precision, make_grad_scaler
 from llm_finetune.progress import quiet_library_bars_off_terminal
-from llm_finetune.quantization import bnb_config, is_4bit
+from llm_finetune.quantization import bnb_config
 from llm_finetune.random_init import SeededInit
 from llm_finetune.trackers import Trackers
 from llm_finetune.train import Trainer
@@ -120,7 +121,7 @@ def main(**kwargs) -> dict:
                          resumed_step=resumed_step, trackers=trackers)
     if dist_info.is_main:
         write_run_config(run)
-    scaler = grad_scaler(precision, run.train.enable_fsdp, dist_info.device)
+    scaler = make_grad_scaler(precision, run.train.enable_fsdp, dist_info.device)
     # DDP wraps the model for training only; saving and checkpoints see the model itself
     trained = distributed.data_parallel(model, dist_info) if run.train.enable_ddp else model
     trainer = Trainer(trained, optimizer, scheduler, run, dist_info, precision, metrics, scaler)
@@ -160,40 +161,6 @@ def main(**kwargs) -> dict:
     if owns_group:
         distributed.teardown()
     return summary
-
-
-def grad_scaler(precision, fsdp: bool, device: torch.device):
-    if not precision.grad_scaler:
-        return None
-    if fsdp:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(device.type)
-    return torch.amp.GradScaler(device.type)
-
-
-def report_parameter_counts(model, dist_info) -> tuple[int, int]:
-    """Print on rank 0 and return (total, trainable) parameters of the model as this rank holds
-    it. Under FSDP each rank holds a shard: the local counts are scaled back to the model's size
-    (approximate: padding). The planner's exact counts come from a meta model:
-    ``plan.count_parameters``."""
-    total = sum(parameter_count(p) for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    scale = dist_info.world_size if hasattr(model, "sharding_strategy") and \
-        model.sharding_strategy.name != "NO_SHARD" else 1
-    total, trainable = total * scale, trainable * scale
-    if dist_info.is_main:
-        print(f"parameters: {total / 1e6:.2f}M, trainable {trainable / 1e6:.2f}M "
-              f"(approx. under FSDP), world size {dist_info.world_size}, device "
-              f"{dist_info.device}", flush=True)
-    return total, trainable
-
-
-def parameter_count(param: torch.Tensor) -> int:
-    """Model parameters a tensor holds: a packed 4-bit weight holds two per byte of storage."""
-    if is_4bit(param) and param.bnb_quantized:
-        return param.numel() * param.element_size() * 2
-    return param.numel()
 
 
 def write_run_config(run) -> None:

@@ -18,7 +18,7 @@ import fire
 import torch
 from transformers import AutoTokenizer, TextStreamer
 
-from llm_finetune.config_utils import ConfigError
+from llm_finetune.errors import ConfigError
 from llm_finetune.data.alpaca import format_prompt
 from llm_finetune.model import load_base_model, resolve_model_path
 

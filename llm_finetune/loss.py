@@ -11,6 +11,10 @@ never get logits at all.
 The model computes the loss inside its own forward (``loss_in_output_layer``), where its output
 projection's weight is available, unsharded by FSDP for that forward like any other weight; the
 model's module tree and state dict are unchanged.
+
+``NextTokenLoss`` is the objective the trainer calls: the loop knows only its two methods, so a
+new objective (preference pairs, another model family's labels) is a new class beside it, not a
+branch in the loop.
 """
 
 import contextlib
@@ -18,9 +22,11 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from llm_finetune.model import base_model_of, unwrap
+from llm_finetune.adapters import base_model_of
+from llm_finetune.model import unwrap
 
 IGNORE = -100
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 CHUNK_TOKENS = 2048  # 2048 x 128k fp32 logits = 1 GiB per chunk, freed before the next
 
 
@@ -118,3 +124,45 @@ def loss_in_output_layer(head: torch.nn.Linear, labels: torch.Tensor):
         yield
     finally:
         del head.forward
+
+
+def count_label_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def token_loss_sum(model, batch: dict, head=None) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the batch's label tokens, and their number.
+
+    ``head``: the model's output layer (``output_layer``), which then computes the loss itself,
+    chunk by chunk, without the full logits; None: logits, then cross-entropy."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    labels = batch["labels"][:, 1:]
+    tokens = count_label_tokens(batch)
+    if head is not None:
+        with loss_in_output_layer(head, batch["labels"]):
+            return model(**inputs, use_cache=False).logits, tokens
+    logits = model(**inputs, use_cache=False).logits
+    logits = logits[:, : labels.shape[1]]  # prefix tuning may add no positions; be explicit
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, tokens
+
+
+class NextTokenLoss:
+    """Supervised fine-tuning's objective. What the trainer asks of an objective:
+
+    - ``units(batch)``: how many terms the batch's loss sums over (here label tokens); a step's
+      loss is the sum over all its micro-batches and ranks divided by their total units;
+    - ``objective(model, batch)``: (summed loss tensor, units) of one micro-batch.
+
+    ``chunked``: the loss computed inside the output layer, without the full logits, where the
+    model's output layer allows it (``output_layer``)."""
+
+    def __init__(self, model, chunked: bool = True):
+        self.head = output_layer(model) if chunked else None
+
+    def units(self, batch: dict) -> int:
+        return count_label_tokens(batch)
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+        return token_loss_sum(model, batch, self.head)

@@ -10,6 +10,10 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
+from llm_finetune.quantization import is_4bit
+
 
 class MetricsLog:
     def __init__(self, path: str, enabled: bool, resumed_step: int | None = None,
@@ -108,8 +112,6 @@ def model_flops_utilization(tokens_per_s: float, total_params: int, trainable_pa
     """Model FLOPs per second over the GPUs' peak: per token 2 x parameters forward, 2 x
     backward through the activations, and 2 x trainable parameters for weight gradients
     (6 x parameters for full fine-tuning); no recompute, no attention. None off known GPUs."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
@@ -118,3 +120,27 @@ def model_flops_utilization(tokens_per_s: float, total_params: int, trainable_pa
         return None
     flops_per_token = 4 * total_params + 2 * trainable_params
     return tokens_per_s * flops_per_token / (world_size * peak)
+
+
+def report_parameter_counts(model, dist_info) -> tuple[int, int]:
+    """Print on rank 0 and return (total, trainable) parameters of the model as this rank holds
+    it. Under FSDP each rank holds a shard: the local counts are scaled back to the model's size
+    (approximate: padding). The planner's exact counts come from a meta model:
+    ``plan.count_parameters``."""
+    total = sum(parameter_count(p) for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    scale = dist_info.world_size if hasattr(model, "sharding_strategy") and \
+        model.sharding_strategy.name != "NO_SHARD" else 1
+    total, trainable = total * scale, trainable * scale
+    if dist_info.is_main:
+        print(f"parameters: {total / 1e6:.2f}M, trainable {trainable / 1e6:.2f}M "
+              f"(approx. under FSDP), world size {dist_info.world_size}, device "
+              f"{dist_info.device}", flush=True)
+    return total, trainable
+
+
+def parameter_count(param: torch.Tensor) -> int:
+    """Model parameters a tensor holds: a packed 4-bit weight holds two per byte of storage."""
+    if is_4bit(param) and param.bnb_quantized:
+        return param.numel() * param.element_size() * 2
+    return param.numel()

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llm_finetune.config_utils import ConfigError
+from llm_finetune.adapters import base_model_of
+from llm_finetune.errors import ConfigError
 from llm_finetune.quantization import to_4bit_layers
 from llm_finetune.random_init import SeededInit
 from llm_finetune.shapes import SHAPES
@@ -215,11 +216,6 @@ def keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT model (the model itself when it has no adapters)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> set[type]:

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from llm_finetune.checkpoint_files import step_dirs
-from llm_finetune.config_utils import ConfigError
+from llm_finetune.errors import ConfigError
 from llm_finetune.distributed import DistInfo
 
 # what a run writes directly under output_dir (export.py, training_checkpoint.py, metrics.py,

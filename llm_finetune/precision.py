@@ -48,3 +48,14 @@ def choose_precision(run, cuda: bool, bf16_supported: bool | None = None) -> Pre
         return Precision(torch.float32, torch.float32, torch.float32, False)
     weights = compute if t.use_peft else torch.float32
     return Precision(weights, torch.float32, compute, grad_scaler=compute == torch.float16)
+
+
+def make_grad_scaler(precision: Precision, fsdp: bool, device: torch.device):
+    """The loss scaler fp16 needs (FSDP's sharded one under FSDP); None otherwise."""
+    if not precision.grad_scaler:
+        return None
+    if fsdp:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)

@@ -18,6 +18,7 @@ import zlib
 
 import torch
 
+from llm_finetune.adapters import base_model_of
 from llm_finetune.quantization import (is_4bit, is_4bit_linear, pending_4bit_like,
                                        quantize_pending)
 
@@ -40,8 +41,6 @@ class SeededInit:
     def __init__(self, model: torch.nn.Module, seed: int, device: torch.device):
         self.seed = seed
         self.device = torch.device(device)
-        from llm_finetune.model import base_model_of  # model.py imports this module
-
         base = base_model_of(model)
         self.init_weights = base._init_weights  # the architecture's own init scheme
         self.lora_init = {name: getattr(cfg, "init_lora_weights", True)

@@ -14,38 +14,14 @@ import resource
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from llm_finetune.distributed import DistInfo, all_reduce_sum
-from llm_finetune.loss import loss_in_output_layer, output_layer
+from llm_finetune.loss import NextTokenLoss
 from llm_finetune.profiling import StepProfiler
 from llm_finetune.progress import on_terminal, progress_bar
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 DATA_WAIT_WARNING = 0.1  # share of training time spent waiting for batches that gets a warning
-
-
-def token_loss_sum(model, batch: dict, head=None) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over the batch's label tokens, and their number.
-
-    ``head``: the model's output layer (``loss.output_layer``), which then computes the loss
-    itself, chunk by chunk, without the full logits; None: logits, then cross-entropy."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    labels = batch["labels"][:, 1:]
-    tokens = count_label_tokens(batch)
-    if head is not None:
-        with loss_in_output_layer(head, batch["labels"]):
-            return model(**inputs, use_cache=False).logits, tokens
-    logits = model(**inputs, use_cache=False).logits
-    logits = logits[:, : labels.shape[1]]  # prefix tuning may add no positions; be explicit
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    return loss, tokens
-
-
-def count_label_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -80,8 +56,12 @@ def grouped(loader, size: int):
 
 
 class Trainer:
+    """Optimizer steps over a loader, evaluation after each epoch, one metrics record per step.
+    What is computed per micro-batch is the ``objective``'s (default ``NextTokenLoss``); the
+    loop itself is the same for every method and model."""
+
     def __init__(self, model, optimizer, scheduler, run, dist_info: DistInfo, precision,
-                 metrics, grad_scaler=None):
+                 metrics, grad_scaler=None, objective=None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -90,9 +70,7 @@ class Trainer:
         self.precision = precision
         self.metrics = metrics
         self.grad_scaler = grad_scaler
-        # the output layer that computes the chunked loss (None: the plain loss; also for
-        # models whose logits are post-processed)
-        self.loss_head = output_layer(model) if run.train.chunked_loss else None
+        self.objective = objective or NextTokenLoss(model, chunked=run.train.chunked_loss)
         self.step = 0  # optimizer steps done
         self.epoch = 0  # the epoch in progress
         # optimizer steps done in that epoch: the data position a checkpoint records (the
@@ -117,7 +95,7 @@ class Trainer:
 
         Under fp16 loss scaling a step whose gradients overflow is skipped by the scaler, which
         then halves its scale: ``metrics.jsonl`` records the scale so skipped steps are visible."""
-        local_tokens = sum(count_label_tokens(b) for b in micro_batches)
+        local_tokens = sum(self.objective.units(b) for b in micro_batches)
         input_tokens = sum(int(b["num_tokens"]) for b in micro_batches)
         total_tokens, total_inputs = all_reduce_sum([local_tokens, input_tokens], self.dist.device)
         scale = self.dist.world_size / max(total_tokens, 1)
@@ -127,7 +105,7 @@ class Trainer:
         for batch in micro_batches:
             batch = to_device(batch, self.dist.device)
             with self.autocast():
-                loss, _ = token_loss_sum(self.model, batch, self.loss_head)
+                loss, _ = self.objective(self.model, batch)
             scaled = loss * scale
             (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
             loss_sum += loss.detach()
@@ -157,8 +135,7 @@ class Trainer:
             if max_steps and i >= max_steps:
                 break
             with self.autocast():
-                loss, n = token_loss_sum(self.model, to_device(batch, self.dist.device),
-                                         self.loss_head)
+                loss, n = self.objective(self.model, to_device(batch, self.dist.device))
             loss_sum += loss
             tokens += n
         loss_sum, tokens = all_reduce_sum([loss_sum, tokens], self.dist.device)

@@ -58,11 +58,11 @@ def test_linear_cross_entropy_without_gradients_only_sums():
 def test_training_with_the_chunked_loss_equals_the_plain_loss(settings, tmp_path, monkeypatch):
     """In fp32 (on a GPU too), where the two differ only by summation order; --chunked_loss
     False really takes the plain path."""
-    from llm_finetune import train
+    from llm_finetune import loss
 
     calls = []
-    chunked_path = train.loss_in_output_layer
-    monkeypatch.setattr(train, "loss_in_output_layer",
+    chunked_path = loss.loss_in_output_layer
+    monkeypatch.setattr(loss, "loss_in_output_layer",
                         lambda *args: calls.append(1) or chunked_path(*args))
     runs = []
     for chunked in (True, False):

@@ -11,8 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from llm_finetune import finetuning
 from llm_finetune.data.batching import pack_samples, packed_collate, pad_collate
-from llm_finetune.loss import output_layer
-from llm_finetune.train import token_loss_sum
+from llm_finetune.loss import output_layer, token_loss_sum
 from tests.helpers import FAST, probe_input
 
 

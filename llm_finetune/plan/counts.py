@@ -33,7 +33,7 @@ class ModelCounts:
 
 def count_parameters(run) -> ModelCounts:
     """Exact counts from the model built on the meta device, with the run's adapters (the
-    run's own printout, ``finetuning.report_parameter_counts``, scales a rank's shard)."""
+    run's own printout, ``metrics.report_parameter_counts``, scales a rank's shard)."""
     config = model_config(run.train.model_name)
     model = meta_model(config, torch.float32, "sdpa")
     layers = decoder_layers(model)
