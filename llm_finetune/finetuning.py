@@ -26,8 +26,8 @@ from llm_finetune.determinism import make_deterministic
 from llm_finetune.engine import (compile_layers, enable_activation_checkpointing, meta_init_fn,
                                  wrap_fsdp)
 from llm_finetune.export import save_model
-from llm_finetune.metrics import (MetricsLog, PhaseTimer, model_flops_utilization,
-                                  report_parameter_counts)
+from llm_finetune.metrics import (MetricsLog, PhaseTimer, flops_per_token,
+                                  model_flops_utilization, report_parameter_counts)
 from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
                                 load_tokenizer, record_random_base, weights_on_disk)
 from llm_finetune.optim import build_optimizer, build_scheduler
@@ -85,6 +85,7 @@ def main(**kwargs) -> dict:
                        quantization_config=bnb_config(run, precision),
                        init_device="cpu" if run.train.enable_fsdp else dist_info.device)
     num_layers = len(decoder_layers(model))
+    hidden_size = model.config.get_text_config().hidden_size
     if run.train.freeze_layers:
         freeze_layers(model, run.train.num_freeze_layers)
     if run.train.use_peft:
@@ -134,8 +135,10 @@ def main(**kwargs) -> dict:
                           on_step_end=checkpoints.maybe_save,
                           on_epoch_end=checkpoints.epoch_end)
     phases.mark("train")
-    summary["mfu"] = model_flops_utilization(summary["tokens_per_s"], total_params,
-                                             trainable_params, dist_info.world_size)
+    per_token = flops_per_token(total_params, trainable_params, num_layers, hidden_size,
+                                summary["attention_length"])
+    summary.update(model_flops_utilization(summary["tokens_per_s"], per_token,
+                                           dist_info.world_size))
 
     # 6. save
     if run.train.save_model:

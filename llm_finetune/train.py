@@ -76,6 +76,9 @@ class Trainer:
         # optimizer steps done in that epoch: the data position a checkpoint records (the
         # loader's workers fetch batches ahead, so only the loop knows what was consumed)
         self.steps_in_epoch = 0
+        # sum over trained sequences of length x length and of length: their ratio is the
+        # sequence length an average token attends over (attention's share of MFU)
+        self.positions_squared, self.positions = 0, 0
 
     def autocast(self):
         if not self.precision.autocast or self.run.train.enable_fsdp:  # FSDP casts itself
@@ -97,6 +100,10 @@ class Trainer:
         then halves its scale: ``metrics.jsonl`` records the scale so skipped steps are visible."""
         local_tokens = sum(self.objective.units(b) for b in micro_batches)
         input_tokens = sum(int(b["num_tokens"]) for b in micro_batches)
+        for b in micro_batches:
+            sequences, length = b["input_ids"].shape
+            self.positions += sequences * length
+            self.positions_squared += sequences * length * length
         total_tokens, total_inputs = all_reduce_sum([local_tokens, input_tokens], self.dist.device)
         scale = self.dist.world_size / max(total_tokens, 1)
         # summed on the device: reading it per micro-batch (.item()) would wait for the GPU to
@@ -222,6 +229,7 @@ class Trainer:
         profiler.close()
         wall = time.perf_counter() - started
         summary.update(steps=self.step, train_time_s=wall, tokens_per_s=tokens_seen / wall,
+                       attention_length=self.positions_squared / max(self.positions, 1),
                        data_wait_s=data_waited, peak_gpu_mem_gib=peak_gpu_gib(), **memory_trace())
         self.warn_if_data_stalls(data_waited, wall)
         if profiler.flops_per_step is not None:

@@ -85,21 +85,27 @@ def test_a_run_plots_its_metrics_and_runs_compare_on_one_plot(tiny_model_dir, tm
 def test_summary_reports_memory_and_mfu(tiny_model_dir, tmp_path, monkeypatch):
     import torch
 
-    from llm_finetune.metrics import model_flops_utilization
+    from llm_finetune.metrics import flops_per_token, model_flops_utilization
 
     summary = finetuning.main(**FAST, model_name=str(tiny_model_dir), output_dir=str(tmp_path))
     assert "plots" not in summary and not (tmp_path / "plots").exists()  # --plot_metrics False
     assert summary["peak_cpu_rss_gib"] > 0.1
-    assert summary["mfu"] is None  # on a CPU
+    assert summary["mfu"] is None and summary["mfu_of_measured_peak"] is None  # on a CPU
     assert set(summary["phase_s"]) == {"load", "to_device", "data", "train"}
+    # padded batches: the length a token attends over, at most the longest sample allowed
+    assert 4 < summary["attention_length"] <= FAST.get("context_length", 512)
+    # torchtitan's count for Llama-3-8B at 8192 tokens: 6 x N + 12 x layers x hidden x length
+    full = flops_per_token(8.03e9, 8.03e9, 32, 4096, 8192)
+    assert full == pytest.approx(6 * 8.03e9 + 12 * 32 * 4096 * 8192)
+    lora = flops_per_token(8.03e9, 0, 32, 4096, 2048)  # a frozen base: no weight gradients
+    assert lora == pytest.approx(4 * 8.03e9 + 12 * 32 * 4096 * 2048)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    # full fine-tuning: 6 x parameters per token; 2 GPUs at 790 TFLOP/s each
-    assert model_flops_utilization(1e4, 8e9, 8e9, 2) == pytest.approx(1e4 * 6 * 8e9 / 1.58e15)
-    # LoRA: a frozen base costs 4 x parameters per token
-    assert model_flops_utilization(1e4, 8e9, 0, 1) == pytest.approx(1e4 * 4 * 8e9 / 7.9e14)
+    # 2 GPUs at the datasheet's 989 TFLOP/s each, and at the measured 790
+    assert model_flops_utilization(1e4, full, 2) == pytest.approx(
+        {"mfu": 1e4 * full / 1.978e15, "mfu_of_measured_peak": 1e4 * full / 1.58e15})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
-    assert model_flops_utilization(1e4, 8e9, 0, 1) is None
+    assert model_flops_utilization(1e4, full, 1) == {"mfu": None, "mfu_of_measured_peak": None}
 
 
 def test_moving_average_smooths_the_per_step_curve():
