@@ -46,7 +46,6 @@ def save_failure(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-
 class Checkpointer:
     def __init__(self, run, dist_info: DistInfo, model, optimizer, scheduler, sampler,
                  grad_scaler=None):
