@@ -28,8 +28,9 @@ from llm_finetune.engine import (compile_layers, enable_activation_checkpointing
 from llm_finetune.export import save_model
 from llm_finetune.metrics import (MetricsLog, PhaseTimer, model_flops_utilization,
                                   report_parameter_counts)
-from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
-                                load_tokenizer, record_random_base, weights_on_disk)
+from llm_finetune.model import (decoder_layers, fit_embeddings_to_tokenizer, freeze_layers,
+                                init_after_adapters, load_model, load_tokenizer,
+                                record_random_base, weights_on_disk)
 from llm_finetune.optim import build_optimizer, build_scheduler
 from llm_finetune.output_dir import check_output_dir, check_output_dir_reuse, clear_previous_run
 from llm_finetune.plan import fit_to_gpu, plan_run
@@ -84,6 +85,7 @@ def main(**kwargs) -> dict:
                        on_meta=seeded_init or (rank0_loads and not dist_info.is_main),
                        quantization_config=bnb_config(run, precision),
                        init_device="cpu" if run.train.enable_fsdp else dist_info.device)
+    fit_embeddings_to_tokenizer(model, tokenizer, verbose=dist_info.is_main)
     num_layers = len(decoder_layers(model))
     if run.train.freeze_layers:
         freeze_layers(model, run.train.num_freeze_layers)
