@@ -113,7 +113,8 @@ def main(**kwargs) -> dict:
     total_steps = steps_per_epoch * run.train.num_epochs
     if run.train.max_train_step:
         total_steps = min(total_steps, run.train.max_train_step)
-    optimizer = build_optimizer(model, run.train, grad_scaler=precision.grad_scaler)
+    optimizer = build_optimizer(model, run.train, grad_scaler=precision.grad_scaler,
+                                kind=run.fsdp.optimizer)
     scheduler = build_scheduler(optimizer, run.train, steps_per_epoch, total_steps)
     resume_from = resolve_resume(run)
     resumed_step = checkpoint_step(resume_from) if resume_from else None
