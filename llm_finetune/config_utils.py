@@ -8,13 +8,17 @@ Unlike llama-recipes, an unknown key is an error, not a warning: a misspelt flag
 
 import dataclasses
 import difflib
+import enum
 import importlib.util
 import json
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+import torch
 
 from llm_finetune.checkpoint_files import CheckpointError, choose_checkpoint, read_manifest
 from llm_finetune.configs import (
@@ -28,8 +32,10 @@ from llm_finetune.configs import (
     wandb_config,
 )
 from llm_finetune.data.batching import global_batch_problem
+from llm_finetune.data.read import BUILDERS
 from llm_finetune.errors import ConfigError  # noqa: F401 (where callers have always found it)
 from llm_finetune.model import weights_on_disk
+from llm_finetune.precision import choose_precision
 
 
 # what users of the transformers Trainer / TRL / axolotl type, and our name for it
@@ -55,12 +61,29 @@ CHOICES = {
     "fsdp_config.sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
     "fsdp_config.checkpoint_type": ("SHARDED_STATE_DICT", "FULL_STATE_DICT"),
     "fsdp_config.backward_prefetch": ("BACKWARD_PRE", "BACKWARD_POST", "NONE"),
-    "fsdp_config.optimizer": ("AdamW",),
+    "fsdp_config.optimizer": ("AdamW", "anyprecision"),
     "quantization_config.quant_type": ("nf4", "fp4"),
     "quantization_config.compute_dtype": ("bfloat16", "float16", "float32"),
     "quantization_config.quant_storage": ("", "bfloat16", "float16", "float32", "uint8"),
     "wandb_config.mode": ("", "online", "offline", "disabled"),
 }
+
+
+# llama-recipes' configs hold enums and torch dtypes, so its users type their printed names
+# (``--fsdp_config.checkpoint_type StateDictType.FULL_STATE_DICT``); ours are the bare names
+PRINTED_NAME_PREFIXES = {
+    "fsdp_config.checkpoint_type": "StateDictType.",
+    "fsdp_config.sharding_strategy": "ShardingStrategy.",
+    "fsdp_config.backward_prefetch": "BackwardPrefetch.",
+    "quantization_config.compute_dtype": "torch.",
+    "quantization_config.quant_storage": "torch.",
+}
+
+FREEZE_LLM_ONLY = (
+    "--freeze_LLM_only freezes a vision model's language model to train its image encoder, "
+    "projector and cross-attention layers (llama-recipes' Mllama recipe); a causal LM has no "
+    "vision parts, and vision models are not supported here yet (issue #18). "
+    "Drop it; --freeze_layers --num_freeze_layers N freezes a causal LM's first N layers")
 
 
 @dataclass
@@ -173,6 +196,8 @@ def _coerce(qualified: str, annotation, value):
             return str(value)  # e.g. --output_dir 123
         raise bad("a string")
     if origin is list or annotation is list:
+        if value is None:  # unset, these fields' default (llama-recipes' wandb tags)
+            return None
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
@@ -181,19 +206,58 @@ def _coerce(qualified: str, annotation, value):
     return value
 
 
+def llama_recipes_value(qualified: str, value):
+    """``value`` as llama-recipes' users give it, in our spelling: enum members and their
+    printed names (``StateDictType.FULL_STATE_DICT``), torch dtypes (``torch.bfloat16``), and a
+    bare ``--quantization`` (fire passes True), which llama-recipes still reads as 8-bit."""
+    if qualified == "train_config.quantization" and isinstance(value, bool):
+        if value:
+            print("note: a bare --quantization means 8-bit, as in llama-recipes; say "
+                  "--quantization 8bit (or 4bit)", file=sys.stderr, flush=True)
+        return "8bit" if value else ""
+    prefix = PRINTED_NAME_PREFIXES.get(qualified)
+    if prefix is None:
+        return value
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, (str, torch.dtype)):
+        return str(value).removeprefix(prefix)
+    return value
+
+
+def llama_recipes_only_key(key: str, value) -> bool:
+    """Whether ``key`` is one of llama-recipes' settings that has no field here because it
+    cannot change anything: True when its value asks for nothing; ConfigError when it asks
+    for what cannot apply."""
+    config_name, _, field_name = key.rpartition(".")
+    if field_name == "freeze_LLM_only" and config_name in ("", "train_config"):
+        if _coerce("train_config.freeze_LLM_only", bool, value):
+            raise ConfigError(FREEZE_LLM_ONLY)
+        return True
+    if field_name == "dataset" and config_name in DATASET_CONFIGS:
+        # llama-recipes' name of the data set a dataset config belongs to: its own
+        if value != config_name:
+            raise ConfigError(f"--{key} {value}: the data set is chosen by --dataset {value}")
+        return True
+    return False
+
+
 def _field_types(config) -> dict:
     hints = typing.get_type_hints(type(config))
     return {f.name: hints[f.name] for f in fields(config)}
 
 
-def update_run_config(run: RunConfig, overrides: dict) -> None:
-    """Apply flat and dotted keys to ``run``; unknown keys raise with the closest valid names."""
+def update_run_config(run: RunConfig, overrides: dict) -> set[str]:
+    """Apply flat and dotted keys to ``run``; unknown keys raise with the closest valid names.
+    Returns the fields set, as ``config.field``."""
     by_name = {type(c).__name__: c for c in run.all_configs()}
     valid = sorted({f"{n}.{f}" for n, c in by_name.items() for f in _field_types(c)}
                    | {f for c in by_name.values() for f in _field_types(c)})
-    unknown = []
+    unknown, given = [], set()
     for key, value in overrides.items():
         key = key.replace("-", "_")
+        if llama_recipes_only_key(key, value):
+            continue
         if "." in key:
             config_name, _, field_name = key.partition(".")
             targets = [by_name[config_name]] if config_name in by_name else []
@@ -206,7 +270,9 @@ def update_run_config(run: RunConfig, overrides: dict) -> None:
             continue
         for config in targets:
             qualified = f"{type(config).__name__}.{field_name}"
-            setattr(config, field_name, _coerce(qualified, _field_types(config)[field_name], value))
+            setattr(config, field_name, _coerce(qualified, _field_types(config)[field_name],
+                                                llama_recipes_value(qualified, value)))
+            given.add(qualified)
     if unknown:
         lines = []
         for key in unknown:
@@ -217,19 +283,30 @@ def update_run_config(run: RunConfig, overrides: dict) -> None:
             lines.append(f"unknown setting --{key}.{hint}")
         raise ConfigError("\n".join(lines) + "\nSee `python -m llm_finetune.finetuning --help` "
                           "or docs/configuration.md for every setting.")
+    return given
 
 
 def build_run_config(**kwargs) -> RunConfig:
     """Defaults, then the ``config`` file if given, then keyword arguments; validated."""
     run = default_run_config()
     config_file = kwargs.pop("config", None)
-    if config_file:
-        update_run_config(run, load_config_file(config_file))
-    update_run_config(run, kwargs)
-    if run.fsdp.hsdp:
-        run.fsdp.sharding_strategy = "HYBRID_SHARD"
+    given = update_run_config(run, load_config_file(config_file)) if config_file else set()
+    given |= update_run_config(run, kwargs)
+    apply_hsdp(run.fsdp, strategy_given="fsdp_config.sharding_strategy" in given)
     check_choices(run)
     return run
+
+
+def apply_hsdp(f: fsdp_config, strategy_given: bool) -> None:
+    """``hsdp`` selects HYBRID_SHARD. llama-recipes ignores it unless the sharding strategy is
+    HYBRID_SHARD too; here it is enough alone, and a different strategy given with it is a
+    contradiction, refused rather than one of them silently ignored."""
+    if not f.hsdp:
+        return
+    if strategy_given and f.sharding_strategy != "HYBRID_SHARD":
+        raise ConfigError(f"--fsdp_config.hsdp asks for HYBRID_SHARD, but "
+                          f"--fsdp_config.sharding_strategy is {f.sharding_strategy}: drop one")
+    f.sharding_strategy = "HYBRID_SHARD"
 
 
 def check_choices(run: RunConfig) -> None:
@@ -305,6 +382,12 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
                 f"needs {shard * replica} ranks, but {world_size} were launched. Set "
                 f"--fsdp_config.sharding_group_size to the GPUs per node and "
                 f"--fsdp_config.replica_group_size to the number of nodes.")
+    if f.optimizer == "anyprecision" and \
+            choose_precision(run, cuda).trainable_dtype != torch.bfloat16:
+        raise ConfigError("--fsdp_config.optimizer anyprecision makes up for what updates to "
+                          "bf16 weights lose to rounding, and these weights are fp32, where "
+                          "AdamW loses nothing (llama-recipes then silently uses AdamW): add "
+                          "--fsdp_config.pure_bf16 True, or drop the optimizer setting")
     if t.from_peft_checkpoint and not t.use_peft:
         raise ConfigError("--from_peft_checkpoint continues training saved adapters: add --use_peft")
     if t.from_peft_checkpoint and not Path(t.from_peft_checkpoint).is_dir():
@@ -353,10 +436,11 @@ ALPACA_SOURCE = ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/ma
 
 
 def check_data_files(run: RunConfig) -> None:
-    """Every local data file the run will read exists, before the model loads."""
+    """Every local data file the run will read exists, before the model loads (a custom data
+    set's ``data_path`` is its function's to read: it may name anything)."""
     t = run.train
     data_path = getattr(run.dataset, "data_path", "")
-    if data_path and not os.path.exists(data_path):
+    if data_path and t.dataset != "custom_dataset" and not os.path.exists(data_path):
         where = ""
         if Path(data_path).name == "alpaca_data.json":
             where = (f". It is the Stanford Alpaca data set that llama-recipes trains on: "
@@ -367,6 +451,11 @@ def check_data_files(run: RunConfig) -> None:
         for file in str(getattr(run.dataset, setting, "")).split(","):
             if file.strip() and not Path(file.strip()).is_file():
                 raise ConfigError(f"--{t.dataset}.{setting}: {file.strip()}: no such file")
+    if t.dataset in ("samsum_dataset", "grammar_dataset", "llamaguard_toxicchat_dataset"):
+        for setting in ("train_split", "test_split"):  # llama-recipes names files there
+            split = getattr(run.dataset, setting)
+            if Path(split).suffix in BUILDERS and not Path(split).is_file():
+                raise ConfigError(f"--{t.dataset}.{setting}: {split}: no such file")
 
 
 def hybrid_mesh_shape(f: fsdp_config, world_size: int) -> tuple[int, int]:

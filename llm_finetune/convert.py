@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from llm_finetune.errors import ConfigError
-from llm_finetune.model import load_base_model, resolve_model_path
+from llm_finetune.model import fit_embeddings_to_tokenizer, load_base_model, resolve_model_path
 
 
 def _save(model, tokenizer_source: str, output: str) -> str:
@@ -70,6 +70,7 @@ def dcp_to_hf(checkpoint: str, model_name: str, output: str, dtype: str = "bfloa
                          "only its adapter: use merge_adapters)")
     if getattr(config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)  # saved once, as the input embedding
+    config.vocab_size = embedding_rows(config, tensors)
     itemsize = torch.empty(0, dtype=out_dtype).element_size()
     sizes = {name: math.prod(meta.size) * itemsize for name, meta in tensors.items()}
     groups = _shard_groups(sorted(tensors), sizes, int(max_shard_gb * 2**30))
@@ -105,6 +106,16 @@ def dcp_to_hf(checkpoint: str, model_name: str, output: str, dtype: str = "bfloa
     return output
 
 
+def embedding_rows(config, tensors: dict) -> int:
+    """Rows of the checkpoint's input embedding: more than the base's ``vocab_size`` when the
+    run grew it to a tokenizer with added tokens (``model.fit_embeddings_to_tokenizer``)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    weight = model.get_input_embeddings().weight
+    name = next(n for n, p in model.named_parameters() if p is weight)
+    return tensors[name].size[0] if name in tensors else config.vocab_size
+
+
 def hf_to_dcp(model_name: str, output: str, dtype: str = "bfloat16") -> str:
     """A Hugging Face model as a DCP checkpoint, in the layout of a run's SHARDED_STATE_DICT save
     (``{"model": state_dict}``): what ``dcp_to_hf`` reads back, and what DCP loads into a model
@@ -122,10 +133,12 @@ def merge_adapters(model_name: str, adapter: str, output: str, dtype: str = "bfl
     from peft import PeftModel
 
     path = resolve_model_path(model_name)
+    tokenizer = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else path
     base = load_base_model(model_name, getattr(torch, dtype), adapter)
+    # a run with added tokens grew the embedding, which its adapter then holds
+    fit_embeddings_to_tokenizer(base, AutoTokenizer.from_pretrained(tokenizer), verbose=False)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    return _save(merged, adapter if (Path(adapter) / "tokenizer_config.json").is_file() else path,
-                 output)
+    return _save(merged, tokenizer, output)
 
 
 if __name__ == "__main__":

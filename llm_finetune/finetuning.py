@@ -28,8 +28,9 @@ from llm_finetune.engine import (compile_layers, enable_activation_checkpointing
 from llm_finetune.export import save_model
 from llm_finetune.metrics import (MetricsLog, PhaseTimer, flops_per_token,
                                   model_flops_utilization, report_parameter_counts)
-from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
-                                load_tokenizer, record_random_base, weights_on_disk)
+from llm_finetune.model import (decoder_layers, fit_embeddings_to_tokenizer, freeze_layers,
+                                init_after_adapters, load_model, load_tokenizer,
+                                record_random_base, weights_on_disk)
 from llm_finetune.optim import build_optimizer, build_scheduler
 from llm_finetune.output_dir import check_output_dir, check_output_dir_reuse, clear_previous_run
 from llm_finetune.plan import fit_to_gpu, plan_run
@@ -84,6 +85,7 @@ def main(**kwargs) -> dict:
                        on_meta=seeded_init or (rank0_loads and not dist_info.is_main),
                        quantization_config=bnb_config(run, precision),
                        init_device="cpu" if run.train.enable_fsdp else dist_info.device)
+    fit_embeddings_to_tokenizer(model, tokenizer, verbose=dist_info.is_main)
     num_layers = len(decoder_layers(model))
     hidden_size = model.config.get_text_config().hidden_size
     if run.train.freeze_layers:
@@ -112,7 +114,8 @@ def main(**kwargs) -> dict:
     total_steps = steps_per_epoch * run.train.num_epochs
     if run.train.max_train_step:
         total_steps = min(total_steps, run.train.max_train_step)
-    optimizer = build_optimizer(model, run.train, grad_scaler=precision.grad_scaler)
+    optimizer = build_optimizer(model, run.train, grad_scaler=precision.grad_scaler,
+                                kind=run.fsdp.optimizer)
     scheduler = build_scheduler(optimizer, run.train, steps_per_epoch, total_steps)
     resume_from = resolve_resume(run)
     resumed_step = checkpoint_step(resume_from) if resume_from else None

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, TextStreamer
 
 from llm_finetune.errors import ConfigError
 from llm_finetune.data.alpaca import format_prompt
-from llm_finetune.model import load_base_model, resolve_model_path
+from llm_finetune.model import fit_embeddings_to_tokenizer, load_base_model, resolve_model_path
 
 
 def load(model_name: str, peft_model: str = ""):
@@ -35,6 +35,8 @@ def load(model_name: str, peft_model: str = ""):
     if peft_model:
         from peft import PeftModel
 
+        # a run with added tokens grew the embedding, which its adapter then holds
+        fit_embeddings_to_tokenizer(model, tokenizer, verbose=False)
         model = PeftModel.from_pretrained(model, peft_model)
     return model.to(device).eval(), tokenizer
 

@@ -205,6 +205,22 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
     return model
 
 
+def fit_embeddings_to_tokenizer(model: torch.nn.Module, tokenizer, verbose: bool = True) -> None:
+    """Grow the model's embedding (and its output layer) to the tokenizer's size when the
+    tokenizer has more tokens (added ones), as llama-recipes does: their ids would index past
+    the embedding. New rows start from the old rows' mean and covariance (transformers' mean
+    resizing); on the meta device, which holds no values, they are initialised with the rest
+    (seeded, or broadcast from rank 0 under low_cpu_fsdp). Before adapters and FSDP wrap it."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return
+    if verbose:
+        print(f"the tokenizer has {len(tokenizer)} tokens, the model's embedding {rows}: "
+              f"resizing the embeddings to {len(tokenizer)}", flush=True)
+    on_meta = model.get_input_embeddings().weight.is_meta
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=not on_meta)
+
+
 def keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
     """Stop bitsandbytes from re-packing 4-bit weights for its CPU inference kernel.
 

@@ -1,18 +1,73 @@
-"""AdamW and one per-step learning-rate schedule: linear warm-up, then step / cosine / linear
-decay or constant. ``step`` reproduces llama-recipes' StepLR(gamma) applied once per epoch."""
+"""AdamW (or, for bf16 weights, ``AnyPrecisionAdamW``) and one per-step learning-rate schedule:
+linear warm-up, then step / cosine / linear decay or constant. ``step`` reproduces
+llama-recipes' StepLR(gamma) applied once per epoch."""
 
 import math
 
 import torch
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg, grad_scaler: bool) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, fused on GPUs, except under fp16 loss scaling: the
-    fused kernel breaks on the (sharded) gradient scaler's inf check (pytorch/pytorch#140514;
-    our fp16 FSDP GPU test failed with it) and is reported to train worse with fp16 AMP."""
+class AnyPrecisionAdamW(torch.optim.Optimizer):
+    """AdamW for bf16 weights, llama-recipes' ``--fsdp_config.optimizer anyprecision``.
+
+    A bf16 weight has 8 bits of mantissa: an update smaller than half the spacing between its
+    neighbouring values rounds away, so with small learning rates AdamW on bf16 weights stops
+    moving them. Kahan summation keeps what each weight update lost to rounding in a
+    compensation buffer and adds it to the next update, so small updates add up as they do in
+    fp32 (tests/test_optim.py). Moments are stored in the weights' dtype, as llama-recipes
+    creates them; the arithmetic of a step is fp32. State: 3 values per weight (AdamW: 2)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group)
+        return loss
+
+    def _update(self, param: torch.Tensor, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            for name in ("exp_avg", "exp_avg_sq", "compensation"):
+                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = float(state["step"])
+        grad = param.grad.float()
+        exp_avg = state["exp_avg"].float().lerp(grad, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].float().mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        state["exp_avg"].copy_(exp_avg)
+        state["exp_avg_sq"].copy_(exp_avg_sq)
+        denom = (exp_avg_sq.sqrt_() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+        update = exp_avg.div_(denom).mul_(-group["lr"] / (1 - beta1 ** step))
+        old = param.float()
+        if group["weight_decay"]:
+            update.add_(old, alpha=-group["lr"] * group["weight_decay"])
+        update.add_(state["compensation"].float())
+        param.copy_(old + update)
+        state["compensation"].copy_(update - (param.float() - old))  # what rounding dropped
+
+
+def build_optimizer(model: torch.nn.Module, train_cfg, grad_scaler: bool,
+                    kind: str = "AdamW") -> torch.optim.Optimizer:
+    """``kind`` (``fsdp_config.optimizer``): AdamW over the trainable parameters, fused on GPUs,
+    except under fp16 loss scaling: the fused kernel breaks on the (sharded) gradient scaler's
+    inf check (pytorch/pytorch#140514; our fp16 FSDP GPU test failed with it) and is reported
+    to train worse with fp16 AMP. ``anyprecision``: ``AnyPrecisionAdamW``."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: every weight is frozen")
+    if kind == "anyprecision":
+        return AnyPrecisionAdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     fused = not grad_scaler and all(p.device.type == "cuda" for p in params)
     return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                              fused=fused or None)

@@ -25,7 +25,9 @@ DATA_WAIT_WARNING = 0.1  # share of training time spent waiting for batches that
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch's tensors on ``device``; other values (a custom collator's) as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def peak_gpu_gib() -> float | None:

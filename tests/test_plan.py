@@ -241,3 +241,15 @@ def test_a_frozen_base_is_planned_in_the_compute_dtype(engine):
     full = build_run_config(model_name="llama3-8b", **engine)
     full_counts = plan.count_parameters(full)
     assert plan.estimate(full, 1, full_counts).gpu["weights"] == pytest.approx(full_counts.total * 4)
+
+
+def test_anyprecision_plans_its_compensation_buffer():
+    """AnyPrecisionAdamW keeps a Kahan compensation beside the two moments, all in bf16."""
+    adamw = build_run_config(model_name="llama3-8b", pure_bf16=True)
+    counts = plan.count_parameters(adamw)
+    assert plan.estimate(adamw, 1, counts).gpu["optimizer states (AdamW)"] == \
+        pytest.approx(counts.trainable * 4)
+    anyprecision = build_run_config(model_name="llama3-8b", pure_bf16=True,
+                                    **{"fsdp_config.optimizer": "anyprecision"})
+    assert plan.estimate(anyprecision, 1, counts).gpu["optimizer states (anyprecision)"] == \
+        pytest.approx(counts.trainable * 6)

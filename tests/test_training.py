@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from llm_finetune import finetuning
+from llm_finetune import convert, finetuning
 from llm_finetune.data.batching import pack_samples, packed_collate, pad_collate
 from llm_finetune.loss import output_layer, token_loss_sum
 from tests.helpers import FAST, probe_input
@@ -184,3 +184,50 @@ def test_flop_counter_and_profiler_are_exclusive():
 
     with pytest.raises(ConfigError, match="one of them"):
         validate(build_run_config(flop_counter=True, use_profiler=True), world_size=1, cuda=False)
+
+
+@pytest.fixture
+def tokenizer_with_added_token(tmp_path):
+    """The tiny model's tokenizer with one token more than the model's embedding, and 40
+    alpaca rows whose answers use it."""
+    from transformers import AutoTokenizer
+
+    from llm_finetune.model import BUILTIN_MODELS
+
+    tokenizer = AutoTokenizer.from_pretrained(BUILTIN_MODELS["tiny-llama"])
+    tokenizer.add_tokens(["<answer>"])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    rows = [{"instruction": f"Add {i} and {i}.", "input": "", "output": f"<answer> {2 * i}"}
+            for i in range(40)]
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    return {"tokenizer_name": str(tmp_path / "tokenizer"),
+            "alpaca_dataset.data_path": str(tmp_path / "data.json")}
+
+
+def saved_as_transformers(summary, settings, tmp_path) -> str:
+    """The run's saved model as a transformers directory, through our converters."""
+    if settings.get("use_peft"):
+        return convert.merge_adapters(settings["model_name"], summary["saved_to"],
+                                      str(tmp_path / "merged"), dtype="float32")
+    if settings.get("enable_fsdp"):  # SHARDED_STATE_DICT
+        return convert.dcp_to_hf(summary["saved_to"], settings["model_name"],
+                                 str(tmp_path / "converted"), dtype="float32",
+                                 tokenizer_name=settings["tokenizer_name"])
+    return summary["saved_to"]
+
+
+@pytest.mark.parametrize("engine", [
+    {},  # weights from disk: the new row from the old rows' mean
+    {"enable_fsdp": True, "model_name": "tiny-llama"},  # on meta, resized before FSDP wraps it
+    {"use_peft": True},  # the adapter holds the grown embedding (peft saves it)
+])
+def test_embeddings_grow_to_a_tokenizer_with_added_tokens(engine, tokenizer_with_added_token,
+                                                           tiny_model_dir, tmp_path):
+    settings = {"model_name": str(tiny_model_dir), **engine, **tokenizer_with_added_token}
+    summary = finetuning.main(**{**FAST, "save_model": True}, **settings,
+                              output_dir=str(tmp_path / "out"))
+    assert all(m["loss"] == m["loss"] for m in summary["metrics"] if "loss" in m)  # not NaN
+    saved = AutoModelForCausalLM.from_pretrained(saved_as_transformers(summary, settings, tmp_path))
+    assert saved.get_input_embeddings().weight.shape[0] == 1025  # 1024 + <answer>
+    assert saved.get_output_embeddings().weight.shape[0] == 1025
+    logits_of(saved)

@@ -8,13 +8,11 @@ _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 @dataclass
 class alpaca_dataset:
-    dataset: str = "alpaca_dataset"
     train_split: str = "train"
     test_split: str = "val"
-    # A JSON list of {"instruction", "input", "output"} records; the first `eval_size` rows form
+    # A JSON list of {"instruction", "input", "output"} records; the first 5% of the rows form
     # the eval split, as in llama-recipes. The default is the shipped synthetic set.
     data_path: str = str(_ASSETS / "data" / "tiny_alpaca.json")
-    eval_size: int = 200
 
 
 @dataclass
@@ -38,12 +36,13 @@ class custom_dataset:
     file: str = ""  # path/to/file.py[:function], function(dataset_config, tokenizer, split)
     train_split: str = "train"
     test_split: str = "validation"
+    data_path: str = ""  # for your function to read (dataset_config.data_path), as in llama-recipes
 
 
 @dataclass
 class samsum_dataset:
     """Dialogue summarisation (llama-recipes' default data set)."""
-    hub_name: str = "Samsung/samsum"
+    hub_name: str = "knkarthick/samsum"  # a hub name, or a local directory of its files
     train_file: str = ""  # local files instead of the hub (JSON/JSONL/CSV/Parquet)
     eval_file: str = ""
     train_split: str = "train"
@@ -54,12 +53,16 @@ class samsum_dataset:
 
 @dataclass
 class grammar_dataset:
-    """Grammar correction (llama-recipes' jfleg/C4 200k CSVs: input, target)."""
-    hub_name: str = "jhu-clsp/jfleg"
+    """Grammar correction: rows of input and target text (llama-recipes' gtrain_10k.csv and
+    grammar_validation.csv), or jfleg's rows (a sentence and its corrections), made into one
+    row per correction as llama-recipes' notebook does."""
+    hub_name: str = "jhu-clsp/jfleg"  # a hub name, or a local directory of its files
     train_file: str = ""  # e.g. gtrain_10k.csv
     eval_file: str = ""  # e.g. grammar_validation.csv
-    train_split: str = "train"
-    test_split: str = "validation"
+    # jfleg's splits: llama-recipes trains on its validation split and evaluates on its test
+    # split. A path to a CSV here (llama-recipes' spelling) reads that file.
+    train_split: str = "validation"
+    test_split: str = "test"
     prompt: str = "Correct this to standard English: {input}\n---\nCorrected: "
     response_column: str = "target"
 

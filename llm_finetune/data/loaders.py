@@ -5,30 +5,36 @@ from torch.utils.data import DataLoader
 
 from llm_finetune.data.alpaca import load_alpaca
 from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_collate, packed_collate
-from llm_finetune.data.custom import load_custom
+from llm_finetune.data.custom import custom_collator, defines_collator, load_custom
 from llm_finetune.data.files import load_files
-from llm_finetune.data.rows import check_labels
+from llm_finetune.data.grammar import load_grammar
+from llm_finetune.data.rows import DataError, check_labels
 from llm_finetune.data.templated import load_templated
 from llm_finetune.data.toxicchat import load_toxicchat
 from llm_finetune.distributed import DistInfo, barrier
 
 
-def load_dataset_split(run, tokenizer, split: str):
+def load_dataset_split(run, tokenizer, split: str, collated: bool = False):
     """The tokenised samples (input_ids, labels) of one split of the configured data set, with
-    at least one sample that has tokens to learn."""
-    samples = read_dataset_split(run, tokenizer, split)
-    check_labels(samples, f"{run.train.dataset} {split}", run.train.context_length)
+    at least one sample that has tokens to learn. ``collated``: a custom data set's collator
+    makes the batches, and its rows are whatever it reads (labels, if any, are checked)."""
+    samples = read_dataset_split(run, tokenizer, split, collated)
+    if "labels" in samples.column_names:
+        check_labels(samples, f"{run.train.dataset} {split}", run.train.context_length)
     return samples
 
 
-def read_dataset_split(run, tokenizer, split: str):
+def read_dataset_split(run, tokenizer, split: str, collated: bool = False):
     t = run.train
     if t.dataset == "file_dataset":
         return load_files(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed,
                           t.tokenize_num_proc)
     if t.dataset == "custom_dataset":
-        return load_custom(run.dataset, tokenizer, split, t.context_length)
-    if t.dataset in ("samsum_dataset", "grammar_dataset"):
+        return load_custom(run.dataset, tokenizer, split, t.context_length, collated)
+    if t.dataset == "grammar_dataset":
+        return load_grammar(run.dataset, tokenizer, split, t.context_length, t.bad_rows,
+                            t.tokenize_num_proc)
+    if t.dataset == "samsum_dataset":
         return load_templated(run.dataset, tokenizer, split, t.context_length, t.bad_rows,
                               t.tokenize_num_proc)
     if t.dataset == "llamaguard_toxicchat_dataset":
@@ -38,45 +44,60 @@ def read_dataset_split(run, tokenizer, split: str):
                        t.tokenize_num_proc)
 
 
-def load_split(run, tokenizer, split: str, dist_info: DistInfo):
+def load_split(run, tokenizer, split: str, dist_info: DistInfo, collated: bool = False):
     """Tokenise one split, rank 0 first so that the other ranks read its ``datasets`` cache."""
     if not dist_info.is_main:
         barrier()
-    data = load_dataset_split(run, tokenizer, split)
+    data = load_dataset_split(run, tokenizer, split, collated)
     if dist_info.is_main:
         barrier()
     return data
 
 
+def data_collator(run, tokenizer):
+    """A custom data set's own collator (llama-recipes' ``get_data_collator``), or None."""
+    if run.train.dataset != "custom_dataset" or not defines_collator(run.dataset):
+        return None
+    if run.train.batching_strategy == "packing":
+        raise DataError(f"--custom_dataset.file {run.dataset.file} defines get_data_collator, "
+                        "which makes batches of whole rows that packing cannot join: use "
+                        "--batching_strategy padding")
+    return custom_collator(run.dataset, tokenizer)
+
+
 def build_dataloaders(run, tokenizer, dist_info: DistInfo):
     """(train loader, eval loader or None)."""
     t = run.train
-    train = load_split(run, tokenizer, run.dataset.train_split, dist_info)
-    evals = load_split(run, tokenizer, run.dataset.test_split, dist_info) if t.run_validation else None
+    collator = data_collator(run, tokenizer)
+    splits = [run.dataset.train_split] + ([run.dataset.test_split] if t.run_validation else [])
+    train, *evals = [load_split(run, tokenizer, split, dist_info, collator is not None)
+                     for split in splits]
     return (make_loader(train, t.batch_size_training, run, tokenizer, dist_info, shuffle=True,
-                    accumulation=t.gradient_accumulation_steps),
-            make_loader(evals, t.val_batch_size, run, tokenizer, dist_info, shuffle=False)
-            if evals is not None else None)
+                        accumulation=t.gradient_accumulation_steps, collator=collator),
+            make_loader(evals[0], t.val_batch_size, run, tokenizer, dist_info, shuffle=False,
+                        collator=collator) if evals else None)
 
 
 def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuffle: bool,
-                accumulation: int = 1):
+                accumulation: int = 1, collator=None):
+    """``collator``: a custom data set's own, given whole rows; else the rows' input_ids and
+    labels are padded or packed here."""
     t = run.train
-    rows = data.remove_columns([c for c in data.column_names if c not in ("input_ids", "labels")])
-    if t.batching_strategy == "packing":
-        samples = pack_samples(rows, t.context_length, tokenizer.pad_token_id)
+    if collator is not None:
+        samples, collate = data, collator
+    elif t.batching_strategy == "packing":
+        samples = pack_samples(token_columns(data), t.context_length, tokenizer.pad_token_id)
         collate = packed_collate
     else:
-        samples = rows
-        collate = pad_collate(tokenizer.pad_token_id)
-    lengths = [len(s["input_ids"]) for s in samples]
+        samples, collate = token_columns(data), pad_collate(tokenizer.pad_token_id)
+    lengths = sample_lengths(samples)
     if not shuffle:  # evaluation: a small eval split still gets evaluated, in smaller batches
         batch_size = max(1, min(batch_size, len(lengths) // dist_info.world_size))
     sampler = GlobalBatchSampler(lengths, batch_size, dist_info.rank, dist_info.world_size,
                                  shuffle=shuffle, seed=t.seed,
                                  group_by_length=t.batching_strategy == "padding",
                                  accumulation=accumulation)
-    if dist_info.is_main and shuffle:
+    if dist_info.is_main and shuffle and collator is None:
         print(f"{t.batching_strategy}: {padding_fraction(samples, sampler, t):.1%} of the "
               "tokens in training batches are padding", flush=True)
     if len(sampler) == 0:
@@ -89,6 +110,20 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
     return DataLoader(samples, batch_sampler=sampler, collate_fn=collate, generator=generator,
                       num_workers=t.num_workers_dataloader, pin_memory=dist_info.device.type == "cuda",
                       persistent_workers=False)
+
+
+def sample_lengths(samples) -> list[int]:
+    """Tokens per sample, what the sampler groups batches by; rows that a custom collator
+    tokenises itself (no input_ids) count as equally long."""
+    if isinstance(samples, list):  # packed blocks
+        return [len(s["input_ids"]) for s in samples]
+    if "input_ids" not in samples.column_names:
+        return [1] * len(samples)
+    return [len(ids) for ids in samples["input_ids"]]
+
+
+def token_columns(data):
+    return data.remove_columns([c for c in data.column_names if c not in ("input_ids", "labels")])
 
 
 def padding_fraction(samples, sampler: GlobalBatchSampler, train_cfg) -> float:

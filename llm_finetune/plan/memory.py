@@ -1,6 +1,6 @@
 """How many bytes a run needs, per GPU and per rank's CPU RAM, from its parameter counts.
 
-``estimate`` adds up, per GPU: weights, gradients and AdamW states (divided by the FSDP shard
+``estimate`` adds up, per GPU: weights, gradients and optimizer states (divided by the FSDP shard
 group), the FSDP units gathered at once, activations (per token, per layer, with or without
 checkpointing), the loss's logits and a fixed workspace; the peak is the larger of the end of
 forward and the end of backward (and, for QLoRA under FSDP, the moment of loading). It also
@@ -117,13 +117,15 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
     weights = ((frozen - quantized) * weight_bytes + quantized * quantized_bytes_per_param(run)
                + counts.trainable * adapter_bytes)
     grads = counts.trainable * adapter_bytes
-    optimizer = 2 * counts.trainable * adapter_bytes  # AdamW: two moments per trainable weight
+    # AdamW: two moments per trainable weight; anyprecision: and a Kahan compensation
+    states_per_weight = 3 if f.optimizer == "anyprecision" else 2
+    optimizer = states_per_weight * counts.trainable * adapter_bytes
     if t.enable_fsdp and quantized_at_load(t):
         # every rank loads the whole quantised model onto its GPU, then FSDP keeps its shard
         # (under low_cpu_fsdp, and for random-init models, FSDP quantises unit by unit instead)
         plan.gpu_loading = weights + WORKSPACE_BYTES
     states = {"weights": weights / shards, "gradients": grads / shards,
-              "optimizer states (AdamW)": optimizer / shards}
+              f"optimizer states ({f.optimizer})": optimizer / shards}
     if t.gradient_accumulation_steps == 1:
         plan.backward_only.add("gradients")
     if offload:
