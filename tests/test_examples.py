@@ -23,7 +23,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert "eval loss per epoch" in outputs
     assert any(o.get("data", {}).get("image/png") for cell in notebook.cells
                if cell.cell_type == "code" for o in cell.outputs), "no plot shown"
-    assert (tmp_path / "output/notebook/lora/model/adapter_model.safetensors").is_file()
+    assert (tmp_path / "output/notebook/lora/adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("data", [
