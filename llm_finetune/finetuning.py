@@ -206,7 +206,10 @@ def usage() -> str:
     return ("usage: python -m llm_finetune.finetuning [--config FILE.yaml] [--SETTING VALUE ...]\n"
             "       torchrun --nproc_per_node N -m llm_finetune.finetuning --enable_fsdp ...\n"
             "Settings are --key value (or --key=value); a bare --flag means True. Dotted keys set "
-            "one config (--lora_config.r 16). Docs: docs/configuration.md\n\n" + field_help())
+            "one config (--lora_config.r 16). Docs: docs/configuration.md\n"
+            "The defaults are llama-recipes' (docs/llama_recipes.md); the built-in tiny-llama "
+            "brings its own recipe for the settings not given (llm_finetune/configs/recipes.py)."
+            "\n\n" + field_help())
 
 
 def cli(*args, **kwargs) -> None:

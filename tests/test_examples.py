@@ -32,7 +32,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     {"dataset": "file_dataset", "file_dataset.data_files": str(REPO / "examples/data/chat.jsonl")},
 ])
 def test_example_data_trains(data, tmp_path):
-    summary = finetuning.main(**{**FAST, "max_train_step": 8, "lr": 3e-3}, **data,
+    summary = finetuning.main(**{**FAST, "max_train_step": 8, "lr": 3e-3, **data},
                               output_dir=str(tmp_path))
     losses = [m["loss"] for m in summary["metrics"] if "loss" in m]
     assert losses[-1] < losses[0]
