@@ -112,14 +112,18 @@ def ours(scenario: Scenario, model: str, extra: list[str], steps: int, out: Path
         rows = long_rows(out.parent / "long_rows.jsonl")
         data_flags = ["--dataset", "file_dataset", "--file_dataset.data_files", str(rows),
                       "--batching_strategy", "padding"]
-    else:
-        data_flags = ["--batching_strategy", "packing"]
+    else:  # the shipped data: the default data set (samsum) would need the hub
+        data_flags = ["--dataset", "alpaca_dataset", "--alpaca_dataset.data_path",
+                      str(REPO / "llm_finetune" / "assets" / "data" / "tiny_alpaca.json"),
+                      "--batching_strategy", "packing"]
     cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--overwrite_output_dir", "True",
            "--model_name", model,
            "--tokenizer_name", "tiny-llama", *data_flags,
            "--context_length", "2048", "--batch_size_training", str(micro),
            "--gradient_accumulation_steps", str(scenario.batch // micro),
-           "--max_train_step", str(steps), "--num_epochs", "5", "--run_validation", "False",
+           # micro-batches (llama-recipes' unit): `steps` optimizer steps
+           "--max_train_step", str(steps * (scenario.batch // micro)), "--num_epochs", "5",
+           "--run_validation", "False",
            "--save_model", "False", "--num_workers_dataloader", "2", "--output_dir", str(out),
            "--fsdp_config.fsdp_activation_checkpointing", str(ac), *extra]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

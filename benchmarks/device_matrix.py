@@ -33,7 +33,9 @@ BIG = "llama3-8b"
 STEPS = 6
 NOT_SAVED = "--save_model"  # 8B cells other than the design card's: the 1B cells check saving
 SHIPPED_DATA = str(REPO / "llm_finetune" / "assets" / "data" / "tiny_alpaca.json")
-COMMON = ["--tokenizer_name", "tiny-llama", "--batching_strategy", "packing",
+# the shipped data: llama-recipes' default data set (samsum) would need the hub
+COMMON = ["--tokenizer_name", "tiny-llama", "--dataset", "alpaca_dataset",
+          "--alpaca_dataset.data_path", SHIPPED_DATA, "--batching_strategy", "packing",
           "--context_length", "2048", "--batch_size_training", "2", "--num_epochs", "1",
           "--run_validation", "False", "--num_workers_dataloader", "2", "--plot_metrics", "False"]
 FULL, PEFT = ["--lr", "1e-4"], ["--use_peft", "True", "--lr", "1e-3"]
@@ -212,7 +214,8 @@ def check_resume(cell: dict, out: Path) -> str:
 
     resumed = out / "resumed"
     shutil.rmtree(resumed, ignore_errors=True)
-    shutil.copytree(out / "run", resumed, ignore=shutil.ignore_patterns("model", "dcp"))
+    shutil.copytree(out / "run", resumed, ignore=shutil.ignore_patterns("model", "dcp",
+                                                                        "adapter_model.*"))
     rc = launch(command(cell, resumed, STEPS + 1, ["--save_model", "False", "--save_steps", "2",
                                                    "--save_total_limit", "1",
                                                    "--resume_from_checkpoint", "auto"]),
@@ -231,7 +234,7 @@ def check_output(cell: dict, out: Path) -> str:
     from llm_finetune.model import resolve_model_path
 
     run_dir = out / "run"
-    model_dir = run_dir / "model"
+    model_dir = run_dir / "model"  # full weights; an adapter is in run_dir itself
     dcp = sorted((run_dir / "dcp").glob("fine-tuned-*")) if (run_dir / "dcp").is_dir() else []
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("tiny-llama"))
     try:
@@ -246,15 +249,15 @@ def check_output(cell: dict, out: Path) -> str:
                 return f"convert exit {rc}: {last_error(out / 'convert.log')}"
             model, how = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16), \
                 "loads (DCP -> convert -> transformers)"
-        elif (model_dir / "adapter_config.json").is_file():
+        elif (run_dir / "adapter_config.json").is_file():
             from peft import PeftModel
 
-            config = json.loads((model_dir / "adapter_config.json").read_text())
+            config = json.loads((run_dir / "adapter_config.json").read_text())
             base_path = config["base_model_name_or_path"]
             base_config = AutoConfig.from_pretrained(resolve_model_path(base_path))
             with torch.device("cuda"):  # random values: the check is that the adapter loads
                 base = AutoModelForCausalLM.from_config(base_config, dtype=torch.bfloat16)
-            model, how = PeftModel.from_pretrained(base, model_dir), "loads (peft adapter)"
+            model, how = PeftModel.from_pretrained(base, run_dir), "loads (peft adapter)"
         elif (model_dir / "config.json").is_file():
             model, how = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16), \
                 "loads (transformers)"

@@ -6,7 +6,8 @@
 set -uo pipefail
 out=${1:-/tmp/device_scale}; shift || true; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
-ft="-m llm_finetune.finetuning --overwrite_output_dir True --num_workers_dataloader 2 --tokenizer_name tiny-llama
+# the shipped data: the default data set (samsum) would need the hub
+ft="-m llm_finetune.finetuning --overwrite_output_dir True --num_workers_dataloader 2 --tokenizer_name tiny-llama --dataset alpaca_dataset --alpaca_dataset.data_path llm_finetune/assets/data/tiny_alpaca.json
     --batching_strategy packing --context_length 2048 --run_validation False --save_model False
     --num_epochs 5 --use_fast_kernels True"
 tr2="torchrun --standalone --nproc_per_node 2"
@@ -19,7 +20,7 @@ declare -A RUNS=(
   # per forward (4 accumulation steps: slower under FSDP, which gathers the weights each time)
   [full_8b_fsdp2_fp32_compile]="$tr2 $ft --model_name llama3-8b --enable_fsdp --torch_compile True --batch_size_training 4 --max_train_step 10"
   [full_8b_fsdp2_fp32_keep18]="$tr2 $ft --model_name llama3-8b --enable_fsdp --torch_compile True --batch_size_training 4 --fsdp_config.no_checkpoint_layers 18 --max_train_step 10"
-  [full_8b_fsdp2_fp32_mb1_keep22]="$tr2 $ft --model_name llama3-8b --enable_fsdp --torch_compile True --batch_size_training 1 --gradient_accumulation_steps 4 --fsdp_config.no_checkpoint_layers 22 --max_train_step 10"
+  [full_8b_fsdp2_fp32_mb1_keep22]="$tr2 $ft --model_name llama3-8b --enable_fsdp --torch_compile True --batch_size_training 1 --gradient_accumulation_steps 4 --fsdp_config.no_checkpoint_layers 22 --max_train_step 40"
   # with pure_bf16 no recompute at all fits
   [full_8b_fsdp2_bf16_noac]="$tr2 $ft --model_name llama3-8b --enable_fsdp --fsdp_config.pure_bf16 True --torch_compile True --fsdp_config.fsdp_activation_checkpointing False --batch_size_training 4 --max_train_step 10"
   [trainer_8b_fsdp2]="$tr2 benchmarks/baseline_trainer_fsdp.py --model llama3-8b --batch 4"

@@ -18,6 +18,7 @@ import fire
 from llm_finetune.metrics import read_metrics, steady_tokens_per_s
 
 REPO = Path(__file__).resolve().parent.parent
+SHIPPED_DATA = str(REPO / "llm_finetune" / "assets" / "data" / "tiny_alpaca.json")
 VARIANTS = {
     "FULL_SHARD (default: BACKWARD_PRE prefetch, limit_all_gathers, AC)": [],
     "backward_prefetch NONE": ["--fsdp_config.backward_prefetch", "NONE"],
@@ -43,8 +44,10 @@ def main(nproc: int = 2, model: str = "llama3.2-1b", steps: int = 8, only=()) ->
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                str(nproc), "-m", "llm_finetune.finetuning", "--overwrite_output_dir", "True",
                "--model_name", model,
-               "--tokenizer_name", "tiny-llama", "--enable_fsdp", "--fsdp_config.pure_bf16",
-               "True", "--batching_strategy", "packing", "--context_length", "2048",
+               "--tokenizer_name", "tiny-llama", "--dataset", "alpaca_dataset",
+               "--alpaca_dataset.data_path", SHIPPED_DATA, "--enable_fsdp",
+               "--fsdp_config.pure_bf16", "True", "--batching_strategy", "packing",
+               "--context_length", "2048",
                "--batch_size_training", "4", "--max_train_step", str(steps), "--num_epochs",
                "5", "--run_validation", "False", "--save_model", "False",
                "--num_workers_dataloader", "2", "--output_dir", str(out), *flags]

@@ -30,3 +30,14 @@ def publish(tmp: Path, final: Path, aside_suffix: str = ".old") -> None:
         os.replace(final, aside)
     os.replace(tmp, final)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def publish_files(tmp: Path, directory: Path) -> None:
+    """Move every file of a finished ``tmp`` into ``directory``, one rename each, then remove
+    ``tmp``: for a directory that holds other things (a PEFT adapter goes straight into
+    output_dir, beside the run's metrics and checkpoints) and so cannot be renamed whole. Every
+    file is replaced whole, never half-written; the weights are one file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in sorted(tmp.iterdir()):
+        os.replace(file, directory / file.name)
+    tmp.rmdir()

@@ -31,6 +31,7 @@ from llm_finetune.configs import (
     train_config,
     wandb_config,
 )
+from llm_finetune.configs.recipes import RECIPES
 from llm_finetune.data.batching import global_batch_problem
 from llm_finetune.data.read import BUILDERS
 from llm_finetune.errors import ConfigError  # noqa: F401 (where callers have always found it)
@@ -98,6 +99,8 @@ class RunConfig:
     quantization: quantization_config
     wandb: wandb_config
     datasets: dict
+    # what the built-in model's recipe set, for the settings not given (configs/recipes.py)
+    recipe: dict = dataclasses.field(default_factory=dict)
 
     @property
     def dataset(self):
@@ -247,6 +250,19 @@ def _field_types(config) -> dict:
     return {f.name: hints[f.name] for f in fields(config)}
 
 
+def _targets(run: RunConfig, key: str) -> tuple[list, str]:
+    """(the configs a flat or dotted key sets, the field name): a plain key sets that field on
+    every config that has it, a dotted key one config's field."""
+    by_name = {type(c).__name__: c for c in run.all_configs()}
+    if "." in key:
+        config_name, _, field_name = key.partition(".")
+        targets = [by_name[config_name]] if config_name in by_name else []
+    else:
+        field_name = key
+        targets = list(by_name.values())
+    return [c for c in targets if field_name in _field_types(c)], field_name
+
+
 def update_run_config(run: RunConfig, overrides: dict) -> set[str]:
     """Apply flat and dotted keys to ``run``; unknown keys raise with the closest valid names.
     Returns the fields set, as ``config.field``."""
@@ -258,13 +274,7 @@ def update_run_config(run: RunConfig, overrides: dict) -> set[str]:
         key = key.replace("-", "_")
         if llama_recipes_only_key(key, value):
             continue
-        if "." in key:
-            config_name, _, field_name = key.partition(".")
-            targets = [by_name[config_name]] if config_name in by_name else []
-        else:
-            field_name = key
-            targets = [c for c in by_name.values() if field_name in _field_types(c)]
-        targets = [c for c in targets if field_name in _field_types(c)]
+        targets, field_name = _targets(run, key)
         if not targets:
             unknown.append(key)
             continue
@@ -287,11 +297,14 @@ def update_run_config(run: RunConfig, overrides: dict) -> set[str]:
 
 
 def build_run_config(**kwargs) -> RunConfig:
-    """Defaults, then the ``config`` file if given, then keyword arguments; validated."""
+    """Defaults, then the ``config`` file if given, then keyword arguments, then the built-in
+    model's recipe for the settings neither gave; validated."""
     run = default_run_config()
     config_file = kwargs.pop("config", None)
-    given = update_run_config(run, load_config_file(config_file)) if config_file else set()
+    from_file = load_config_file(config_file) if config_file else {}
+    given = update_run_config(run, from_file)
     given |= update_run_config(run, kwargs)
+    run.recipe = apply_recipe(run, [*from_file, *kwargs])
     apply_hsdp(run.fsdp, strategy_given="fsdp_config.sharding_strategy" in given)
     check_choices(run)
     return run
@@ -307,6 +320,32 @@ def apply_hsdp(f: fsdp_config, strategy_given: bool) -> None:
         raise ConfigError(f"--fsdp_config.hsdp asks for HYBRID_SHARD, but "
                           f"--fsdp_config.sharding_strategy is {f.sharding_strategy}: drop one")
     f.sharding_strategy = "HYBRID_SHARD"
+
+
+def apply_recipe(run: RunConfig, given_keys: list[str]) -> dict:
+    """Set the built-in model's recipe (``configs/recipes.py``) on every setting that
+    ``given_keys`` (flat or dotted, from a file or flags) does not name; returns what was set.
+    A model that is not built in has no recipe: the defaults (llama-recipes') stand."""
+    given = {setting for key in given_keys for setting in _qualified(run, key)}
+    recipe = RECIPES.get(run.train.model_name, {})
+    applied = {key: value for key, value in recipe.items()
+               if not _qualified(run, key) & given}
+    update_run_config(run, applied)
+    return applied
+
+
+def _qualified(run: RunConfig, key: str) -> set[str]:
+    """The ``config.field`` settings a flat or dotted key sets."""
+    targets, field_name = _targets(run, key.replace("-", "_"))
+    return {f"{type(c).__name__}.{field_name}" for c in targets}
+
+
+def describe_recipe(run: RunConfig) -> str:
+    """The console line that says which settings came from the model's recipe, not the
+    defaults."""
+    shown = ", ".join(f"{key}={value}" for key, value in run.recipe.items())
+    return (f"{run.train.model_name}'s own recipe for the settings not given: {shown} "
+            "(the defaults are llama-recipes'; any flag overrides the recipe)")
 
 
 def check_choices(run: RunConfig) -> None:
@@ -335,6 +374,13 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
     if t.flop_counter and t.use_profiler:
         raise ConfigError("--flop_counter and --use_profiler at once would count the profiler's "
                           "own work: use one of them per run")
+    if 0 < t.max_train_step < t.gradient_accumulation_steps:
+        raise ConfigError(f"--max_train_step {t.max_train_step} counts micro-batches (as in "
+                          f"llama-recipes), fewer than one optimizer step of "
+                          f"--gradient_accumulation_steps {t.gradient_accumulation_steps}: the run "
+                          f"would not train. Give at least {t.gradient_accumulation_steps}")
+    if t.max_train_step < 0 or t.max_eval_step < 0:
+        raise ConfigError("--max_train_step and --max_eval_step must be 0 (no limit) or positive")
     if t.save_steps < 0 or t.save_total_limit < 0:
         raise ConfigError("--save_steps and --save_total_limit must be 0 (off) or positive")
     try:  # the checkpoint the run will resume from, checked against its manifest

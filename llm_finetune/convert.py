@@ -1,7 +1,7 @@
 """Turn what a run saved into a standalone Hugging Face model directory, on one machine without
 GPUs and without a process group.
 
-    python -m llm_finetune.convert dcp_to_hf --checkpoint DIR --model_name BASE --output OUT
+    python -m llm_finetune.convert dcp_to_hf --checkpoint DIR --output OUT [--model_name BASE]
     python -m llm_finetune.convert merge_adapters --model_name BASE --adapter DIR --output OUT
     python -m llm_finetune.convert hf_to_dcp --model_name BASE --output DIR
 
@@ -19,13 +19,16 @@ from pathlib import Path
 
 import fire
 import torch
+import yaml
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from llm_finetune.checkpoint_files import MANIFEST
 from llm_finetune.errors import ConfigError
+from llm_finetune.export import TRAIN_PARAMS
 from llm_finetune.model import fit_embeddings_to_tokenizer, load_base_model, resolve_model_path
 
 
@@ -47,11 +50,26 @@ def _shard_groups(names: list[str], sizes: dict[str, int], limit: int) -> list[l
     return groups + [current] if current else groups
 
 
-def dcp_to_hf(checkpoint: str, model_name: str, output: str, dtype: str = "bfloat16",
+def recorded_names(checkpoint: str) -> tuple[str, str]:
+    """(model name, tokenizer name) the run recorded in a checkpoint: in ``train_params.yaml``
+    (a final sharded save; where llama-recipes' converter reads it) or in ``MANIFEST.json`` (a
+    training checkpoint); empty strings when neither says."""
+    params, manifest = Path(checkpoint) / TRAIN_PARAMS, Path(checkpoint) / MANIFEST
+    if params.is_file():
+        recorded = yaml.safe_load(params.read_text()) or {}
+        return recorded.get("model_name", ""), recorded.get("tokenizer_name", "")
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("model_name", ""), ""
+    return "", ""
+
+
+def dcp_to_hf(checkpoint: str, model_name: str = "", output: str = "", dtype: str = "bfloat16",
               max_shard_gb: float = 5.0, tokenizer_name: str = "") -> str:
     """``model_name``: the base model (hub name, directory or built-in) the run trained, for its
     config and tokenizer (``tokenizer_name`` when the run named one: a config-only model
-    directory has none); ``dtype``: of the written weights.
+    directory has none); by default the names the run recorded in the checkpoint
+    (``train_params.yaml``, as llama-recipes' converter reads them). ``dtype``: of the written
+    weights.
 
     Streams: reads the checkpoint's index, then loads one output shard's tensors at a time
     (DCP loads any subset of a checkpoint's keys) and writes it, so converting a 70B model
@@ -59,6 +77,15 @@ def dcp_to_hf(checkpoint: str, model_name: str, output: str, dtype: str = "bfloa
     if not (Path(checkpoint) / ".metadata").is_file():
         raise SystemExit(f"{checkpoint}: not a torch.distributed.checkpoint directory "
                          "(no .metadata)")
+    if not output:
+        raise SystemExit("dcp_to_hf needs --output DIR, where the Hugging Face model goes")
+    if not model_name:
+        model_name, recorded_tokenizer = recorded_names(checkpoint)
+        tokenizer_name = tokenizer_name or recorded_tokenizer
+        if not model_name:
+            raise SystemExit(f"{checkpoint} does not record its model ({TRAIN_PARAMS}): give "
+                             "--model_name, the base model the run trained")
+        print(f"model {model_name} (from {checkpoint})", flush=True)
     path = resolve_model_path(model_name)
     config = AutoConfig.from_pretrained(path)
     out_dtype = getattr(torch, dtype)

@@ -19,18 +19,18 @@ import torch
 from llm_finetune import distributed
 from llm_finetune.adapters import apply_peft
 from llm_finetune.checkpoint_files import checkpoint_step, resolve_resume
-from llm_finetune.config_utils import ConfigError, build_run_config, field_help, validate
+from llm_finetune.config_utils import (ConfigError, build_run_config, describe_recipe, field_help,
+                                       validate)
 from llm_finetune.data import build_dataloaders
 from llm_finetune.data.rows import DataError
 from llm_finetune.determinism import make_deterministic
 from llm_finetune.engine import (compile_layers, enable_activation_checkpointing, meta_init_fn,
                                  wrap_fsdp)
-from llm_finetune.export import save_model
+from llm_finetune.export import ModelSaver
 from llm_finetune.metrics import (MetricsLog, PhaseTimer, flops_per_token,
                                   model_flops_utilization, report_parameter_counts)
 from llm_finetune.model import (decoder_layers, fit_embeddings_to_tokenizer, freeze_layers,
-                                init_after_adapters, load_model, load_tokenizer,
-                                record_random_base, weights_on_disk)
+                                init_after_adapters, load_model, load_tokenizer)
 from llm_finetune.optim import build_optimizer, build_scheduler
 from llm_finetune.output_dir import check_output_dir, check_output_dir_reuse, clear_previous_run
 from llm_finetune.plan import fit_to_gpu, plan_run
@@ -49,6 +49,9 @@ def main(**kwargs) -> dict:
     (flat ``lr=...`` or dotted ``fsdp_config.pure_bf16=True``); returns the run's summary."""
     # 1. config: every setting checked before anything expensive happens
     run = build_run_config(**kwargs)
+    first_rank = os.environ.get("RANK", "0") == "0"
+    if run.recipe and first_rank:
+        print(describe_recipe(run), flush=True)
     cuda = torch.cuda.is_available()
     world_size = distributed.world_size_from_env()
     validate(run, world_size, cuda)
@@ -57,8 +60,8 @@ def main(**kwargs) -> dict:
     if run.train.auto_fit:  # the fastest micro-batch and checkpointing this GPU holds
         run = fit_to_gpu(run, world_size, cuda)
     if run.train.dry_run:  # the memory plan instead of the run (printed by the first rank)
-        first = os.environ.get("RANK", "0") == "0"
-        return {"plan": plan_run(run, world_size, run.train.gpu_memory or None) if first else ""}
+        return {"plan": plan_run(run, world_size, run.train.gpu_memory or None)
+                if first_rank else ""}
     check_output_dir_reuse(run.train)
     quiet_library_bars_off_terminal()
     precision = choose_precision(run, cuda)
@@ -111,9 +114,7 @@ def main(**kwargs) -> dict:
 
     # 5. train
     steps_per_epoch = math.ceil(len(train_loader) / run.train.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * run.train.num_epochs
-    if run.train.max_train_step:
-        total_steps = min(total_steps, run.train.max_train_step)
+    total_steps = total_optimizer_steps(run.train, steps_per_epoch, verbose=dist_info.is_main)
     optimizer = build_optimizer(model, run.train, grad_scaler=precision.grad_scaler,
                                 kind=run.fsdp.optimizer)
     scheduler = build_scheduler(optimizer, run.train, steps_per_epoch, total_steps)
@@ -131,23 +132,30 @@ def main(**kwargs) -> dict:
     trainer = Trainer(trained, optimizer, scheduler, run, dist_info, precision, metrics, scaler)
     checkpoints = Checkpointer(run, dist_info, model, optimizer, scheduler,
                                train_loader.batch_sampler, scaler)
+    # the model: after each epoch with the best eval loss so far (llama-recipes), or at the end
+    saver = ModelSaver(run, model, tokenizer, dist_info, optimizer, precision.weight_dtype)
     if resume_from is not None:
         checkpoints.restore(trainer, resume_from)
     checkpoints.start(trainer)
+
+    def on_epoch_end(trainer):  # the model first: the checkpoint then records it as saved
+        saver.epoch_end(trainer)
+        checkpoints.epoch_end(trainer)
+
     summary = trainer.fit(train_loader, eval_loader, total_steps,
-                          on_step_end=checkpoints.maybe_save,
-                          on_epoch_end=checkpoints.epoch_end)
+                          on_step_end=checkpoints.maybe_save, on_epoch_end=on_epoch_end)
     phases.mark("train")
     per_token = flops_per_token(total_params, trainable_params, num_layers, hidden_size,
                                 summary["attention_length"])
     summary.update(model_flops_utilization(summary["tokens_per_s"], per_token,
                                            dist_info.world_size))
 
-    # 6. save
-    if run.train.save_model:
-        summary["saved_to"] = str(save_model(model, run, tokenizer, dist_info, optimizer))
-        if dist_info.is_main and run.train.use_peft and not weights_on_disk(run.train):
-            record_random_base(summary["saved_to"], run.train, precision.weight_dtype)
+    # 6. save (the final model, unless the best epoch's was saved during training)
+    saved_to = saver.finish()
+    if saved_to is not None:
+        summary["saved_to"] = str(saved_to)
+        if saver.saves_best_epochs:
+            summary["best_epoch"] = trainer.best_epoch
         phases.mark("save")
     summary["phase_s"] = phases.seconds
     trackers.close()
@@ -169,6 +177,24 @@ def main(**kwargs) -> dict:
     return summary
 
 
+def total_optimizer_steps(train_cfg, steps_per_epoch: int, verbose: bool) -> int:
+    """The run's optimizer steps: every epoch's, or fewer under ``max_train_step``, which counts
+    micro-batches per rank as llama-recipes does. Micro-batches short of a whole optimizer step
+    are not run (llama-recipes computes their gradients and never applies them)."""
+    every_epoch = steps_per_epoch * train_cfg.num_epochs
+    if not train_cfg.max_train_step:
+        return every_epoch
+    accumulation = train_cfg.gradient_accumulation_steps
+    limit = train_cfg.max_train_step // accumulation
+    if verbose and accumulation > 1 and limit < every_epoch:
+        left = train_cfg.max_train_step % accumulation
+        print(f"--max_train_step {train_cfg.max_train_step} micro-batches with "
+              f"--gradient_accumulation_steps {accumulation}: {limit} optimizer steps"
+              + (f" (micro-batches left over, not run: {left})" if left else ""),
+              flush=True)
+    return min(every_epoch, limit)
+
+
 def write_run_config(run) -> None:
     path = Path(run.train.output_dir) / "run_config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +211,10 @@ def usage() -> str:
     return ("usage: python -m llm_finetune.finetuning [--config FILE.yaml] [--SETTING VALUE ...]\n"
             "       torchrun --nproc_per_node N -m llm_finetune.finetuning --enable_fsdp ...\n"
             "Settings are --key value (or --key=value); a bare --flag means True. Dotted keys set "
-            "one config (--lora_config.r 16). Docs: docs/configuration.md\n\n" + field_help())
+            "one config (--lora_config.r 16). Docs: docs/configuration.md\n"
+            "The defaults are llama-recipes' (docs/llama_recipes.md); the built-in tiny-llama "
+            "brings its own recipe for the settings not given (llm_finetune/configs/recipes.py)."
+            "\n\n" + field_help())
 
 
 def cli(*args, **kwargs) -> None:

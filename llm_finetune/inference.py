@@ -1,7 +1,7 @@
 """Generate from a fine-tuned model, with the prompt format it was trained with.
 
     python -m llm_finetune.inference --model_name output/model --prompt "What is 2 + 3?"
-    python -m llm_finetune.inference --model_name BASE --peft_model output/model --prompt_file prompts.txt
+    python -m llm_finetune.inference --model_name BASE --peft_model output --prompt_file prompts.txt
     python -m llm_finetune.inference --model_name output/model          # interactive
 
 Prompts are instructions, wrapped in the Alpaca format that ``alpaca_dataset`` and instruction

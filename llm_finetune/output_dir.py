@@ -1,7 +1,8 @@
 """The run's output directory, checked before anything loads: writable, and not holding a
 previous run that this one would silently mix with or replace.
 
-A run writes ``run_config.json`` and ``metrics.jsonl`` at its start and ``model/`` at its end,
+A run writes ``run_config.json`` and ``metrics.jsonl`` at its start and its model as it goes (a
+PEFT adapter directly in the directory, as llama-recipes saves it; full weights in ``model/``),
 so a second run into the same directory would replace the first one's record, and one killed
 early would leave the old model beside the new config. Reusing a directory is therefore
 something to ask for: ``--resume_from_checkpoint`` (continue that run) or
@@ -21,9 +22,16 @@ from llm_finetune.distributed import DistInfo
 # what a run writes directly under output_dir (export.py, training_checkpoint.py, metrics.py,
 # plot.py, trackers.py)
 RUN_OUTPUTS = ("run_config.json", "metrics.jsonl", "model", "checkpoints", "plots", "tensorboard",
-               "profiler", "wandb", "wandb_run_id")
+               "profiler", "wandb", "wandb_run_id", "model.tmp", "adapter.tmp")
+# what a PEFT run's saved model puts directly in output_dir (export.py): the adapter, the
+# settings, the seed of a base without weights, the optimizer, and the tokenizer (the files
+# transformers writes for Llama, Qwen2 and Mistral tokenizers)
+SAVED_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_params.yaml",
+                       "random_init_base.json", "optimizer.pt", "tokenizer.json",
+                       "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                       "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt")
 # any one of these means a run got past its start
-RUN_MARKERS = ("run_config.json", "metrics.jsonl", "model", "checkpoints")
+RUN_MARKERS = ("run_config.json", "metrics.jsonl", "model", "checkpoints", "adapter_config.json")
 
 
 def previous_run_outputs(train_cfg) -> list[str]:
@@ -33,7 +41,8 @@ def previous_run_outputs(train_cfg) -> list[str]:
     if not any((directory / name).exists() for name in RUN_MARKERS):
         return []
     sharded = sorted(p.name for p in directory.glob(f"{train_cfg.dist_checkpoint_folder}-*"))
-    return [name for name in RUN_OUTPUTS if (directory / name).exists()] + sharded
+    return [name for name in RUN_OUTPUTS + SAVED_ADAPTER_FILES
+            if (directory / name).exists()] + sharded
 
 
 def check_writable(output_dir: str) -> None:

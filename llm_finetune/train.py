@@ -81,6 +81,11 @@ class Trainer:
         # sum over trained sequences of length x length and of length: their ratio is the
         # sequence length an average token attends over (attention's share of MFU)
         self.positions_squared, self.positions = 0, 0
+        # the lowest eval loss so far and its epoch (1-based), as llama-recipes tracks it to
+        # save the best epoch's model; new_best: the last evaluation set them
+        self.best_eval_loss = math.inf
+        self.best_epoch = 0
+        self.new_best = False
 
     def autocast(self):
         if not self.precision.autocast or self.run.train.enable_fsdp:  # FSDP casts itself
@@ -153,6 +158,12 @@ class Trainer:
         return {"step": self.step, "eval_loss": eval_loss,
                 "eval_perplexity": math.exp(min(eval_loss, 50.0))}
 
+    def note_eval_loss(self, eval_loss: float, epoch: int) -> None:
+        """Keep the lowest eval loss and its epoch; ``new_best`` says whether this one was."""
+        self.new_best = eval_loss < self.best_eval_loss
+        if self.new_best:
+            self.best_eval_loss, self.best_epoch = eval_loss, epoch
+
     def warn_if_data_stalls(self, data_waited: float, wall: float) -> None:
         """Say so when the GPU spent more than a tenth of training waiting for batches."""
         if self.dist.is_main and wall > 0 and data_waited > DATA_WAIT_WARNING * wall:
@@ -164,8 +175,9 @@ class Trainer:
             on_epoch_end=None) -> dict:
         """Train from ``self.step``/``self.epoch`` (0, or a restored checkpoint's) to
         ``total_steps``; ``on_step_end(trainer)`` runs after every optimizer step,
-        ``on_epoch_end(trainer)`` after each epoch and its evaluation, with ``self.epoch``
-        already the next one (a checkpoint taken there resumes at the next epoch). A restored
+        ``on_epoch_end(trainer)`` after each epoch and its evaluation (``new_best`` says whether
+        its eval loss is the lowest so far), with ``self.epoch`` already the next one (a
+        checkpoint taken there resumes at the next epoch). A restored
         ``self.steps_in_epoch`` is where the loader's sampler was told to continue."""
         t = self.run.train
         summary = {"train_loss": [], "eval_loss": [], "eval_perplexity": []}
@@ -218,6 +230,7 @@ class Trainer:
             if eval_loader is not None:
                 result = self.evaluate(eval_loader)
                 self.metrics.log(result)
+                self.note_eval_loss(result["eval_loss"], epoch + 1)
                 summary["eval_loss"].append(result["eval_loss"])
                 summary["eval_perplexity"].append(result["eval_perplexity"])
             if self.dist.is_main:

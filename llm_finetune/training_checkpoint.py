@@ -14,6 +14,7 @@ use, and ``auto`` falls back past damaged ones. ``save_total_limit`` keeps the n
 """
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -85,6 +86,7 @@ class Checkpointer:
     def trainer_state(self, trainer) -> dict:
         """Where the run stands, as tensors and plain values (loadable with weights_only)."""
         return {"step": trainer.step, "epoch": trainer.epoch,
+                "best_eval_loss": trainer.best_eval_loss, "best_epoch": trainer.best_epoch,
                 "sampler": self.sampler.position(trainer.epoch, trainer.steps_in_epoch),
                 "scheduler": self.scheduler.state_dict(),
                 "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None}
@@ -175,6 +177,10 @@ class Checkpointer:
         if self.grad_scaler and trainer_state["grad_scaler"]:
             self.grad_scaler.load_state_dict(trainer_state["grad_scaler"])
         trainer.step, trainer.epoch = trainer_state["step"], trainer_state["epoch"]
+        # the best epoch's model is saved already; a later epoch replaces it only if it is better
+        # (checkpoints written before this was recorded know no best: the next epoch saves)
+        trainer.best_eval_loss = trainer_state.get("best_eval_loss", math.inf)
+        trainer.best_epoch = trainer_state.get("best_epoch", 0)
         data = trainer_state["sampler"]
         trainer.steps_in_epoch = data["steps"] if data["epoch"] == trainer.epoch else 0
         rng_file = path / f"rng-rank{self.dist.rank}.pt"

@@ -23,8 +23,9 @@ def resume_pair(name: str, engine: dict) -> dict:
     """Two cases: a run that saves at step 2, and one resuming from that checkpoint."""
     settings = {k: v for k, v in engine.items()
                 if k not in ("num_workers_dataloader", "lora_config.lora_dropout")}
+    # 4 optimizer steps: 8 micro-batches per rank (max_train_step counts them, as llama-recipes)
     settings.update(use_peft=True, gradient_accumulation_steps=2, batch_size_training=2,
-                    max_train_step=4, run_validation=False, save_steps=2)
+                    max_train_step=8, run_validation=False, save_steps=2)
     checkpoint = f"{{out}}/{name}/checkpoints/step-00000002"
     return {name: settings, f"{name}_resumed": dict(settings, resume_from_checkpoint=checkpoint)}
 
@@ -45,7 +46,8 @@ CASES = {
     "prefix": dict(FSDP, use_peft=True, peft_method="prefix", lr=1e-1, save_model=True,
                    **{"fsdp_config.fsdp_activation_checkpointing": False}),
     "grad_accum_clip": dict(FSDP, gradient_accumulation_steps=2, gradient_clipping=True,
-                            gradient_clipping_threshold=0.5, batch_size_training=2),
+                            gradient_clipping_threshold=0.5, batch_size_training=2,
+                            max_train_step=8),  # 8 micro-batches: 4 optimizer steps
     "packing": dict(FSDP, batching_strategy="packing", context_length=128, batch_size_training=2),
     "full_state_dict": dict(FSDP, save_model=True,
                             **{"fsdp_config.checkpoint_type": "FULL_STATE_DICT"}),

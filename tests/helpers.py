@@ -8,15 +8,26 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from llm_finetune.configs.recipes import RECIPES
 from llm_finetune.model import BUILTIN_MODELS
 
 REPO = Path(__file__).resolve().parent.parent
 
+# tiny-llama's recipe as flags (shipped data, padding, 512 tokens, lr 1e-3, ...): a model saved
+# to a directory (tiny_model_dir) has no recipe, and the defaults are llama-recipes' (samsum
+# from the hub, 4096-token packed blocks); with these it trains as the built-in model does
+TINY_RECIPE = dict(RECIPES["tiny-llama"])
+
+def recipe_flags(*leave_out: str) -> list[str]:
+    """TINY_RECIPE as command-line flags, less the settings named in ``leave_out``."""
+    return [flag for key, value in TINY_RECIPE.items() if key not in leave_out
+            for flag in (f"--{key}", str(value))]
+
 # Small, fast settings on the tiny model: a few fp32 steps, no dropout in LoRA so that runs are
 # deterministic and sharded runs can be compared with single-process ones step for step.
-FAST = dict(max_train_step=4, max_eval_step=2, batch_size_training=4, val_batch_size=4,
-            num_epochs=1, num_workers_dataloader=0, lr=1e-3, save_model=False, plot_metrics=False,
-            **{"lora_config.lora_dropout": 0.0})
+FAST = dict(TINY_RECIPE, max_train_step=4, max_eval_step=2, batch_size_training=4,
+            val_batch_size=4, num_epochs=1, num_workers_dataloader=0, lr=1e-3, save_model=False,
+            plot_metrics=False, **{"lora_config.lora_dropout": 0.0})
 
 
 def save_tiny_model(directory: Path, seed: int = 0, tie_embeddings: bool = False) -> Path:

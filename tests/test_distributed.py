@@ -13,12 +13,13 @@ import sys
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from llm_finetune import finetuning
 from tests.dist_worker import CASES, case_settings
-from tests.helpers import REPO, probe_input, torchrun
+from tests.helpers import REPO, TINY_RECIPE, probe_input, torchrun
 
 RTOL = 1e-5
 
@@ -63,7 +64,8 @@ def test_fsdp_matches_single_process(case, fsdp_results, tiny_model_dir, tied_co
     reference = single_process(case, tiny_model_dir, tmp_path, tied_config_dir)
     expected = [m["loss"] for m in reference["metrics"] if "loss" in m]
     got = fsdp_results[case]["losses"]
-    assert len(got) == len(expected) == CASES[case]["max_train_step"]
+    steps = CASES[case]["max_train_step"] // CASES[case].get("gradient_accumulation_steps", 1)
+    assert len(got) == len(expected) == steps
     # QLoRA runs in bf16 on both sides; sums over ranks round differently (measured 1.5e-4)
     tolerance = 1e-3 if case.startswith("qlora") else RTOL
     assert got == pytest.approx(expected, rel=tolerance)
@@ -127,7 +129,7 @@ def test_sharded_state_dict_is_a_dcp_checkpoint(fsdp_results, tiny_model_dir, tm
 @pytest.mark.parametrize("method", ["lora", "llama_adapter", "prefix"])
 def test_fsdp_adapter_loads_with_plain_peft(method, fsdp_results, tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = PeftModel.from_pretrained(base, fsdp_results["out"] / method / "model").eval()
+    model = PeftModel.from_pretrained(base, fsdp_results["out"] / method).eval()
     with torch.no_grad():
         logits = model(input_ids=probe_input()).logits
     torch.testing.assert_close(logits, torch.tensor(fsdp_results[method]["logits"]),
@@ -139,7 +141,12 @@ def test_sharded_checkpoint_converts_to_a_hugging_face_model(fsdp_results, tiny_
     from llm_finetune.convert import dcp_to_hf
 
     directory = fsdp_results["out"] / "sharded_state_dict-dcp" / f"fine-tuned-{tiny_model_dir.name}"
-    dcp_to_hf(str(directory), str(tiny_model_dir), str(tmp_path / "hf"), dtype="float32")
+    # the model's name comes from the train_params.yaml beside the shards, as llama-recipes'
+    # converter reads it (settings as strings, train_config and fsdp_config in one mapping)
+    params = yaml.safe_load((directory / "train_params.yaml").read_text())
+    assert params["model_name"] == str(tiny_model_dir)
+    assert params["checkpoint_type"] == "SHARDED_STATE_DICT" and params["lr"] == "0.001"
+    dcp_to_hf(str(directory), output=str(tmp_path / "hf"), dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     with torch.no_grad():
         logits = model(input_ids=probe_input()).logits
@@ -170,7 +177,7 @@ def test_conversion_round_trip_writes_shards_one_at_a_time(tied_model_dir, tmp_p
 def test_merged_adapter_needs_no_peft(fsdp_results, tiny_model_dir, tmp_path):
     from llm_finetune.convert import merge_adapters
 
-    merge_adapters(str(tiny_model_dir), str(fsdp_results["out"] / "lora" / "model"),
+    merge_adapters(str(tiny_model_dir), str(fsdp_results["out"] / "lora"),
                    str(tmp_path / "merged"), dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in model.named_parameters())
@@ -187,8 +194,9 @@ def test_two_nodes_hybrid_shard_equals_single_process(tiny_model_dir, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = dict(model_name=str(tiny_model_dir), max_train_step=4, run_validation=False,
-                    save_model=False, num_workers_dataloader=0)
+    settings = dict(TINY_RECIPE, model_name=str(tiny_model_dir), max_train_step=4,
+                    run_validation=False, save_model=False, num_workers_dataloader=0)
+    settings.pop("batch_size_training")  # 2 per rank below, 8 in the one-process reference
     flags = [f"--{k}={v}" for k, v in settings.items()]
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
             "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
@@ -231,7 +239,7 @@ def test_ddp_8bit_adapter_loads_with_plain_peft_on_an_8bit_base(fsdp_results, ti
     base = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
         device_map={"": "cpu"})
-    model = PeftModel.from_pretrained(base, fsdp_results["out"] / "ddp_8bit" / "model").eval()
+    model = PeftModel.from_pretrained(base, fsdp_results["out"] / "ddp_8bit").eval()
     with torch.no_grad():
         logits = model(input_ids=probe_input()).logits.float()
     torch.testing.assert_close(logits, torch.tensor(fsdp_results["ddp_8bit"]["logits"]),
@@ -248,7 +256,7 @@ def test_fsdp_qlora_adapter_loads_with_plain_peft_on_a_4bit_base(fsdp_results, t
                                bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant,
                                                 dtype=torch.bfloat16, device_map={"": "cpu"})
-    model = PeftModel.from_pretrained(base, fsdp_results["out"] / "qlora" / "model").eval()
+    model = PeftModel.from_pretrained(base, fsdp_results["out"] / "qlora").eval()
     with torch.no_grad():
         logits = model(input_ids=probe_input()).logits.float()
     torch.testing.assert_close(logits, torch.tensor(fsdp_results["qlora"]["logits"]),

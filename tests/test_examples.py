@@ -23,7 +23,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert "eval loss per epoch" in outputs
     assert any(o.get("data", {}).get("image/png") for cell in notebook.cells
                if cell.cell_type == "code" for o in cell.outputs), "no plot shown"
-    assert (tmp_path / "output/notebook/lora/model/adapter_model.safetensors").is_file()
+    assert (tmp_path / "output/notebook/lora/adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("data", [
@@ -32,7 +32,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     {"dataset": "file_dataset", "file_dataset.data_files": str(REPO / "examples/data/chat.jsonl")},
 ])
 def test_example_data_trains(data, tmp_path):
-    summary = finetuning.main(**{**FAST, "max_train_step": 8, "lr": 3e-3}, **data,
+    summary = finetuning.main(**{**FAST, "max_train_step": 8, "lr": 3e-3, **data},
                               output_dir=str(tmp_path))
     losses = [m["loss"] for m in summary["metrics"] if "loss" in m]
     assert losses[-1] < losses[0]

@@ -151,7 +151,7 @@ def test_lora_on_a_random_init_base_loads_for_inference_and_merge(tmp_path):
 
     summary = finetuning.main(**{**FAST, "save_model": True}, use_peft=True,
                               output_dir=str(tmp_path / "lora"))
-    adapter = str(tmp_path / "lora" / "model")
+    adapter = str(tmp_path / "lora")
     trained = summary["model"].eval()
     ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

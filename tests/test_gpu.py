@@ -11,12 +11,13 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, TINY_RECIPE, recipe_flags
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-BASE = ["--max_train_step", "10", "--max_eval_step", "2", "--batch_size_training", "4",
-        "--save_model", "False", "--num_workers_dataloader", "0",
+# the tiny model's recipe (data, lengths, lr), which a saved copy of it does not get by itself
+BASE = [*recipe_flags("batch_size_training"), "--max_train_step", "10", "--max_eval_step", "2",
+        "--batch_size_training", "4", "--save_model", "False", "--num_workers_dataloader", "0",
         "--lora_config.lora_dropout", "0"]
 
 
@@ -115,7 +116,9 @@ def test_auto_fit_stays_within_the_memory_it_plans_for(tmp_path):
     32 GiB to fit in: the planner picks a micro-batch and checkpointing for 90% of that, and the
     run's measured peak stays below it."""
     cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", "llama3-8b",
-           "--tokenizer_name", "tiny-llama", "--use_peft", "--batching_strategy", "packing",
+           "--tokenizer_name", "tiny-llama", "--dataset", "alpaca_dataset",
+           "--alpaca_dataset.data_path", TINY_RECIPE["alpaca_dataset.data_path"],
+           "--use_peft", "--batching_strategy", "packing",
            "--context_length", "2048", "--batch_size_training", "4", "--max_train_step", "3",
            "--run_validation", "False", "--save_model", "False", "--use_fast_kernels", "True",
            "--auto_fit", "True", "--gpu_memory", "32GiB", "--output_dir", str(tmp_path)]

@@ -25,7 +25,7 @@ def test_generates_from_a_trained_model_and_an_adapter(tiny_model_dir, tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What is 1 + 1?\nWhat is 4 + 4?\n")
     done = subprocess.run([sys.executable, "-m", "llm_finetune.inference", "--model_name",
-                           str(tiny_model_dir), "--peft_model", str(tmp_path / "lora" / "model"),
+                           str(tiny_model_dir), "--peft_model", str(tmp_path / "lora"),
                            "--prompt_file", str(prompts), "--max_new_tokens", "8"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -107,11 +107,14 @@ def test_auto_fit_changes_how_a_step_runs_not_what_it_computes(tmp_path, capsys)
     given = finetuning.main(**settings, output_dir=str(tmp_path / "given"))
     fitted = finetuning.main(**settings, auto_fit=True, gpu_memory="0.45GiB",
                              output_dir=str(tmp_path / "fitted"))
+    # max_train_step counts micro-batches (llama-recipes): 3 steps of 4 are 12 of them
     assert "auto_fit: --batch_size_training 2 --gradient_accumulation_steps 4 " \
-           "--fsdp_config.fsdp_activation_checkpointing False" in capsys.readouterr().out
+           "--max_train_step 12 --fsdp_config.fsdp_activation_checkpointing False" \
+           in capsys.readouterr().out
     saved = json.loads((tmp_path / "fitted" / "run_config.json").read_text())
     assert saved["train_config"]["batch_size_training"] == 2
     assert saved["train_config"]["gradient_accumulation_steps"] == 4
+    assert saved["train_config"]["max_train_step"] == 12
     assert saved["fsdp_config"]["fsdp_activation_checkpointing"] is False
     losses = [[m["loss"] for m in r["metrics"] if "loss" in m] for r in (given, fitted)]
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)

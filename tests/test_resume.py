@@ -20,7 +20,7 @@ import pytest
 from llm_finetune import finetuning
 from llm_finetune.config_utils import ConfigError, build_run_config, validate
 from llm_finetune.checkpoint_files import checkpoint_problem, latest_checkpoint
-from tests.helpers import FAST, REPO
+from tests.helpers import FAST, REPO, TINY_RECIPE, recipe_flags
 
 # StepLR and warm-up depend on the step alone, so stopping early (a smaller max_train_step)
 # does not change the schedule of the steps that ran
@@ -74,6 +74,7 @@ def test_resume_errors(tiny_model_dir, tmp_path):
 def torchrun_cmd(model_dir, out, *extra, engine="--enable_fsdp"):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "llm_finetune.finetuning", engine, "--model_name", str(model_dir),
+            *recipe_flags("batch_size_training"),
             "--output_dir", str(out), "--max_train_step", "40", "--batch_size_training", "2",
             "--run_validation", "False", "--save_model", "False", "--num_workers_dataloader", "0",
             "--lr_scheduler", "cosine", *extra]
@@ -165,9 +166,13 @@ def test_resume_on_another_world_size(straight_fsdp, tiny_model_dir, tmp_path):
     the model and optimizer) with the same global batch, and continues the 2-rank curve; a
     different global batch is refused before anything loads."""
     checkpoint = straight_fsdp / "checkpoints" / "step-00000020"
-    settings = dict(model_name=str(tiny_model_dir), max_train_step=40, run_validation=False,
-                    save_model=False, num_workers_dataloader=0, lr_scheduler="cosine",
-                    resume_from_checkpoint=str(checkpoint), output_dir=str(tmp_path))
+    # max_train_step counts micro-batches per rank (llama-recipes): the 2-rank run's 40 steps
+    # are 80 micro-batches of a process accumulating 2
+    settings = dict(TINY_RECIPE, model_name=str(tiny_model_dir), max_train_step=80,
+                    run_validation=False, save_model=False, num_workers_dataloader=0,
+                    lr_scheduler="cosine", resume_from_checkpoint=str(checkpoint),
+                    output_dir=str(tmp_path))
+    settings.pop("batch_size_training")
     with pytest.raises(ConfigError, match="saved with 4 samples per optimizer step"):
         finetuning.main(**settings, batch_size_training=2)
     resumed = finetuning.main(**settings, batch_size_training=2, gradient_accumulation_steps=2)
@@ -281,13 +286,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_di
 
 def default_path_settings(model_dir, **extra) -> dict:
     """FAST, but with what FAST turns off for determinism left at the defaults: a loader worker
-    that prefetches, LoRA with dropout; and two accumulation steps."""
+    that prefetches, LoRA with dropout; and two accumulation steps (4 optimizer steps: 8
+    micro-batches, which max_train_step counts as llama-recipes does)."""
     kwargs = {k: v for k, v in FAST.items()
               if k not in ("num_workers_dataloader", "lora_config.lora_dropout")}
     run = build_run_config(**kwargs)
     assert run.train.num_workers_dataloader >= 1 and run.peft.lora_dropout > 0
     return {**kwargs, "model_name": str(model_dir), "use_peft": True, "run_validation": False,
-            "batch_size_training": 2, "gradient_accumulation_steps": 2, "max_train_step": 4,
+            "batch_size_training": 2, "gradient_accumulation_steps": 2, "max_train_step": 8,
             "lr_scheduler": "step", **extra}
 
 
@@ -300,7 +306,7 @@ def test_resume_is_exact_on_the_default_path(batching, tiny_model_dir, tmp_path)
     kwargs = default_path_settings(tiny_model_dir, **batching)
     straight = step_losses(finetuning.main(**kwargs, output_dir=str(tmp_path / "straight")))
     out = tmp_path / "stopped"
-    first = finetuning.main(**{**kwargs, "max_train_step": 3}, save_steps=2, output_dir=str(out))
+    first = finetuning.main(**{**kwargs, "max_train_step": 6}, save_steps=2, output_dir=str(out))
     assert step_losses(first) == straight[:3]
     resumed = finetuning.main(**kwargs, output_dir=str(out),
                               resume_from_checkpoint=str(out / "checkpoints" / "step-00000002"))
@@ -450,6 +456,7 @@ def test_checkpoint_of_another_model_shape_is_refused(tiny_model_dir, tmp_path):
 def cli_run(model_dir, out, *flags, preexec_fn=None, **popen) -> subprocess.CompletedProcess:
     """The run as a separate process (quick settings), so that it can fail or die for real."""
     cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", str(model_dir),
+           *recipe_flags("batch_size_training"),
            "--output_dir", str(out), "--run_validation", "False", "--save_model", "False",
            "--num_workers_dataloader", "0", "--batch_size_training", "4",
            "--lora_config.lora_dropout", "0.0", "--plot_metrics", "False",
@@ -484,6 +491,7 @@ def test_storage_error_inside_dcp_save_keeps_the_previous_checkpoint(tiny_model_
 KILLED_WHILE_PRUNING = """
 import os, signal, sys
 from llm_finetune import finetuning
+from tests.helpers import TINY_RECIPE
 
 real_unlink = os.unlink
 
@@ -495,9 +503,10 @@ def unlink(path, *args, **kwargs):  # SIGKILL as the first shard of a checkpoint
 
 
 os.unlink = unlink
-finetuning.main(model_name=sys.argv[1], output_dir=sys.argv[2], max_train_step=4, save_steps=1,
-                save_total_limit=1, run_validation=False, save_model=False, plot_metrics=False,
-                num_workers_dataloader=0, batch_size_training=4, warmup_steps=3)
+finetuning.main(**dict(TINY_RECIPE, model_name=sys.argv[1], output_dir=sys.argv[2],
+                       max_train_step=4, save_steps=1, save_total_limit=1, run_validation=False,
+                       save_model=False, plot_metrics=False, num_workers_dataloader=0,
+                       batch_size_training=4, warmup_steps=3))
 """
 
 

@@ -59,7 +59,7 @@ def test_peft_method_trains_and_adapter_loads_with_plain_peft(method, extra, tin
     frozen_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.allclose(logits_of(trained), logits_of(frozen_base)), "adapter learned nothing"
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                       tmp_path / "model")
+                                       tmp_path)  # in output_dir itself, as llama-recipes saves it
     torch.testing.assert_close(logits_of(loaded), logits_of(trained), rtol=1e-5, atol=1e-5)
 
 
@@ -67,7 +67,7 @@ def test_from_peft_checkpoint_continues_the_adapter(tiny_model_dir, tmp_path):
     first = finetuning.main(**{**FAST, "save_model": True}, model_name=str(tiny_model_dir),
                             use_peft=True, output_dir=str(tmp_path / "a"))
     resumed = finetuning.main(model_name=str(tiny_model_dir), use_peft=True,
-                              from_peft_checkpoint=str(tmp_path / "a" / "model"),
+                              from_peft_checkpoint=str(tmp_path / "a"),
                               output_dir=str(tmp_path / "b"), **{**FAST, "lr": 1e-12})
     torch.testing.assert_close(logits_of(resumed["model"]), logits_of(first["model"]),
                                rtol=1e-5, atol=1e-5)
@@ -87,8 +87,9 @@ def test_freeze_layers_keeps_first_layers_fixed(tiny_model_dir, tmp_path):
 def test_gradient_accumulation_equals_the_large_batch(tiny_model_dir, tmp_path):
     large = finetuning.main(**{**FAST, "batch_size_training": 8}, model_name=str(tiny_model_dir),
                             output_dir=str(tmp_path / "a"))
+    # max_train_step counts micro-batches, as llama-recipes does: 8 of them make 4 steps of 2
     accumulated = finetuning.main(**{**FAST, "batch_size_training": 4,
-                                     "gradient_accumulation_steps": 2},
+                                     "gradient_accumulation_steps": 2, "max_train_step": 8},
                                   model_name=str(tiny_model_dir), output_dir=str(tmp_path / "b"))
     assert [m["loss"] for m in accumulated["metrics"] if "loss" in m] == pytest.approx(
         [m["loss"] for m in large["metrics"] if "loss" in m], rel=1e-5)
@@ -122,7 +123,7 @@ def test_quantized_lora_trains_and_saves_in_one_process(bits, tiny_model_dir, tm
                                 use_peft=True, quantization=bits,
                                 output_dir=str(tmp_path / "untrained"))
     assert summary["eval_loss"][-1] < untrained["eval_loss"][-1]
-    assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter_model.safetensors").is_file()
     quantized = [m for m in summary["model"].modules() if "bitsandbytes" in type(m).__module__]
     assert quantized, "no bitsandbytes layer in the model"
 

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# the synthetic instruction set the built-in tiny model trains on (tools/make_tiny_assets.py)
+SHIPPED_ALPACA = str(_ASSETS / "data" / "tiny_alpaca.json")
 
 
 @dataclass
@@ -11,8 +13,9 @@ class alpaca_dataset:
     train_split: str = "train"
     test_split: str = "val"
     # A JSON list of {"instruction", "input", "output"} records; the first 5% of the rows form
-    # the eval split, as in llama-recipes. The default is the shipped synthetic set.
-    data_path: str = str(_ASSETS / "data" / "tiny_alpaca.json")
+    # the eval split, as in llama-recipes. The default is llama-recipes' path to the Stanford
+    # Alpaca file (downloaded by the user); the tiny model's recipe uses SHIPPED_ALPACA.
+    data_path: str = "src/llama_cookbook/datasets/alpaca_data.json"
 
 
 @dataclass

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 @dataclass
 class wandb_config:
-    project: str = "llm_finetune"
+    project: str = "llama_cookbook"  # llama-recipes' project: migrated runs log beside theirs
     entity: str = ""  # your user or team; "": wandb's default
     job_type: str = ""
     tags: list[str] = None

@@ -99,13 +99,16 @@ def compute_per_token(run, setting: Setting, num_layers: int) -> float:
 
 def with_setting(run, setting: Setting, num_layers: int):
     """``run`` with ``setting``: the micro-batch (accumulating to the same tokens per optimizer
-    step) and the layers left out of checkpointing."""
+    step) and the layers left out of checkpointing. ``max_train_step`` counts micro-batches: it
+    is scaled to keep the run's optimizer steps."""
     t, f = run.train, run.fsdp
     accumulation = t.gradient_accumulation_steps * t.batch_size_training // setting.micro_batch
+    max_train_step = t.max_train_step // t.gradient_accumulation_steps * accumulation
     checkpointing = setting.kept < num_layers
     return dataclasses.replace(
         run, train=dataclasses.replace(t, batch_size_training=setting.micro_batch,
-                                       gradient_accumulation_steps=accumulation),
+                                       gradient_accumulation_steps=accumulation,
+                                       max_train_step=max_train_step),
         fsdp=dataclasses.replace(f, fsdp_activation_checkpointing=checkpointing,
                                  no_checkpoint_layers=setting.kept if checkpointing else 0))
 
@@ -163,6 +166,9 @@ def setting_flags(run, setting: Setting, counts: ModelCounts) -> str:
         accumulation = t.gradient_accumulation_steps * t.batch_size_training // setting.micro_batch
         flags.append(f"--batch_size_training {setting.micro_batch} "
                      f"--gradient_accumulation_steps {accumulation}")
+        if t.max_train_step:  # it counts micro-batches: the same optimizer steps
+            flags.append(f"--max_train_step "
+                         f"{t.max_train_step // t.gradient_accumulation_steps * accumulation}")
     if setting.kept == layers:
         flags.append("--fsdp_config.fsdp_activation_checkpointing False")
         recompute = "no recompute"
