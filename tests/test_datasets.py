@@ -171,7 +171,7 @@ def test_custom_dataset_with_its_own_collator(tmp_path):
     assert "Q:" not in learned and learned.endswith("</s>")
     assert len(evals) == 2  # 8 eval rows in batches of 4
 
-    summary = finetuning.main(**{**FAST, "max_train_step": 6, "lr": 3e-3}, **settings,
+    summary = finetuning.main(**{**FAST, "max_train_step": 6, "lr": 3e-3, **settings},
                               output_dir=str(tmp_path / "out"))
     losses = [m["loss"] for m in summary["metrics"] if "loss" in m]
     assert losses[-1] < losses[0] and summary["eval_loss"]

@@ -50,7 +50,9 @@ THEIRS = {
                               use_double_quant=False, quant_storage="bfloat16"),
     wandb_config: dict(project="llama_cookbook", entity=None, job_type=None, tags=None,
                        group=None, notes=None, mode=None),
-    alpaca_dataset: dict(dataset="alpaca_dataset", train_split="train", test_split="val",
+    # (their `dataset` field, which names the config itself, is read as a key, not a field:
+    # tests/test_config.py::test_a_dataset_config_names_its_own_data_set)
+    alpaca_dataset: dict(train_split="train", test_split="val",
                          data_path="src/llama_cookbook/datasets/alpaca_data.json"),
     samsum_dataset: dict(train_split="train", test_split="validation"),
 }
