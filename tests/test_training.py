@@ -225,7 +225,7 @@ def saved_as_transformers(summary, settings, tmp_path) -> str:
 def test_embeddings_grow_to_a_tokenizer_with_added_tokens(engine, tokenizer_with_added_token,
                                                            tiny_model_dir, tmp_path):
     settings = {"model_name": str(tiny_model_dir), **engine, **tokenizer_with_added_token}
-    summary = finetuning.main(**{**FAST, "save_model": True}, **settings,
+    summary = finetuning.main(**{**FAST, "save_model": True, **settings},
                               output_dir=str(tmp_path / "out"))
     assert all(m["loss"] == m["loss"] for m in summary["metrics"] if "loss" in m)  # not NaN
     saved = AutoModelForCausalLM.from_pretrained(saved_as_transformers(summary, settings, tmp_path))
