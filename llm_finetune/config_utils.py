@@ -304,7 +304,7 @@ def build_run_config(**kwargs) -> RunConfig:
     from_file = load_config_file(config_file) if config_file else {}
     given = update_run_config(run, from_file)
     given |= update_run_config(run, kwargs)
-    run.recipe = apply_recipe(run, [*from_file, *kwargs])
+    run.recipe = apply_recipe(run, given)
     apply_hsdp(run.fsdp, strategy_given="fsdp_config.sharding_strategy" in given)
     check_choices(run)
     return run
@@ -322,11 +322,11 @@ def apply_hsdp(f: fsdp_config, strategy_given: bool) -> None:
     f.sharding_strategy = "HYBRID_SHARD"
 
 
-def apply_recipe(run: RunConfig, given_keys: list[str]) -> dict:
-    """Set the built-in model's recipe (``configs/recipes.py``) on every setting that
-    ``given_keys`` (flat or dotted, from a file or flags) does not name; returns what was set.
-    A model that is not built in has no recipe: the defaults (llama-recipes') stand."""
-    given = {setting for key in given_keys for setting in _qualified(run, key)}
+def apply_recipe(run: RunConfig, given: set[str]) -> dict:
+    """Set the built-in model's recipe (``configs/recipes.py``) on every setting not in
+    ``given`` (``config.field`` names, as ``update_run_config`` returns them for a file and the
+    flags); returns what was set. A model that is not built in has no recipe: the defaults
+    (llama-recipes') stand."""
     recipe = RECIPES.get(run.train.model_name, {})
     applied = {key: value for key, value in recipe.items()
                if not _qualified(run, key) & given}
