@@ -26,6 +26,7 @@ from llm_finetune.determinism import make_deterministic
 from llm_finetune.engine import (compile_layers, enable_activation_checkpointing, meta_init_fn,
                                  wrap_fsdp)
 from llm_finetune.export import save_model
+from llm_finetune.loss import NextTokenLoss
 from llm_finetune.metrics import (MetricsLog, PhaseTimer, model_flops_utilization,
                                   report_parameter_counts)
 from llm_finetune.model import (decoder_layers, freeze_layers, init_after_adapters, load_model,
@@ -35,6 +36,7 @@ from llm_finetune.output_dir import check_output_dir, check_output_dir_reuse, cl
 from llm_finetune.plan import fit_to_gpu, plan_run
 from llm_finetune.plot import plot
 from llm_finetune.precision import choose_precision, make_grad_scaler
+from llm_finetune.preference import PreferenceLoss, reference_model
 from llm_finetune.progress import quiet_library_bars_off_terminal
 from llm_finetune.quantization import bnb_config
 from llm_finetune.random_init import SeededInit
@@ -124,7 +126,10 @@ def main(**kwargs) -> dict:
     scaler = make_grad_scaler(precision, run.train.enable_fsdp, dist_info.device)
     # DDP wraps the model for training only; saving and checkpoints see the model itself
     trained = distributed.data_parallel(model, dist_info) if run.train.enable_ddp else model
-    trainer = Trainer(trained, optimizer, scheduler, run, dist_info, precision, metrics, scaler)
+    # the objective before a checkpoint is restored: a full fine-tuning DPO reference copies
+    # the weights the run started from
+    trainer = Trainer(trained, optimizer, scheduler, run, dist_info, precision, metrics, scaler,
+                      objective=objective_of(run, trained))
     checkpoints = Checkpointer(run, dist_info, model, optimizer, scheduler,
                                train_loader.batch_sampler, scaler)
     if resume_from is not None:
@@ -161,6 +166,15 @@ def main(**kwargs) -> dict:
     if owns_group:
         distributed.teardown()
     return summary
+
+
+def objective_of(run, model):
+    """What the steps minimise: the next-token loss on responses (``--method sft``) or the
+    preference loss of pairs against a reference model (``--method dpo``)."""
+    if run.train.method == "dpo":
+        return PreferenceLoss(model, reference_model(run, model), run.train.dpo_beta,
+                              run.train.dpo_loss, chunked=run.train.chunked_loss)
+    return NextTokenLoss(model, chunked=run.train.chunked_loss)
 
 
 def write_run_config(run) -> None:
