@@ -7,6 +7,7 @@ from llm_finetune.data.alpaca import load_alpaca
 from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_collate, packed_collate
 from llm_finetune.data.custom import load_custom
 from llm_finetune.data.files import load_files
+from llm_finetune.data.pairs import PAIR_COLUMNS, load_pairs, pair_collate, pair_lengths
 from llm_finetune.data.rows import check_labels
 from llm_finetune.data.templated import load_templated
 from llm_finetune.data.toxicchat import load_toxicchat
@@ -15,7 +16,12 @@ from llm_finetune.distributed import DistInfo, barrier
 
 def load_dataset_split(run, tokenizer, split: str):
     """The tokenised samples (input_ids, labels) of one split of the configured data set, with
-    at least one sample that has tokens to learn."""
+    at least one sample that has tokens to learn; for ``--method dpo``, preference pairs (each
+    with tokens to learn on both sides)."""
+    t = run.train
+    if t.method == "dpo":
+        return load_pairs(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed,
+                          t.tokenize_num_proc)
     samples = read_dataset_split(run, tokenizer, split)
     check_labels(samples, f"{run.train.dataset} {split}", run.train.context_length)
     return samples
@@ -62,14 +68,16 @@ def build_dataloaders(run, tokenizer, dist_info: DistInfo):
 def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuffle: bool,
                 accumulation: int = 1):
     t = run.train
-    rows = data.remove_columns([c for c in data.column_names if c not in ("input_ids", "labels")])
+    pairs = t.method == "dpo"  # padding only (config_utils)
+    columns = PAIR_COLUMNS if pairs else ("input_ids", "labels")
+    rows = data.remove_columns([c for c in data.column_names if c not in columns])
     if t.batching_strategy == "packing":
         samples = pack_samples(rows, t.context_length, tokenizer.pad_token_id)
         collate = packed_collate
     else:
         samples = rows
-        collate = pad_collate(tokenizer.pad_token_id)
-    lengths = [len(s["input_ids"]) for s in samples]
+        collate = (pair_collate if pairs else pad_collate)(tokenizer.pad_token_id)
+    lengths = pair_lengths(samples) if pairs else [len(s["input_ids"]) for s in samples]
     if not shuffle:  # evaluation: a small eval split still gets evaluated, in smaller batches
         batch_size = max(1, min(batch_size, len(lengths) // dist_info.world_size))
     sampler = GlobalBatchSampler(lengths, batch_size, dist_info.rank, dist_info.world_size,
