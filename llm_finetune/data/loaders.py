@@ -7,7 +7,8 @@ from llm_finetune.data.alpaca import load_alpaca
 from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_collate, packed_collate
 from llm_finetune.data.custom import load_custom
 from llm_finetune.data.files import load_files
-from llm_finetune.data.pairs import PAIR_COLUMNS, load_pairs, pair_collate, pair_lengths
+from llm_finetune.data.pairs import (PAIR_COLUMNS, load_pairs, pair_collate, pair_lengths,
+                                     pair_tokens)
 from llm_finetune.data.rows import check_labels
 from llm_finetune.data.templated import load_templated
 from llm_finetune.data.toxicchat import load_toxicchat
@@ -85,8 +86,9 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
                                  group_by_length=t.batching_strategy == "padding",
                                  accumulation=accumulation)
     if dist_info.is_main and shuffle:
-        print(f"{t.batching_strategy}: {padding_fraction(samples, sampler, t):.1%} of the "
-              "tokens in training batches are padding", flush=True)
+        padding = padding_fraction(samples, sampler, t, pair_tokens(samples) if pairs else None)
+        print(f"{t.batching_strategy}: {padding:.1%} of the tokens in training batches are "
+              "padding", flush=True)
     if len(sampler) == 0:
         raise ValueError(f"{len(lengths)} samples cannot fill one optimizer step of "
                          f"{batch_size} x {dist_info.world_size} ranks x {accumulation} "
@@ -99,8 +101,9 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
                       persistent_workers=False)
 
 
-def padding_fraction(samples, sampler: GlobalBatchSampler, train_cfg) -> float:
-    """Share of padding in this rank's batches of the first epoch (what the GPU wastes)."""
+def padding_fraction(samples, sampler: GlobalBatchSampler, train_cfg, pairs=None) -> float:
+    """Share of padding in this rank's batches of the first epoch (what the GPU wastes).
+    ``pairs``: per DPO pair, the tokens of both its sides, each padded to the batch's longest."""
     real = padded = 0
     for batch in sampler:
         if train_cfg.batching_strategy == "packing":
@@ -108,6 +111,6 @@ def padding_fraction(samples, sampler: GlobalBatchSampler, train_cfg) -> float:
             padded += train_cfg.context_length * len(batch)
         else:
             lengths = [sampler.lengths[i] for i in batch]
-            real += sum(lengths)
-            padded += max(lengths) * len(lengths)
+            real += sum(lengths) if pairs is None else sum(pairs[i] for i in batch)
+            padded += max(lengths) * len(lengths) * (1 if pairs is None else 2)
     return 1 - real / padded if padded else 0.0

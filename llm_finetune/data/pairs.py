@@ -94,6 +94,12 @@ def pair_lengths(samples: datasets.Dataset) -> list[int]:
             in zip(samples["chosen_input_ids"], samples["rejected_input_ids"])]
 
 
+def pair_tokens(samples: datasets.Dataset) -> list[int]:
+    """A pair's real tokens, both sides."""
+    return [len(chosen) + len(rejected) for chosen, rejected
+            in zip(samples["chosen_input_ids"], samples["rejected_input_ids"])]
+
+
 def pair_collate(pad_token_id: int):
     """One padded batch of the pairs' chosen rows, then their rejected rows."""
     pad = pad_collate(pad_token_id)
