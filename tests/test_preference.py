@@ -21,6 +21,7 @@ from llm_finetune.model import load_tokenizer
 from llm_finetune.preference import AdaptersOff, PreferenceLoss
 from tests.helpers import DPO, FAST, probe_input
 from tests.test_faults import cli_error, no_model_load, write_jsonl  # noqa: F401 (a fixture)
+from tests.test_mixed_precision import gpu_precision  # noqa: F401 (a fixture)
 
 BETA = 0.5
 LOG_2 = math.log(2)
@@ -226,6 +227,22 @@ def test_stopped_and_resumed_dpo_run_continues_the_same_curve(extra, tiny_model_
     resumed = finetuning.main(**kwargs, resume_from_checkpoint="auto",
                               output_dir=str(tmp_path / "resumed"))
     assert metrics(resumed) == straight[3:]  # bitwise: one process on CPU
+
+
+@pytest.mark.parametrize("settings", [
+    {"enable_fsdp": True, "use_peft": True},  # FSDP's bf16 casts, the reference through them
+    {"use_peft": True, "use_fp16": True},  # fp16 autocast and the loss scaler
+    {},  # full fine-tuning under bf16 autocast, an fp32 frozen copy
+], ids=["fsdp-lora-bf16", "lora-fp16", "full-bf16"])
+def test_dpo_with_a_gpus_precision(settings, gpu_precision, tiny_model_dir, tmp_path):
+    """Precision as on a bf16 GPU, run on CPU: the policy and its reference still agree at the
+    first step (log 2), and the steps stay finite."""
+    summary = finetuning.main(**{**FAST, **DPO, **settings, "lr": 1e-2},
+                              model_name=str(tiny_model_dir), output_dir=str(tmp_path))
+    steps = [m for m in summary["metrics"] if "loss" in m]
+    assert steps[0]["loss"] == pytest.approx(LOG_2, rel=1e-6)
+    assert all(math.isfinite(m[k]) for m in steps for k in ("loss", "reward_margin"))
+    assert math.isfinite(summary["eval_loss"][0])
 
 
 # 3. data: the two forms, truncation, the collate
