@@ -59,6 +59,8 @@ CHOICES = {
     "train_config.peft_method": ("lora", "llama_adapter", "prefix"),
     "train_config.quantization": ("", "4bit", "8bit"),
     "train_config.dataset": tuple(DATASET_CONFIGS),
+    "train_config.method": ("sft", "dpo"),
+    "train_config.dpo_loss": ("sigmoid", "ipo", "hinge"),
     "fsdp_config.sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
     "fsdp_config.checkpoint_type": ("SHARDED_STATE_DICT", "FULL_STATE_DICT"),
     "fsdp_config.backward_prefetch": ("BACKWARD_PRE", "BACKWARD_POST", "NONE"),
@@ -306,8 +308,17 @@ def build_run_config(**kwargs) -> RunConfig:
     given |= update_run_config(run, kwargs)
     run.recipe = apply_recipe(run, given)
     apply_hsdp(run.fsdp, strategy_given="fsdp_config.sharding_strategy" in given)
+    apply_method_batching(run.train, strategy_given="train_config.batching_strategy" in given)
     check_choices(run)
     return run
+
+
+def apply_method_batching(t: train_config, strategy_given: bool) -> None:
+    """Packing is llama-recipes' default for supervised runs; ``--method dpo`` batches each
+    chosen response beside its rejected one, padded, so it pads unless packing was asked for
+    (which the preference checks then refuse, with the fix)."""
+    if t.method == "dpo" and not strategy_given:
+        t.batching_strategy = "padding"
 
 
 def apply_hsdp(f: fsdp_config, strategy_given: bool) -> None:
@@ -470,11 +481,42 @@ def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
                           "and transformers builds the samples-apart mask only without one. Use "
                           "--batching_strategy padding, or --peft_method lora")
     check_data_files(run)
+    check_preference_settings(run)
     if t.dataset == "file_dataset" and not run.dataset.data_files:
         raise ConfigError("--dataset file_dataset needs --file_dataset.data_files PATH[,PATH...]")
     if t.dataset == "custom_dataset" and not run.dataset.file:
         raise ConfigError("--dataset custom_dataset needs --custom_dataset.file "
                           "path/to/file.py[:function]")
+
+
+def check_preference_settings(run: RunConfig) -> None:
+    """``--method dpo``: what its data, reference model and batching need."""
+    t = run.train
+    if t.method != "dpo":
+        return
+    if t.dpo_beta <= 0:
+        raise ConfigError(f"--dpo_beta must be positive, got {t.dpo_beta}")
+    if t.dataset != "file_dataset":
+        raise ConfigError(f"--method dpo trains on preference pairs, which --dataset {t.dataset} "
+                          "does not have: use --dataset file_dataset --file_dataset.data_files "
+                          "prefs.jsonl, rows of prompt, chosen and rejected (docs/preference.md)")
+    if t.batching_strategy == "packing":
+        raise ConfigError("--method dpo compares each chosen response with its rejected one, "
+                          "rows of one padded batch: use --batching_strategy padding")
+    if t.use_peft and t.peft_method != "lora":
+        raise ConfigError(f"--method dpo scores the reference model as the model with its LoRA "
+                          f"turned off; --peft_method {t.peft_method} is not supported: use "
+                          "--peft_method lora")
+    if t.from_peft_checkpoint:
+        raise ConfigError("--method dpo with --from_peft_checkpoint would score the reference as "
+                          "the base model without that adapter, not as the model you start from. "
+                          "Merge the adapter first (python -m llm_finetune.convert "
+                          "merge_adapters) and pass the merged model as --model_name")
+    if t.enable_fsdp and not t.use_peft:
+        raise ConfigError("--method dpo with full fine-tuning under --enable_fsdp would need a "
+                          "second, sharded frozen model as the reference, which is not supported: "
+                          "add --use_peft (the reference is the model with its LoRA off), or "
+                          "use --enable_ddp or one process")
 
 
 ALPACA_SOURCE = ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/"

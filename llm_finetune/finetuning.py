@@ -27,6 +27,7 @@ from llm_finetune.determinism import make_deterministic
 from llm_finetune.engine import (compile_layers, enable_activation_checkpointing, meta_init_fn,
                                  wrap_fsdp)
 from llm_finetune.export import ModelSaver
+from llm_finetune.loss import NextTokenLoss
 from llm_finetune.metrics import (MetricsLog, PhaseTimer, flops_per_token,
                                   model_flops_utilization, report_parameter_counts)
 from llm_finetune.model import (decoder_layers, fit_embeddings_to_tokenizer, freeze_layers,
@@ -36,6 +37,7 @@ from llm_finetune.output_dir import check_output_dir, check_output_dir_reuse, cl
 from llm_finetune.plan import fit_to_gpu, plan_run
 from llm_finetune.plot import plot
 from llm_finetune.precision import choose_precision, make_grad_scaler
+from llm_finetune.preference import PreferenceLoss, reference_model
 from llm_finetune.progress import quiet_library_bars_off_terminal
 from llm_finetune.quantization import bnb_config
 from llm_finetune.random_init import SeededInit
@@ -129,7 +131,10 @@ def main(**kwargs) -> dict:
     scaler = make_grad_scaler(precision, run.train.enable_fsdp, dist_info.device)
     # DDP wraps the model for training only; saving and checkpoints see the model itself
     trained = distributed.data_parallel(model, dist_info) if run.train.enable_ddp else model
-    trainer = Trainer(trained, optimizer, scheduler, run, dist_info, precision, metrics, scaler)
+    # the objective before a checkpoint is restored: a full fine-tuning DPO reference copies
+    # the weights the run started from
+    trainer = Trainer(trained, optimizer, scheduler, run, dist_info, precision, metrics, scaler,
+                      objective=objective_of(run, trained))
     checkpoints = Checkpointer(run, dist_info, model, optimizer, scheduler,
                                train_loader.batch_sampler, scaler)
     # the model: after each epoch with the best eval loss so far (llama-recipes), or at the end
@@ -193,6 +198,15 @@ def total_optimizer_steps(train_cfg, steps_per_epoch: int, verbose: bool) -> int
               + (f" (micro-batches left over, not run: {left})" if left else ""),
               flush=True)
     return min(every_epoch, limit)
+
+
+def objective_of(run, model):
+    """What the steps minimise: the next-token loss on responses (``--method sft``) or the
+    preference loss of pairs against a reference model (``--method dpo``)."""
+    if run.train.method == "dpo":
+        return PreferenceLoss(model, reference_model(run, model), run.train.dpo_beta,
+                              run.train.dpo_loss, chunked=run.train.chunked_loss)
+    return NextTokenLoss(model, chunked=run.train.chunked_loss)
 
 
 def write_run_config(run) -> None:

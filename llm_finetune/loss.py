@@ -13,8 +13,8 @@ projection's weight is available, unsharded by FSDP for that forward like any ot
 model's module tree and state dict are unchanged.
 
 ``NextTokenLoss`` is the objective the trainer calls: the loop knows only its two methods, so a
-new objective (preference pairs, another model family's labels) is a new class beside it, not a
-branch in the loop.
+new objective (preference pairs: ``preference.PreferenceLoss``, another model family's labels)
+is a new class beside it, not a branch in the loop.
 """
 
 import contextlib
@@ -90,6 +90,10 @@ def linear_cross_entropy(hidden, weight, bias, targets) -> torch.Tensor:
     device = hidden.device.type
     compute_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                      else hidden.dtype)
+    if not torch.is_grad_enabled():  # a Function sees requires_grad even under no_grad: the
+        # detached inputs say that no gradient is wanted (evaluation, a reference model)
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
     with torch.autocast(device, enabled=False):
         return LinearCrossEntropy.apply(hidden, weight, bias, targets, compute_dtype)
 
@@ -107,16 +111,21 @@ def output_layer(model):
 
 
 @contextlib.contextmanager
-def loss_in_output_layer(head: torch.nn.Linear, labels: torch.Tensor):
+def loss_in_output_layer(head: torch.nn.Linear, labels: torch.Tensor,
+                         per_sequence: bool = False):
     """While active, ``head`` returns the summed next-token loss of ``labels`` (shifted here:
     position t predicts label t+1) instead of logits, so the model's output ``logits`` is that
-    scalar. Only this forward call is affected; the module itself is untouched."""
+    scalar (``per_sequence``: one sum per sequence, a vector). Only this forward call is
+    affected; the module itself is untouched."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
 
     def forward(hidden):
         if hidden.shape[:2] != targets.shape:
             raise ValueError(f"hidden states {tuple(hidden.shape[:2])} and labels "
                              f"{tuple(targets.shape)} differ in length: use --chunked_loss False")
+        if per_sequence:
+            return torch.stack([linear_cross_entropy(h, head.weight, head.bias, t)
+                                for h, t in zip(hidden, targets)])
         return linear_cross_entropy(hidden, head.weight, head.bias, targets)
 
     head.forward = forward
@@ -148,15 +157,37 @@ def token_loss_sum(model, batch: dict, head=None) -> tuple[torch.Tensor, int]:
     return loss, tokens
 
 
+def sequence_loss_sums(model, batch: dict, head=None) -> torch.Tensor:
+    """Per sequence of the batch, the sum of next-token cross-entropy over its label tokens:
+    minus the log-probability of its labelled part (what preference objectives compare).
+    ``head`` as in ``token_loss_sum``."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if head is not None:
+        with loss_in_output_layer(head, batch["labels"], per_sequence=True):
+            return model(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    logits = model(**inputs, use_cache=False).logits[:, : labels.shape[1]]
+    losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE,
+                             reduction="none")
+    return losses.sum(dim=1)
+
+
 class NextTokenLoss:
     """Supervised fine-tuning's objective. What the trainer asks of an objective:
 
     - ``units(batch)``: how many terms the batch's loss sums over (here label tokens); a step's
       loss is the sum over all its micro-batches and ranks divided by their total units;
-    - ``objective(model, batch)``: (summed loss tensor, units) of one micro-batch.
+    - ``objective(model, batch)``: (summed loss tensor, units, metric sums) of one micro-batch.
+      The metric sums (name -> tensor, summed over the same units) are the objective's own
+      per-step means, beside the loss: the trainer sums them over micro-batches and ranks and
+      divides by the units too. Next-token loss has none;
+    - ``perplexity``: whether exp(mean loss) is a perplexity (the loss is a mean token
+      cross-entropy), reported by evaluation.
 
     ``chunked``: the loss computed inside the output layer, without the full logits, where the
     model's output layer allows it (``output_layer``)."""
+
+    perplexity = True
 
     def __init__(self, model, chunked: bool = True):
         self.head = output_layer(model) if chunked else None
@@ -164,5 +195,5 @@ class NextTokenLoss:
     def units(self, batch: dict) -> int:
         return count_label_tokens(batch)
 
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, int]:
-        return token_loss_sum(model, batch, self.head)
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, int, dict]:
+        return *token_loss_sum(model, batch, self.head), {}

@@ -1,8 +1,9 @@
 """``output_dir/metrics.jsonl``: one JSON object per optimizer step and per evaluation, appended
 and flushed as the run goes, so scripts can read it while training runs. Keys are stable:
 steps have step, epoch, loss, lr, tokens_per_s, data_wait_s, peak_gpu_mem_gib; evaluations
-have step, eval_loss, eval_perplexity. A step's tokens/s counts the time spent waiting for its
-batches (``data_wait_s``), which is time the GPU stands idle."""
+have step, eval_loss, eval_perplexity; an objective's own metrics join both (DPO's rewards, and
+no perplexity). A step's tokens/s counts the time spent waiting for its batches
+(``data_wait_s``), which is time the GPU stands idle."""
 
 import json
 import os

@@ -44,6 +44,12 @@ def memory_trace() -> dict:
     return trace
 
 
+def add_sums(totals: dict, sums: dict) -> None:
+    """Add an objective's metric sums of one micro-batch into ``totals``, on the device."""
+    for name, value in sums.items():
+        totals[name] = totals.get(name, 0.0) + value.detach().double()
+
+
 def grouped(loader, size: int):
     """Micro-batches in groups of ``size``, one optimizer step each (the sampler yields whole
     groups; a shorter last group would only come from a custom sampler)."""
@@ -100,8 +106,9 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], threshold)
 
-    def train_step(self, micro_batches: list[dict]) -> tuple[float, int]:
-        """One optimizer step; returns (mean token loss over all ranks, tokens processed).
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, int, dict]:
+        """One optimizer step; returns (mean loss over all ranks, tokens processed, the
+        objective's own metrics as means over the same units).
 
         Under fp16 loss scaling a step whose gradients overflow is skipped by the scaler, which
         then halves its scale: ``metrics.jsonl`` records the scale so skipped steps are visible."""
@@ -116,13 +123,15 @@ class Trainer:
         # summed on the device: reading it per micro-batch (.item()) would wait for the GPU to
         # finish each one, and leave it idle while the next one's kernels are launched
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        metric_sums = {}
         for batch in micro_batches:
             batch = to_device(batch, self.dist.device)
             with self.autocast():
-                loss, _ = self.objective(self.model, batch)
+                loss, _, sums = self.objective(self.model, batch)
             scaled = loss * scale
             (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
             loss_sum += loss.detach()
+            add_sums(metric_sums, sums)
         if self.grad_scaler:
             self.grad_scaler.unscale_(self.optimizer)
         if self.run.train.gradient_clipping:
@@ -134,29 +143,37 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        (global_loss,) = all_reduce_sum([loss_sum], self.dist.device)
-        return global_loss / max(total_tokens, 1), int(total_inputs)
+        global_loss, *global_sums = all_reduce_sum([loss_sum, *metric_sums.values()],
+                                                   self.dist.device)
+        units = max(total_tokens, 1)
+        means = {name: value / units for name, value in zip(metric_sums, global_sums)}
+        return global_loss / units, int(total_inputs), means
 
     @torch.no_grad()
     def evaluate(self, loader) -> dict:
         self.model.eval()
         # summed on the device, as in train_step: no wait for the GPU after every batch
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-        tokens = 0
+        tokens, metric_sums = 0, {}
         max_steps = self.run.train.max_eval_step
         for i, batch in enumerate(tqdm(loader, desc="eval", leave=False,
                                        disable=not (self.dist.is_main and on_terminal()))):
             if max_steps and i >= max_steps:
                 break
             with self.autocast():
-                loss, n = self.objective(self.model, to_device(batch, self.dist.device))
+                loss, n, sums = self.objective(self.model, to_device(batch, self.dist.device))
             loss_sum += loss
             tokens += n
-        loss_sum, tokens = all_reduce_sum([loss_sum, tokens], self.dist.device)
+            add_sums(metric_sums, sums)
+        loss_sum, tokens, *sums = all_reduce_sum([loss_sum, tokens, *metric_sums.values()],
+                                                 self.dist.device)
         self.model.train()
         eval_loss = loss_sum / max(tokens, 1)
-        return {"step": self.step, "eval_loss": eval_loss,
-                "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+        result = {"step": self.step, "eval_loss": eval_loss}
+        if self.objective.perplexity:
+            result["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
+        return result | {f"eval_{name}": value / max(tokens, 1)
+                         for name, value in zip(metric_sums, sums)}
 
     def note_eval_loss(self, eval_loss: float, epoch: int) -> None:
         """Keep the lowest eval loss and its epoch; ``new_best`` says whether this one was."""
@@ -202,7 +219,7 @@ class Trainer:
                 data_wait = time.perf_counter() - step_start
                 lr = self.optimizer.param_groups[0]["lr"]
                 with profiler.step(self.step + 1):
-                    loss, tokens = self.train_step(micro_batches)
+                    loss, tokens, objective_metrics = self.train_step(micro_batches)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.step + 1}: stopping; "
                                              "lower --lr or enable --gradient_clipping")
@@ -212,8 +229,8 @@ class Trainer:
                 data_waited += data_wait
                 tokens_per_s = tokens / max(time.perf_counter() - step_start, 1e-9)
                 epoch_losses.append(loss)
-                record = {"step": self.step, "epoch": epoch + 1, "loss": loss, "lr": lr,
-                          "tokens_per_s": tokens_per_s,
+                record = {"step": self.step, "epoch": epoch + 1, "loss": loss,
+                          **objective_metrics, "lr": lr, "tokens_per_s": tokens_per_s,
                           "data_wait_s": round(data_wait, 6), "peak_gpu_mem_gib": peak_gpu_gib()}
                 if self.grad_scaler is not None:
                     record["grad_scale"] = float(self.grad_scaler.get_scale())
@@ -231,8 +248,9 @@ class Trainer:
                 result = self.evaluate(eval_loader)
                 self.metrics.log(result)
                 self.note_eval_loss(result["eval_loss"], epoch + 1)
-                summary["eval_loss"].append(result["eval_loss"])
-                summary["eval_perplexity"].append(result["eval_perplexity"])
+                for key, value in result.items():
+                    if key != "step":
+                        summary.setdefault(key, []).append(value)
             if self.dist.is_main:
                 shown = {k: round(v[-1], 4) for k, v in summary.items() if v}
                 print(f"epoch {epoch + 1}: {shown} memory {memory_trace()}", flush=True)

@@ -14,7 +14,7 @@ from llm_finetune.distributed import setup
 from llm_finetune.engine import RankZeroInit, wrap_fsdp
 from llm_finetune.config_utils import build_run_config
 from llm_finetune.model import load_model
-from tests.helpers import FAST, probe_input
+from tests.helpers import DPO, FAST, probe_input
 
 FSDP = dict(FAST, enable_fsdp=True)
 
@@ -72,6 +72,10 @@ CASES = {
     # random-init and 4-bit: every rank builds the same quantised layers, FSDP shards them
     "qlora_seeded": dict(FSDP, model_name="tiny-llama", use_peft=True, quantization="4bit",
                          lr=5e-2),
+    # DPO: LoRA under FSDP (the reference: adapters off, through the same FSDP units), full
+    # fine-tuning under DDP (the reference: a frozen copy on each rank)
+    "dpo_lora": dict(FSDP, **DPO, use_peft=True, lr=1e-2, dpo_beta=0.5, save_model=True),
+    "dpo_ddp_full": dict(FAST, **DPO, enable_ddp=True, dpo_beta=0.5),
     # exact resume on the default path: a loader worker that prefetches, LoRA dropout,
     # accumulation; each "_resumed" case continues the case before it from its step-2 checkpoint
     **resume_pair("resume_fsdp_lora", FSDP),
@@ -141,7 +145,8 @@ def main(out: str, model_dir: str, tied_dir: str, tied_config_dir: str, only: st
                                   output_dir=f"{out}/{name}",
                                   dist_checkpoint_root_folder=f"{out}/{name}-dcp")
         results[name] = {"losses": [m["loss"] for m in summary["metrics"] if "loss" in m],
-                         "eval_loss": summary["eval_loss"], "logits": probe_logits(summary["model"])}
+                         "eval_loss": summary["eval_loss"], "logits": probe_logits(summary["model"]),
+                         "records": summary["metrics"]}
     if not only or "weights" in only:
         results["low_cpu_weights"] = low_cpu_fsdp_weights(model_dir)
         results["low_cpu_weights_tied"] = low_cpu_fsdp_weights(tied_dir)

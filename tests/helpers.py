@@ -29,6 +29,11 @@ FAST = dict(TINY_RECIPE, max_train_step=4, max_eval_step=2, batch_size_training=
             val_batch_size=4, num_epochs=1, num_workers_dataloader=0, lr=1e-3, save_model=False,
             plot_metrics=False, **{"lora_config.lora_dropout": 0.0})
 
+# DPO on the shipped preference pairs (tools/make_tiny_preferences.py)
+TINY_PREFERENCES = REPO / "llm_finetune" / "assets" / "data" / "tiny_preferences.jsonl"
+DPO = {"method": "dpo", "dataset": "file_dataset",
+       "file_dataset.data_files": str(TINY_PREFERENCES)}
+
 
 def save_tiny_model(directory: Path, seed: int = 0, tie_embeddings: bool = False) -> Path:
     """A weights-on-disk copy of the built-in tiny model (what a user's checkpoint looks like)."""

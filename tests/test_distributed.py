@@ -73,6 +73,26 @@ def test_fsdp_matches_single_process(case, fsdp_results, tiny_model_dir, tied_co
     assert got[-1] < got[0], "training did not lower the loss"
 
 
+@pytest.mark.parametrize("case", ["dpo_lora", "dpo_ddp_full"])
+def test_dpo_on_two_ranks_matches_single_process(case, fsdp_results, tiny_model_dir,
+                                                 tied_config_dir, tmp_path):
+    """Preference pairs split over ranks: the loss and the reward metrics of every step, and
+    of the evaluation, are those of one process on the whole global batch. A DPO loss is a
+    difference of summed log-probabilities (tens of nats each), so the rounding that differs
+    between the two shows more: 1e-5 absolute on the loss, 1e-4 on the rewards."""
+    reference = single_process(case, tiny_model_dir, tmp_path, tied_config_dir)["metrics"]
+    got = fsdp_results[case]["records"]
+    assert len(got) == len(reference) == CASES[case]["max_train_step"] + 1  # + the evaluation
+    for ours, theirs in zip(got, reference):
+        loss = "loss" if "loss" in theirs else "eval_loss"
+        assert ours[loss] == pytest.approx(theirs[loss], abs=1e-5)
+        rewards = [k for k in theirs if "reward" in k]
+        assert len(rewards) == 4
+        assert [ours[k] for k in rewards] == pytest.approx([theirs[k] for k in rewards], abs=1e-4)
+    assert got[0]["loss"] == pytest.approx(0.6931472, rel=1e-6)  # the reference is the start
+    assert got[-1]["eval_reward_margin"] > 0
+
+
 @pytest.mark.parametrize("engine", ["fsdp", "ddp"])
 def test_lora_resumes_exactly_on_the_default_path(engine, fsdp_results):
     """2 ranks, LoRA with dropout, a loader worker, 2 accumulation steps: resumed from the
@@ -126,7 +146,7 @@ def test_sharded_state_dict_is_a_dcp_checkpoint(fsdp_results, tiny_model_dir, tm
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lora", "llama_adapter", "prefix"])
+@pytest.mark.parametrize("method", ["lora", "llama_adapter", "prefix", "dpo_lora"])
 def test_fsdp_adapter_loads_with_plain_peft(method, fsdp_results, tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = PeftModel.from_pretrained(base, fsdp_results["out"] / method).eval()

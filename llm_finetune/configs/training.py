@@ -53,6 +53,11 @@ class train_config:
     use_fast_kernels: bool = False  # flash-attention 2 when installed, else PyTorch SDPA
     chunked_loss: bool = True  # the loss in chunks inside the output layer: no full logits
     torch_compile: bool = False  # compile each decoder layer (torch.compile; first steps slower)
+    # Objective: sft (next-token loss on the responses) | dpo (preference pairs against a
+    # reference model: docs/preference.md)
+    method: str = "sft"
+    dpo_beta: float = 0.1  # how far from the reference model the preferences may pull
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
     # Parameter-efficient fine-tuning
     use_peft: bool = False
     peft_method: str = "lora"  # lora | llama_adapter | prefix

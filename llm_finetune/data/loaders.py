@@ -8,6 +8,8 @@ from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_col
 from llm_finetune.data.custom import custom_collator, defines_collator, load_custom
 from llm_finetune.data.files import load_files
 from llm_finetune.data.grammar import load_grammar
+from llm_finetune.data.pairs import (PAIR_COLUMNS, load_pairs, pair_collate, pair_lengths,
+                                     pair_tokens)
 from llm_finetune.data.rows import DataError, check_labels
 from llm_finetune.data.templated import load_templated
 from llm_finetune.data.toxicchat import load_toxicchat
@@ -16,11 +18,16 @@ from llm_finetune.distributed import DistInfo, barrier
 
 def load_dataset_split(run, tokenizer, split: str, collated: bool = False):
     """The tokenised samples (input_ids, labels) of one split of the configured data set, with
-    at least one sample that has tokens to learn. ``collated``: a custom data set's collator
-    makes the batches, and its rows are whatever it reads (labels, if any, are checked)."""
+    at least one sample that has tokens to learn; for ``--method dpo``, preference pairs (each
+    with tokens to learn on both sides). ``collated``: a custom data set's collator makes the
+    batches, and its rows are whatever it reads (labels, if any, are checked)."""
+    t = run.train
+    if t.method == "dpo":
+        return load_pairs(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed,
+                          t.tokenize_num_proc)
     samples = read_dataset_split(run, tokenizer, split, collated)
     if "labels" in samples.column_names:
-        check_labels(samples, f"{run.train.dataset} {split}", run.train.context_length)
+        check_labels(samples, f"{t.dataset} {split}", t.context_length)
     return samples
 
 
@@ -83,14 +90,18 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
     """``collator``: a custom data set's own, given whole rows; else the rows' input_ids and
     labels are padded or packed here."""
     t = run.train
+    pairs = t.method == "dpo"  # padding only (config_utils)
     if collator is not None:
         samples, collate = data, collator
     elif t.batching_strategy == "packing":
         samples = pack_samples(token_columns(data), t.context_length, tokenizer.pad_token_id)
         collate = packed_collate
+    elif pairs:
+        samples = token_columns(data, PAIR_COLUMNS)
+        collate = pair_collate(tokenizer.pad_token_id)
     else:
         samples, collate = token_columns(data), pad_collate(tokenizer.pad_token_id)
-    lengths = sample_lengths(samples)
+    lengths = pair_lengths(samples) if pairs else sample_lengths(samples)
     if not shuffle:  # evaluation: a small eval split still gets evaluated, in smaller batches
         batch_size = max(1, min(batch_size, len(lengths) // dist_info.world_size))
     sampler = GlobalBatchSampler(lengths, batch_size, dist_info.rank, dist_info.world_size,
@@ -98,8 +109,9 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
                                  group_by_length=t.batching_strategy == "padding",
                                  accumulation=accumulation)
     if dist_info.is_main and shuffle and collator is None:
-        print(f"{t.batching_strategy}: {padding_fraction(samples, sampler, t):.1%} of the "
-              "tokens in training batches are padding", flush=True)
+        padding = padding_fraction(samples, sampler, t, pair_tokens(samples) if pairs else None)
+        print(f"{t.batching_strategy}: {padding:.1%} of the tokens in training batches are "
+              "padding", flush=True)
     if len(sampler) == 0:
         raise ValueError(f"{len(lengths)} samples cannot fill one optimizer step of "
                          f"{batch_size} x {dist_info.world_size} ranks x {accumulation} "
@@ -122,12 +134,13 @@ def sample_lengths(samples) -> list[int]:
     return [len(ids) for ids in samples["input_ids"]]
 
 
-def token_columns(data):
-    return data.remove_columns([c for c in data.column_names if c not in ("input_ids", "labels")])
+def token_columns(data, columns=("input_ids", "labels")):
+    return data.remove_columns([c for c in data.column_names if c not in columns])
 
 
-def padding_fraction(samples, sampler: GlobalBatchSampler, train_cfg) -> float:
-    """Share of padding in this rank's batches of the first epoch (what the GPU wastes)."""
+def padding_fraction(samples, sampler: GlobalBatchSampler, train_cfg, pairs=None) -> float:
+    """Share of padding in this rank's batches of the first epoch (what the GPU wastes).
+    ``pairs``: per DPO pair, the tokens of both its sides, each padded to the batch's longest."""
     real = padded = 0
     for batch in sampler:
         if train_cfg.batching_strategy == "packing":
@@ -135,6 +148,6 @@ def padding_fraction(samples, sampler: GlobalBatchSampler, train_cfg) -> float:
             padded += train_cfg.context_length * len(batch)
         else:
             lengths = [sampler.lengths[i] for i in batch]
-            real += sum(lengths)
-            padded += max(lengths) * len(lengths)
+            real += sum(lengths) if pairs is None else sum(pairs[i] for i in batch)
+            padded += max(lengths) * len(lengths) * (1 if pairs is None else 2)
     return 1 - real / padded if padded else 0.0

@@ -32,19 +32,20 @@ def require_text(row: dict, field: str, allow_empty: bool = False) -> str:
 
 
 def tokenize_rows(rows: datasets.Dataset, to_sample, name: str, policy: str,
-                  num_proc: int = 1, where=None) -> datasets.Dataset:
+                  num_proc: int = 1, where=None, empty: dict | None = None) -> datasets.Dataset:
     """Map ``to_sample`` over ``rows`` in ``num_proc`` processes; enforce ``policy`` ("fail" or
     "skip") on bad rows. ``where(position)`` names a row's place in its file (read.RowSource):
-    the position is the row's ``_source_row`` when it has one, else its index here."""
+    the position is the row's ``_source_row`` when it has one, else its index here. ``empty``:
+    what stands for a bad row's sample until it is dropped (the samples' columns, empty)."""
     where = where or (lambda position: f"row {position}")
+    empty = empty or {"input_ids": [], "labels": []}
 
     def convert(row, index):
         position = row.get("_source_row", index)
         try:
             sample = to_sample(row)
         except BadRow as error:
-            return {"input_ids": [], "labels": [], "truncated": False, "error": str(error),
-                    "position": position}
+            return {**empty, "truncated": False, "error": str(error), "position": position}
         return {**sample, "error": "", "position": position}
 
     samples = rows.map(convert, remove_columns=rows.column_names, desc=f"tokenize {name}",
@@ -98,10 +99,11 @@ def prompt_response_sample(tokenizer, prompt: str, response: str, max_length: in
             "truncated": len(prompt_ids) + len(response_ids) > max_length}
 
 
-def chat_sample(tokenizer, messages, max_length: int) -> dict:
+def chat_sample(tokenizer, messages, max_length: int, prompt_messages: int = 0) -> dict:
     """A conversation rendered with the tokenizer's chat template; only assistant turns are
-    learned. Each turn's tokens are the difference between the rendering of the conversation up
-    to that turn and up to the previous one, so the template's own markup stays in place."""
+    learned, and none of the first ``prompt_messages`` (a preference pair's prompt). Each
+    turn's tokens are the difference between the rendering of the conversation up to that turn
+    and up to the previous one, so the template's own markup stays in place."""
     if not isinstance(messages, list) or not messages:
         raise BadRow("'messages' must be a non-empty list")
     for i, message in enumerate(messages):
@@ -109,7 +111,8 @@ def chat_sample(tokenizer, messages, max_length: int) -> dict:
             raise BadRow(f"message {i} needs 'role' and 'content'")
         if not isinstance(message["content"], str):
             raise BadRow(f"message {i} content is {type(message['content']).__name__}, not text")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+    if not any(m["role"] == "assistant" and m["content"].strip()
+               for m in messages[prompt_messages:]):
         raise BadRow("no non-empty assistant message to learn from")
     input_ids, labels, done = [], [], ""
     for i, message in enumerate(messages):
@@ -119,7 +122,8 @@ def chat_sample(tokenizer, messages, max_length: int) -> dict:
                          "prefix; it cannot be split into turns")
         ids = tokenizer.encode(text[len(done):], add_special_tokens=False)
         input_ids += ids
-        labels += ids if message["role"] == "assistant" else [-100] * len(ids)
+        learned = message["role"] == "assistant" and i >= prompt_messages
+        labels += ids if learned else [-100] * len(ids)
         done = text
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length],
             "truncated": len(input_ids) > max_length}

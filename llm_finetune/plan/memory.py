@@ -98,6 +98,11 @@ def activation_bytes_per_token_per_layer(counts: ModelCounts, compute_bytes: int
     return compute_bytes * vectors * (COMPILED_ACTIVATIONS if compiled else 1.0)
 
 
+def sequences_per_sample(run) -> int:
+    """A DPO sample is a pair: its chosen and rejected sequences go through one forward."""
+    return 2 if run.train.method == "dpo" else 1
+
+
 def estimate(run, world_size: int, counts: ModelCounts | None = None,
              local_world_size: int | None = None) -> Plan:
     """Peak memory per GPU and per rank's CPU RAM of ``run`` on ``world_size`` GPUs."""
@@ -133,6 +138,8 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         plan.gpu["weights (CPU offload: none resident)"] = 0.0
     else:
         plan.gpu.update(states)
+    if t.method == "dpo" and not t.use_peft:  # the reference model: a frozen copy
+        plan.gpu["reference model (frozen copy, DPO)"] = counts.total * weight_bytes
     if t.enable_ddp:  # DDP all-reduces gradients through buckets that copy them
         plan.gpu["DDP gradient buckets"] = grads
         plan.backward_only.add("DDP gradient buckets")
@@ -144,7 +151,8 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         gathered += counts.largest_layer * 4 if counts.trainable else 0  # unsharded fp32 grads
         plan.gpu["gathered FSDP units (root + 2 layers)"] = gathered
 
-    tokens = t.batch_size_training * t.context_length
+    # DPO's reference forward keeps nothing (no_grad) and ends before the policy's begins
+    tokens = t.batch_size_training * t.context_length * sequences_per_sample(run)
     per_layer = tokens * activation_bytes_per_token_per_layer(
         counts, compute_bytes, frozen_base=t.use_peft, compiled=t.torch_compile)
     if f.fsdp_activation_checkpointing:
@@ -159,7 +167,8 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
     else:
         activations = "activations (all layers)"
         plan.gpu[activations] = counts.num_layers * per_layer
-    if t.chunked_loss:
+    # DPO's trained output layer takes the logits path (preference.PreferenceLoss)
+    if t.chunked_loss and not (t.method == "dpo" and not t.use_peft):
         # one chunk's fp32 logits and their gradient in the compute dtype (the fp32 copy is
         # freed before the matmuls), plus the saved gradients: of the hidden states, and of
         # the output weight (an fp32 sum and one chunk's term) when it trains

@@ -13,16 +13,18 @@ import sys
 from llm_finetune.config_utils import ConfigError, build_run_config, validate
 from llm_finetune.distributed import world_size_from_env
 from llm_finetune.plan.counts import ModelCounts, count_parameters
-from llm_finetune.plan.memory import GIB, estimate, gpu_memory_available
+from llm_finetune.plan.memory import GIB, estimate, gpu_memory_available, sequences_per_sample
 from llm_finetune.plan.search import combined_fix, faster_flags, planned_fixes
 
 
 def report(run, world_size: int, gpu_memory: float | None, counts: ModelCounts) -> str:
     plan = estimate(run, world_size, counts)
     t = run.train
+    sequences = t.batch_size_training * sequences_per_sample(run)
+    pairs = f" ({t.batch_size_training} DPO pairs)" if sequences != t.batch_size_training else ""
     lines = [f"memory plan: {t.model_name}, {counts.total / 1e9:.2f}B parameters "
              f"({counts.trainable / 1e6:.1f}M trainable), {world_size} GPU(s), "
-             f"batch {t.batch_size_training} x {t.context_length} tokens per GPU",
+             f"batch {sequences}{pairs} x {t.context_length} tokens per GPU",
              "", "| per GPU | GiB |", "| --- | ---: |"]
     lines += [f"| {name} | {value / GIB:.2f} |" for name, value in plan.gpu.items()]
     if plan.gpu_loading:

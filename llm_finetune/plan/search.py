@@ -32,6 +32,9 @@ def candidate_fixes(run, world_size: int):
             **{"fsdp.fsdp_activation_checkpointing": True}), world_size
     if t.use_peft and not t.quantization and not t.enable_fsdp:
         yield "--quantization 4bit (QLoRA)", changed(quantization="4bit"), world_size
+    if t.method == "dpo" and not t.use_peft:
+        yield ("--use_peft (LoRA; the DPO reference is then the model with its adapters off, "
+               "not a copy)", changed(use_peft=True), world_size)
     if t.enable_fsdp and not f.pure_bf16 and not f.use_fp16:
         yield "--fsdp_config.pure_bf16 True", changed(**{"fsdp.pure_bf16": True}), world_size
     for more in (2, 4, 8, 16, 32, 64):
@@ -92,9 +95,11 @@ class Setting:
 def compute_per_token(run, setting: Setting, num_layers: int) -> float:
     """Forward passes' worth of compute per token: forward 1, backward 2 (input and weight
     gradients; 1 for a frozen base, which needs input gradients only), and each recomputed
-    layer's share of a second forward. Only the ratio between settings of one run matters."""
+    layer's share of a second forward; DPO adds its reference model's forward. Only the ratio
+    between settings of one run matters."""
     backward = 1 if run.train.use_peft else 2
-    return 1 + backward + (num_layers - setting.kept) / num_layers
+    reference = 1 if run.train.method == "dpo" else 0
+    return 1 + backward + reference + (num_layers - setting.kept) / num_layers
 
 
 def with_setting(run, setting: Setting, num_layers: int):
