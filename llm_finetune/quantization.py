@@ -2,6 +2,8 @@
 
 import torch
 
+from llm_finetune.errors import ConfigError
+
 
 def bnb_config(run, precision):
     """None without ``--quantization``. Under FSDP the packed 4-bit weights are stored in the
@@ -85,3 +87,22 @@ def to_4bit_layers(model: torch.nn.Module, quantization_config, dtype: torch.dty
     model.config.quantization_config = quantization_config
     model.is_loaded_in_4bit = True
     return model
+
+
+def check_quantization_settings(t, weights_on_disk) -> None:
+    """bitsandbytes weights train only under LoRA, 8-bit ones neither sharded nor without a
+    checkpoint to quantise as it loads (``weights_on_disk(t)``, asked for 8-bit only)."""
+    if t.quantization and not t.use_peft:
+        raise ConfigError(f"--quantization {t.quantization} freezes the base weights in a form "
+                          "that cannot be trained: add --use_peft (QLoRA)")
+    if t.quantization and t.peft_method != "lora":
+        raise ConfigError(f"--quantization works with --peft_method lora only (got {t.peft_method})")
+    if t.quantization == "8bit" and t.enable_fsdp:
+        raise ConfigError("8-bit bitsandbytes weights cannot be sharded by FSDP (their row "
+                          "statistics live outside the weight tensor). Use --enable_ddp (a full "
+                          "8-bit replica per rank), --quantization 4bit with --enable_fsdp, or "
+                          "LoRA on bf16 weights with --enable_fsdp --fsdp_config.pure_bf16 True")
+    if t.quantization == "8bit" and not weights_on_disk(t):
+        raise ConfigError(f"--quantization 8bit quantises weights as they load, and "
+                          f"{t.model_name} has none on disk (a config-only model): use "
+                          "--quantization 4bit, which random-init models support")
