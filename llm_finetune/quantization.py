@@ -1,6 +1,12 @@
 """bitsandbytes quantisation: our ``quantization_config`` as ``transformers.BitsAndBytesConfig``."""
 
+import importlib.util
+
 import torch
+from packaging.version import Version
+
+# the oldest bitsandbytes transformers 5 quantises with
+BITSANDBYTES_MIN_VERSION = "0.46.1"
 
 from llm_finetune.errors import ConfigError
 
@@ -8,16 +14,20 @@ from llm_finetune.errors import ConfigError
 def bnb_config(run, precision):
     """None without ``--quantization``. Under FSDP the packed 4-bit weights are stored in the
     dtype of the other parameters (``bnb_4bit_quant_storage``) so FSDP can flatten them."""
-    kind = run.train.quantization
+    return bits_and_bytes(run.train.quantization, run.quantization, fsdp=run.train.enable_fsdp)
+
+
+def bits_and_bytes(kind: str, q, fsdp: bool = False):
+    """``kind`` (``4bit``, ``8bit`` or empty) and a ``quantization_config`` as the
+    ``BitsAndBytesConfig`` transformers loads with; None when ``kind`` is empty."""
     if not kind:
         return None
     from transformers import BitsAndBytesConfig
 
-    q = run.quantization
     skip = q.skip_modules if q.skip_modules is not None else ["lm_head"]
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    storage = q.quant_storage or ("bfloat16" if run.train.enable_fsdp else "uint8")
+    storage = q.quant_storage or ("bfloat16" if fsdp else "uint8")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
@@ -26,6 +36,27 @@ def bnb_config(run, precision):
         bnb_4bit_quant_storage=getattr(torch, storage),
         llm_int8_skip_modules=skip,
     )
+
+
+def bitsandbytes_problem(kind: str, device: str) -> str:
+    """Why ``--quantization kind`` cannot run on ``device`` here (bitsandbytes missing, too old
+    for transformers, or built without kernels for that device), naming the fix; "" if it can.
+    Asked before any weights load: transformers would find out only once it starts loading."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return (f"--quantization {kind} loads the weights through bitsandbytes, which is not "
+                "installed: pip install bitsandbytes (or drop --quantization)")
+    import bitsandbytes
+
+    version = getattr(bitsandbytes, "__version__", "0")
+    if Version(version) < Version(BITSANDBYTES_MIN_VERSION):
+        return (f"--quantization {kind}: bitsandbytes {version} is older than the "
+                f"{BITSANDBYTES_MIN_VERSION} transformers needs: pip install -U bitsandbytes")
+    devices = getattr(bitsandbytes, "supported_torch_devices", {"cuda"})  # older: CUDA only
+    if device not in devices:
+        return (f"--quantization {kind}: this bitsandbytes ({version}) has no kernels for "
+                f"{device} (it supports {', '.join(sorted(devices))}). Run on a CUDA GPU, "
+                "install a bitsandbytes build for this device, or drop --quantization")
+    return ""
 
 
 def is_4bit(tensor) -> bool:
