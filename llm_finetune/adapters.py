@@ -1,11 +1,14 @@
 """PEFT: build the adapter config from ours and wrap the model exactly once."""
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
 from peft import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfig,
                   get_peft_model)
+
+from llm_finetune.errors import ConfigError
 
 
 def peft_config(run, num_layers: int):
@@ -45,3 +48,25 @@ def apply_peft(model, run, num_layers: int, adapter_dtype: torch.dtype = torch.f
 def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a PEFT model (the model itself when it has no adapters)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_adapter_settings(run) -> None:
+    """What each PEFT method cannot run with, and adapters to continue that are not there."""
+    t, f = run.train, run.fsdp
+    if t.from_peft_checkpoint and not t.use_peft:
+        raise ConfigError("--from_peft_checkpoint continues training saved adapters: add --use_peft")
+    if t.from_peft_checkpoint and not Path(t.from_peft_checkpoint).is_dir():
+        raise ConfigError(f"--from_peft_checkpoint {t.from_peft_checkpoint}: no such directory")
+    if t.freeze_layers and t.use_peft:
+        raise ConfigError("--freeze_layers is for full fine-tuning; with --use_peft only the "
+                          "adapters train already. Drop one of them.")
+    if t.use_peft and t.peft_method == "prefix" and f.fsdp_activation_checkpointing:
+        raise ConfigError("prefix tuning feeds its virtual tokens to the model as a KV cache, "
+                          "which transformers drops in checkpointed layers (the attention mask "
+                          "then no longer matches). Add --fsdp_config.fsdp_activation_checkpointing "
+                          "False, or use --peft_method lora")
+    if t.use_peft and t.peft_method == "prefix" and t.batching_strategy == "packing":
+        raise ConfigError("prefix tuning with --batching_strategy packing would let packed "
+                          "samples attend to each other: the virtual tokens arrive as a KV cache, "
+                          "and transformers builds the samples-apart mask only without one. Use "
+                          "--batching_strategy padding, or --peft_method lora")

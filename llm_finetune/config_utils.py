@@ -9,9 +9,7 @@ Unlike llama-recipes, an unknown key is an error, not a warning: a misspelt flag
 import dataclasses
 import difflib
 import enum
-import importlib.util
 import json
-import os
 import sys
 import types
 import typing
@@ -20,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from llm_finetune.checkpoint_files import CheckpointError, choose_checkpoint, read_manifest
 from llm_finetune.configs import (
     DATASET_CONFIGS,
     fsdp_config,
@@ -32,11 +29,7 @@ from llm_finetune.configs import (
     wandb_config,
 )
 from llm_finetune.configs.recipes import RECIPES
-from llm_finetune.data.batching import global_batch_problem
-from llm_finetune.data.read import BUILDERS
 from llm_finetune.errors import ConfigError  # noqa: F401 (where callers have always found it)
-from llm_finetune.model import weights_on_disk
-from llm_finetune.precision import choose_precision
 
 
 # what users of the transformers Trainer / TRL / axolotl type, and our name for it
@@ -367,191 +360,6 @@ def check_choices(run: RunConfig) -> None:
         if value not in allowed:
             shown = ", ".join(repr(a) if a == "" else a for a in allowed)
             raise ConfigError(f"--{qualified}={value!r} is not one of: {shown}")
-
-
-def validate(run: RunConfig, world_size: int, cuda: bool) -> None:
-    """Refuse combinations that cannot work, before any model or data is loaded."""
-    t, f = run.train, run.fsdp
-    positive = {"batch_size_training": t.batch_size_training, "val_batch_size": t.val_batch_size,
-                "gradient_accumulation_steps": t.gradient_accumulation_steps,
-                "num_epochs": t.num_epochs, "context_length": t.context_length}
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {value}")
-    for flag, package in (("use_tensorboard", "tensorboard"), ("use_wandb", "wandb")):
-        if getattr(t, flag) and importlib.util.find_spec(package) is None:
-            raise ConfigError(f"--{flag} needs the {package} package, which is not installed: "
-                              f"pip install {package} (or drop --{flag})")
-    if t.flop_counter and t.use_profiler:
-        raise ConfigError("--flop_counter and --use_profiler at once would count the profiler's "
-                          "own work: use one of them per run")
-    if 0 < t.max_train_step < t.gradient_accumulation_steps:
-        raise ConfigError(f"--max_train_step {t.max_train_step} counts micro-batches (as in "
-                          f"llama-recipes), fewer than one optimizer step of "
-                          f"--gradient_accumulation_steps {t.gradient_accumulation_steps}: the run "
-                          f"would not train. Give at least {t.gradient_accumulation_steps}")
-    if t.max_train_step < 0 or t.max_eval_step < 0:
-        raise ConfigError("--max_train_step and --max_eval_step must be 0 (no limit) or positive")
-    if t.save_steps < 0 or t.save_total_limit < 0:
-        raise ConfigError("--save_steps and --save_total_limit must be 0 (off) or positive")
-    try:  # the checkpoint the run will resume from, checked against its manifest
-        checkpoint = choose_checkpoint(t.resume_from_checkpoint, t.output_dir)
-    except CheckpointError as error:
-        raise ConfigError(str(error)) from error
-    if checkpoint:
-        saved = read_manifest(checkpoint).get("global_batch")
-        problem = saved and global_batch_problem(saved, t.batch_size_training, world_size,
-                                                 t.gradient_accumulation_steps)
-        if problem:
-            raise ConfigError(f"{checkpoint} was {problem}")
-    if f.no_checkpoint_layers < 0:
-        raise ConfigError(f"--fsdp_config.no_checkpoint_layers must be 0 or more, got "
-                          f"{f.no_checkpoint_layers}")
-    if f.no_checkpoint_layers and not f.fsdp_activation_checkpointing:
-        raise ConfigError("--fsdp_config.no_checkpoint_layers chooses layers to leave out of "
-                          "activation checkpointing, which is off: drop it, or turn "
-                          "--fsdp_config.fsdp_activation_checkpointing on")
-    if t.lr <= 0:
-        raise ConfigError(f"--lr must be positive, got {t.lr}")
-    if world_size > 1 and not (t.enable_fsdp or t.enable_ddp):
-        raise ConfigError(f"launched on {world_size} ranks without --enable_fsdp or --enable_ddp: "
-                          "every rank would train its own copy. Add --enable_fsdp (sharded), "
-                          "--enable_ddp (a full replica per rank), or run one process.")
-    if t.enable_fsdp and t.enable_ddp:
-        raise ConfigError("--enable_fsdp and --enable_ddp are two ways to train data parallel: "
-                          "pick one (FSDP shards the model, DDP replicates it)")
-    if t.low_cpu_fsdp and not t.enable_fsdp:
-        raise ConfigError("--low_cpu_fsdp loads weights on rank 0 and lets FSDP share them; it "
-                          "needs --enable_fsdp")
-    if (t.use_fp16 or f.use_fp16) and f.pure_bf16:
-        raise ConfigError("--use_fp16 and --fsdp_config.pure_bf16 ask for two precisions: "
-                          "pick one (bf16 is the safer choice on GPUs that support it)")
-    if (t.use_fp16 or f.use_fp16) and not cuda:
-        raise ConfigError("--use_fp16 needs a CUDA GPU; on CPU drop it (training runs in fp32)")
-    if f.fsdp_cpu_offload and not cuda:
-        raise ConfigError("--fsdp_config.fsdp_cpu_offload moves parameters from GPU to CPU "
-                          "memory; without a GPU there is nothing to offload: drop it")
-    if t.enable_fsdp and f.sharding_strategy == "HYBRID_SHARD":
-        shard, replica = hybrid_mesh_shape(f, world_size)
-        if shard * replica != world_size:
-            raise ConfigError(
-                f"HYBRID_SHARD with sharding_group_size={shard} and replica_group_size={replica} "
-                f"needs {shard * replica} ranks, but {world_size} were launched. Set "
-                f"--fsdp_config.sharding_group_size to the GPUs per node and "
-                f"--fsdp_config.replica_group_size to the number of nodes.")
-    if f.optimizer == "anyprecision" and \
-            choose_precision(run, cuda).trainable_dtype != torch.bfloat16:
-        raise ConfigError("--fsdp_config.optimizer anyprecision makes up for what updates to "
-                          "bf16 weights lose to rounding, and these weights are fp32, where "
-                          "AdamW loses nothing (llama-recipes then silently uses AdamW): add "
-                          "--fsdp_config.pure_bf16 True, or drop the optimizer setting")
-    if t.from_peft_checkpoint and not t.use_peft:
-        raise ConfigError("--from_peft_checkpoint continues training saved adapters: add --use_peft")
-    if t.from_peft_checkpoint and not Path(t.from_peft_checkpoint).is_dir():
-        raise ConfigError(f"--from_peft_checkpoint {t.from_peft_checkpoint}: no such directory")
-    if t.freeze_layers and t.use_peft:
-        raise ConfigError("--freeze_layers is for full fine-tuning; with --use_peft only the "
-                          "adapters train already. Drop one of them.")
-    if t.quantization and not t.use_peft:
-        raise ConfigError(f"--quantization {t.quantization} freezes the base weights in a form "
-                          "that cannot be trained: add --use_peft (QLoRA)")
-    if t.quantization == "8bit" and t.enable_fsdp:
-        raise ConfigError("8-bit bitsandbytes weights cannot be sharded by FSDP (their row "
-                          "statistics live outside the weight tensor). Use --enable_ddp (a full "
-                          "8-bit replica per rank), --quantization 4bit with --enable_fsdp, or "
-                          "LoRA on bf16 weights with --enable_fsdp --fsdp_config.pure_bf16 True")
-    if t.quantization == "8bit":
-        if not weights_on_disk(t):
-            raise ConfigError(f"--quantization 8bit quantises weights as they load, and "
-                              f"{t.model_name} has none on disk (a config-only model): use "
-                              "--quantization 4bit, which random-init models support")
-    if t.one_gpu and world_size > 1:
-        raise ConfigError(f"--one_gpu asks for a single-process run, but {world_size} ranks "
-                          "were launched: drop --one_gpu or launch one process")
-    if t.quantization and t.use_peft and t.peft_method != "lora":
-        raise ConfigError(f"--quantization works with --peft_method lora only (got {t.peft_method})")
-    if t.use_peft and t.peft_method == "prefix" and f.fsdp_activation_checkpointing:
-        raise ConfigError("prefix tuning feeds its virtual tokens to the model as a KV cache, "
-                          "which transformers drops in checkpointed layers (the attention mask "
-                          "then no longer matches). Add --fsdp_config.fsdp_activation_checkpointing "
-                          "False, or use --peft_method lora")
-    if t.use_peft and t.peft_method == "prefix" and t.batching_strategy == "packing":
-        raise ConfigError("prefix tuning with --batching_strategy packing would let packed "
-                          "samples attend to each other: the virtual tokens arrive as a KV cache, "
-                          "and transformers builds the samples-apart mask only without one. Use "
-                          "--batching_strategy padding, or --peft_method lora")
-    check_data_files(run)
-    check_preference_settings(run)
-    if t.dataset == "file_dataset" and not run.dataset.data_files:
-        raise ConfigError("--dataset file_dataset needs --file_dataset.data_files PATH[,PATH...]")
-    if t.dataset == "custom_dataset" and not run.dataset.file:
-        raise ConfigError("--dataset custom_dataset needs --custom_dataset.file "
-                          "path/to/file.py[:function]")
-
-
-def check_preference_settings(run: RunConfig) -> None:
-    """``--method dpo``: what its data, reference model and batching need."""
-    t = run.train
-    if t.method != "dpo":
-        return
-    if t.dpo_beta <= 0:
-        raise ConfigError(f"--dpo_beta must be positive, got {t.dpo_beta}")
-    if t.dataset != "file_dataset":
-        raise ConfigError(f"--method dpo trains on preference pairs, which --dataset {t.dataset} "
-                          "does not have: use --dataset file_dataset --file_dataset.data_files "
-                          "prefs.jsonl, rows of prompt, chosen and rejected (docs/preference.md)")
-    if t.batching_strategy == "packing":
-        raise ConfigError("--method dpo compares each chosen response with its rejected one, "
-                          "rows of one padded batch: use --batching_strategy padding")
-    if t.use_peft and t.peft_method != "lora":
-        raise ConfigError(f"--method dpo scores the reference model as the model with its LoRA "
-                          f"turned off; --peft_method {t.peft_method} is not supported: use "
-                          "--peft_method lora")
-    if t.from_peft_checkpoint:
-        raise ConfigError("--method dpo with --from_peft_checkpoint would score the reference as "
-                          "the base model without that adapter, not as the model you start from. "
-                          "Merge the adapter first (python -m llm_finetune.convert "
-                          "merge_adapters) and pass the merged model as --model_name")
-    if t.enable_fsdp and not t.use_peft:
-        raise ConfigError("--method dpo with full fine-tuning under --enable_fsdp would need a "
-                          "second, sharded frozen model as the reference, which is not supported: "
-                          "add --use_peft (the reference is the model with its LoRA off), or "
-                          "use --enable_ddp or one process")
-
-
-ALPACA_SOURCE = ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/"
-                 "alpaca_data.json")
-
-
-def check_data_files(run: RunConfig) -> None:
-    """Every local data file the run will read exists, before the model loads (a custom data
-    set's ``data_path`` is its function's to read: it may name anything)."""
-    t = run.train
-    data_path = getattr(run.dataset, "data_path", "")
-    if data_path and t.dataset != "custom_dataset" and not os.path.exists(data_path):
-        where = ""
-        if Path(data_path).name == "alpaca_data.json":
-            where = (f". It is the Stanford Alpaca data set that llama-recipes trains on: "
-                     f"download it from {ALPACA_SOURCE} and point --{t.dataset}.data_path at "
-                     "the file (relative paths start from the current directory)")
-        raise ConfigError(f"--{t.dataset}.data_path {data_path}: no such file{where}")
-    for setting in ("data_files", "eval_files", "train_file", "eval_file"):
-        for file in str(getattr(run.dataset, setting, "")).split(","):
-            if file.strip() and not Path(file.strip()).is_file():
-                raise ConfigError(f"--{t.dataset}.{setting}: {file.strip()}: no such file")
-    if t.dataset in ("samsum_dataset", "grammar_dataset", "llamaguard_toxicchat_dataset"):
-        for setting in ("train_split", "test_split"):  # llama-recipes names files there
-            split = getattr(run.dataset, setting)
-            if Path(split).suffix in BUILDERS and not Path(split).is_file():
-                raise ConfigError(f"--{t.dataset}.{setting}: {split}: no such file")
-
-
-def hybrid_mesh_shape(f: fsdp_config, world_size: int) -> tuple[int, int]:
-    """(sharding group size, replica count) for HYBRID_SHARD, filling in zeros from the world."""
-    shard = f.sharding_group_size or (world_size // f.replica_group_size
-                                      if f.replica_group_size else world_size)
-    replica = f.replica_group_size or max(world_size // max(shard, 1), 1)
-    return shard, replica
 
 
 def field_help() -> str:

@@ -124,3 +124,11 @@ def all_reduce_sum(values: list, device: torch.device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def hybrid_mesh_shape(f, world_size: int) -> tuple[int, int]:
+    """(sharding group size, replica count) for HYBRID_SHARD, filling in zeros from the world."""
+    shard = f.sharding_group_size or (world_size // f.replica_group_size
+                                      if f.replica_group_size else world_size)
+    replica = f.replica_group_size or max(world_size // max(shard, 1), 1)
+    return shard, replica

@@ -15,8 +15,8 @@ from torch.distributed.fsdp import (BackwardPrefetch, CPUOffload, FullyShardedDa
 from torch.distributed.fsdp.wrap import (_or_policy, lambda_auto_wrap_policy,
                                          transformer_auto_wrap_policy)
 
-from llm_finetune.config_utils import hybrid_mesh_shape
-from llm_finetune.distributed import DistInfo
+from llm_finetune.distributed import DistInfo, hybrid_mesh_shape
+from llm_finetune.errors import ConfigError
 from llm_finetune.adapters import base_model_of
 from llm_finetune.model import decoder_layer_classes, decoder_layers
 from llm_finetune.quantization import is_4bit, pending_4bit_like, quantize_pending
@@ -270,3 +270,40 @@ def frozen_in_compute_dtype(model: torch.nn.Module,
     cast needed: a frozen base is stored that way) are left out."""
     return [p for p in model.parameters()  # each shared (tied) weight once
             if not p.requires_grad and p.dtype == compute_dtype]
+
+
+def check_engine_settings(run, world_size: int, cuda: bool) -> None:
+    """How the ranks share the work (FSDP, DDP, one process), the FSDP mesh, CPU offload and
+    which layers activation checkpointing leaves out."""
+    t, f = run.train, run.fsdp
+    if world_size > 1 and not (t.enable_fsdp or t.enable_ddp):
+        raise ConfigError(f"launched on {world_size} ranks without --enable_fsdp or --enable_ddp: "
+                          "every rank would train its own copy. Add --enable_fsdp (sharded), "
+                          "--enable_ddp (a full replica per rank), or run one process.")
+    if t.one_gpu and world_size > 1:
+        raise ConfigError(f"--one_gpu asks for a single-process run, but {world_size} ranks "
+                          "were launched: drop --one_gpu or launch one process")
+    if t.enable_fsdp and t.enable_ddp:
+        raise ConfigError("--enable_fsdp and --enable_ddp are two ways to train data parallel: "
+                          "pick one (FSDP shards the model, DDP replicates it)")
+    if t.low_cpu_fsdp and not t.enable_fsdp:
+        raise ConfigError("--low_cpu_fsdp loads weights on rank 0 and lets FSDP share them; it "
+                          "needs --enable_fsdp")
+    if f.fsdp_cpu_offload and not cuda:
+        raise ConfigError("--fsdp_config.fsdp_cpu_offload moves parameters from GPU to CPU "
+                          "memory; without a GPU there is nothing to offload: drop it")
+    if t.enable_fsdp and f.sharding_strategy == "HYBRID_SHARD":
+        shard, replica = hybrid_mesh_shape(f, world_size)
+        if shard * replica != world_size:
+            raise ConfigError(
+                f"HYBRID_SHARD with sharding_group_size={shard} and replica_group_size={replica} "
+                f"needs {shard * replica} ranks, but {world_size} were launched. Set "
+                f"--fsdp_config.sharding_group_size to the GPUs per node and "
+                f"--fsdp_config.replica_group_size to the number of nodes.")
+    if f.no_checkpoint_layers < 0:
+        raise ConfigError(f"--fsdp_config.no_checkpoint_layers must be 0 or more, got "
+                          f"{f.no_checkpoint_layers}")
+    if f.no_checkpoint_layers and not f.fsdp_activation_checkpointing:
+        raise ConfigError("--fsdp_config.no_checkpoint_layers chooses layers to leave out of "
+                          "activation checkpointing, which is off: drop it, or turn "
+                          "--fsdp_config.fsdp_activation_checkpointing on")

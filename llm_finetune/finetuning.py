@@ -19,8 +19,7 @@ import torch
 from llm_finetune import distributed
 from llm_finetune.adapters import apply_peft
 from llm_finetune.checkpoint_files import checkpoint_step, resolve_resume
-from llm_finetune.config_utils import (ConfigError, build_run_config, describe_recipe, field_help,
-                                       validate)
+from llm_finetune.config_utils import ConfigError, build_run_config, describe_recipe, field_help
 from llm_finetune.data import build_dataloaders
 from llm_finetune.data.rows import DataError
 from llm_finetune.determinism import make_deterministic
@@ -38,6 +37,7 @@ from llm_finetune.plan import fit_to_gpu, plan_run
 from llm_finetune.plot import plot
 from llm_finetune.precision import choose_precision, make_grad_scaler
 from llm_finetune.preference import PreferenceLoss, reference_model
+from llm_finetune.preflight import validate
 from llm_finetune.progress import quiet_library_bars_off_terminal
 from llm_finetune.quantization import bnb_config
 from llm_finetune.random_init import SeededInit

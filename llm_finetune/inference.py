@@ -1,102 +1,276 @@
-"""Generate from a fine-tuned model, with the prompt format it was trained with.
+"""Generate from a model or a fine-tuning result; llama-recipes' inference command lines run
+unchanged (``python -m llm_finetune.inference`` for their ``inference.py``).
 
+    python -m llm_finetune.inference --model_name output/model --prompt_file prompt.txt
+    cat prompt.txt | python -m llm_finetune.inference --model_name BASE --peft_model output
     python -m llm_finetune.inference --model_name output/model --prompt "What is 2 + 3?"
-    python -m llm_finetune.inference --model_name BASE --peft_model output --prompt_file prompts.txt
+    python -m llm_finetune.inference --model_name BASE --peft_model output \\
+        --prompt_file questions.txt --prompt_list
     python -m llm_finetune.inference --model_name output/model          # interactive
 
-Prompts are instructions, wrapped in the Alpaca format that ``alpaca_dataset`` and instruction
-rows of ``file_dataset`` train on, or with ``--chat`` rendered as a user turn through the
-tokenizer's chat template. A prompt file holds one prompt per line (or a JSON list). Prompts
-are generated in batches (left-padded); a single prompt streams to the terminal.
+What the model reads: a prompt file, or what is piped in, is one prompt, as written (llama-
+recipes' meaning: such a file carries its own format, like their samsum_prompt.txt). An
+instruction (``--prompt``, each entry of a ``--prompt_list`` file: one per line or a JSON list,
+each line typed interactively) is wrapped in the Alpaca format that ``alpaca_dataset`` and
+``file_dataset`` train on. ``--chat`` renders either as a user turn of the tokenizer's chat
+template. Generation flags: ``generation.py``; safety checkers: ``safety.py``.
 """
 
+import dataclasses
+import difflib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import fire
 import torch
-from transformers import AutoTokenizer, TextStreamer
+from transformers import AutoTokenizer
 
-from llm_finetune.errors import ConfigError
+from llm_finetune.config_utils import (check_choices, default_run_config, llama_recipes_value,
+                                       update_run_config)
+from llm_finetune.configs import quantization_config
 from llm_finetune.data.alpaca import format_prompt
-from llm_finetune.model import fit_embeddings_to_tokenizer, load_base_model, resolve_model_path
+from llm_finetune.errors import ConfigError
+from llm_finetune.generation import GenerationOptions, generate as generate_rendered
+from llm_finetune.model import (attention_implementation, fit_embeddings_to_tokenizer,
+                                from_pretrained, load_base_model)
+from llm_finetune.quantization import bits_and_bytes, bitsandbytes_problem
+from llm_finetune.safety import LLAMA_GUARD, build_checkers, screen_answer, screen_prompt
 
 
-def load(model_name: str, peft_model: str = ""):
-    path = resolve_model_path(model_name)
-    tokenizer_dir = peft_model if peft_model and (Path(peft_model) / "tokenizer_config.json").is_file() else path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left")
+NO_CHAT_TEMPLATE = ("the tokenizer has no chat template to render the conversation with (a "
+                    "base model's tokenizer often has none): use a chat model, or an adapter "
+                    "whose directory holds a tokenizer with one")
+
+
+@dataclass
+class Prompt:
+    text: str  # what the model reads
+    conversation: list  # what the safety checkers judge: messages ending with the user's
+    shown: str  # how it is printed
+    add_special_tokens: bool = False  # text as written: the tokenizer adds its BOS
+
+
+def load(model_name: str, peft_model: str = "", quantization: str = "",
+         use_fast_kernels: bool = False, settings: quantization_config = None,
+         chat: bool = False):
+    """The model in eval mode (bf16 on a GPU, spread over the GPUs as llama-recipes' device map
+    does; fp32 on the CPU) and its tokenizer, left-padding batches. A ``--quantization`` that
+    cannot run here, or with ``chat`` a tokenizer without a chat template, is refused before
+    any weights load."""
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    problem = quantization and bitsandbytes_problem(quantization, device)
+    if problem:
+        raise ConfigError(problem)
+    adapter_tokenizer = peft_model and (Path(peft_model) / "tokenizer_config.json").is_file()
+    tokenizer = from_pretrained(AutoTokenizer, peft_model if adapter_tokenizer else model_name,
+                                "peft_model" if adapter_tokenizer else "model_name",
+                                padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = load_base_model(model_name, dtype, peft_model)
+    if chat and tokenizer.chat_template is None:
+        raise ConfigError(NO_CHAT_TEMPLATE)
+    # without --use_fast_kernels, transformers' own choice, as in llama-recipes
+    kwargs = {"attn_implementation": attention_implementation(True)} if use_fast_kernels else {}
+    quantized = bits_and_bytes(quantization, settings or quantization_config())
+    if quantized is not None:
+        kwargs["quantization_config"] = quantized
+    if cuda or quantized is not None:
+        kwargs["device_map"] = "auto" if cuda else {"": "cpu"}
+    model = load_base_model(model_name, dtype, peft_model or "", **kwargs)
+    if not getattr(model, "hf_device_map", None):  # a config-only base, built on the CPU
+        model = model.to(device)
     if peft_model:
         from peft import PeftModel
 
         # a run with added tokens grew the embedding, which its adapter then holds
         fit_embeddings_to_tokenizer(model, tokenizer, verbose=False)
         model = PeftModel.from_pretrained(model, peft_model)
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
-def render(tokenizer, prompt: str, chat: bool) -> str:
+def quantization_settings(extra: dict, known: list[str]) -> quantization_config:
+    """llama-recipes hands the flags its inference does not name to its quantization config:
+    ``--quant_type nf4`` or ``--quantization_config.quant_type nf4``. Any other flag is a typo,
+    refused with the nearest names (theirs ignores it)."""
+    names = {f.name for f in dataclasses.fields(quantization_config)}
+    settings, unknown = {}, []
+    for key, value in extra.items():
+        name = key.replace("-", "_").removeprefix("quantization_config.")
+        if name in names:
+            settings[f"quantization_config.{name}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        valid = known + [f"quantization_config.{name}" for name in sorted(names)]
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join('--' + c for c in close)}?" if close else ""
+            lines.append(f"unknown flag --{key}.{hint}")
+        raise ConfigError("\n".join(lines) + "\nSee --help, or docs/llama_recipes.md#inference.")
+    run = default_run_config()
+    update_run_config(run, settings)
+    check_choices(run)
+    return run.quantization
+
+
+def start(flags: dict, extra: dict, chat: bool):
+    """What inference and chat completion do before their first prompt, cheapest checks first:
+    generation options, quantization, safety checkers (each says what it lacks), the seed, then
+    the model. ``flags`` are the command's named flags, ``extra`` the others; ``chat``: the
+    prompts go through the tokenizer's chat template."""
+    options = GenerationOptions.from_flags(flags)
+    kind = llama_recipes_value("train_config.quantization", flags["quantization"]) or ""
+    if kind not in ("", "4bit", "8bit"):
+        raise ConfigError(f"--quantization {kind!r} is not one of: 4bit, 8bit")
+    settings = quantization_settings(extra, known=list(flags))
+    problem = kind and bitsandbytes_problem(kind, "cuda" if torch.cuda.is_available() else "cpu")
+    if problem:
+        raise ConfigError(problem)
+    checkers = build_checkers(
+        azure=flags["enable_azure_content_safety"],
+        sensitive_topics=flags["enable_sensitive_topics"] or flags["use_auditnlg"],
+        salesforce=flags["enable_salesforce_content_safety"],
+        llamaguard=flags["enable_llamaguard_content_safety"],
+        llamaguard_model_name=flags["llamaguard_model_name"])
+    torch.manual_seed(flags["seed"])
+    model, tokenizer = load(flags["model_name"], flags["peft_model"] or "", kind,
+                            flags["use_fast_kernels"], settings, chat)
+    return model, tokenizer, checkers, options
+
+
+def answer(model, tokenizer, prompts: list[Prompt], options: GenerationOptions, checkers=(),
+           batch_size: int = 8, stream: bool = False) -> tuple[list, int]:
+    """Generate for ``prompts`` in batches and print the answers; with safety checkers, a
+    prompt judged unsafe is skipped and an answer judged unsafe reported instead of shown.
+    Returns the answers (None where skipped or withheld) and how many prompts were refused.
+    ``stream``: print a lone prompt's answer as it is generated (not with checkers, which must
+    judge it first)."""
+    answers, refused = [None] * len(prompts), 0
+    stream = stream and len(prompts) == 1 and not checkers and options.can_stream
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(enumerate(prompts))[start:start + batch_size]
+        passed = [(i, p) for i, p in chunk if screen_prompt(checkers, p.conversation, p.shown)]
+        refused += len(chunk) - len(passed)
+        if not passed:
+            continue
+        texts = [p.text for _, p in passed]
+        special = passed[0][1].add_special_tokens
+        for (i, p), text in zip(passed, generate_rendered(model, tokenizer, texts, options,
+                                                           stream, add_special_tokens=special)):
+            if not checkers:
+                answers[i] = text
+                if not stream:
+                    print(f"### {p.shown}\n{text}\n", flush=True)
+            elif screen_answer(checkers, p.conversation, text):
+                answers[i] = text
+    return answers, refused
+
+
+def generate(model, tokenizer, prompts: list[str], chat: bool = False, stream: bool = False,
+             **settings) -> list[str]:
+    """From Python: the answers to instructions (Alpaca-wrapped, or with ``chat`` user turns of
+    the chat template); ``settings`` are ``GenerationOptions``' (llama-recipes' defaults)."""
+    texts = [instruction(tokenizer, p, chat).text for p in prompts]
+    return generate_rendered(model, tokenizer, texts, GenerationOptions(**settings), stream)
+
+
+def instruction(tokenizer, text: str, chat: bool) -> Prompt:
+    """An instruction: Alpaca-wrapped, or with ``chat`` a user turn of the chat template."""
+    conversation = [{"role": "user", "content": text}]
     if chat:
-        if tokenizer.chat_template is None:
-            raise SystemExit("--chat needs a tokenizer with a chat template")
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-    return (tokenizer.bos_token or "") + format_prompt(prompt, "")
+        return Prompt(chat_text(tokenizer, conversation), conversation, text)
+    return Prompt((tokenizer.bos_token or "") + format_prompt(text, ""), conversation, text)
 
 
-def read_prompts(prompt_file: str) -> list[str]:
+def as_written(tokenizer, text: str, chat: bool) -> Prompt:
+    """A prompt file or piped input: the text as written (the tokenizer adds its BOS, as in
+    llama-recipes), or with ``chat`` a user turn of the chat template."""
+    conversation = [{"role": "user", "content": text}]
+    if chat:
+        return Prompt(chat_text(tokenizer, conversation), conversation, text)
+    return Prompt(text, conversation, text, add_special_tokens=True)
+
+
+def chat_text(tokenizer, conversation: list[dict]) -> str:
+    if tokenizer.chat_template is None:
+        raise ConfigError(NO_CHAT_TEMPLATE)
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+def read_prompt_list(prompt_file: str) -> list[str]:
+    """``--prompt_list``: one prompt per line, or a JSON list of prompts."""
     text = Path(prompt_file).read_text()
     if text.lstrip().startswith("["):
         return [str(p) for p in json.loads(text)]
     return [line for line in text.splitlines() if line.strip()]
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], chat: bool = False, max_new_tokens: int = 128,
-             do_sample: bool = False, temperature: float = 1.0, stream: bool = False) -> list[str]:
-    texts = [render(tokenizer, p, chat) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True,
-                      add_special_tokens=False).to(model.device)
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                            temperature=temperature if do_sample else None,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                            streamer=TextStreamer(tokenizer, skip_prompt=True,
-                                                  skip_special_tokens=True) if stream else None)
-    new = output[:, batch["input_ids"].shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+def main(model_name: str, peft_model: str = None, quantization: str = None,
+         max_new_tokens: int = 100, prompt_file: str = None, seed: int = 42,
+         do_sample: bool = True, min_length: int = None, use_cache: bool = True,
+         top_p: float = 1.0, temperature: float = 1.0, top_k: int = 50,
+         repetition_penalty: float = 1.0, length_penalty: float = 1,
+         enable_azure_content_safety: bool = False, enable_sensitive_topics: bool = False,
+         enable_salesforce_content_safety: bool = False,
+         enable_llamaguard_content_safety: bool = False, max_padding_length: int = None,
+         use_fast_kernels: bool = False, share_gradio: bool = False,
+         # ours (docs/llama_recipes.md#inference)
+         llamaguard_model_name: str = LLAMA_GUARD, use_auditnlg: bool = False, prompt: str = "",
+         prompt_list: bool = False, chat: bool = False, batch_size: int = 8,
+         min_new_tokens: int = 0, num_beams: int = 1, **quantization_flags) -> None:
+    """Answer a prompt file (one prompt, as written), ``--prompt`` or a ``--prompt_list``
+    (instructions), piped input (one prompt), or lines typed at the terminal. llama-recipes'
+    flags mean what they mean there; docs/llama_recipes.md#inference lists every difference."""
+    flags = {k: v for k, v in locals().items() if k != "quantization_flags"}
+    if share_gradio:
+        raise ConfigError("--share_gradio shares llama-recipes' gradio web page, which is not "
+                          "part of this tool: without --prompt_file or piped input it asks for "
+                          "prompts in the terminal instead. Drop --share_gradio")
+    if prompt and prompt_file:
+        raise ConfigError("--prompt and --prompt_file are two sources of prompts: give one")
+    if prompt_list and not prompt_file:
+        raise ConfigError("--prompt_list says how to read --prompt_file: give the file")
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
+    if prompt_file and not Path(prompt_file).is_file():
+        raise ConfigError(f"--prompt_file {prompt_file}: no such file")
+    piped = None
+    if not (prompt or prompt_file) and not sys.stdin.isatty():  # one prompt, as llama-recipes
+        piped = sys.stdin.read()
+        if not piped.strip():
+            raise ConfigError("nothing was piped in: give --prompt_file, --prompt, or a prompt "
+                              "on standard input")
+    model, tokenizer, checkers, options = start(flags, quantization_flags, chat)
 
+    def run(prompts: list[Prompt]) -> None:
+        answer(model, tokenizer, prompts, options, checkers, batch_size, stream=True)
 
-def main(model_name: str, peft_model: str = "", prompt: str = "", prompt_file: str = "",
-         chat: bool = False, max_new_tokens: int = 128, batch_size: int = 8,
-         do_sample: bool = False, temperature: float = 1.0) -> None:
-    model, tokenizer = load(model_name, peft_model)
-    options = dict(chat=chat, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                   temperature=temperature)
     if prompt:
-        generate(model, tokenizer, [prompt], stream=True, **options)
-    elif prompt_file:
-        prompts = read_prompts(prompt_file)
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            for text, answer in zip(chunk, generate(model, tokenizer, chunk, **options)):
-                print(f"### {text}\n{answer}\n", flush=True)
-    else:  # interactive
+        run([instruction(tokenizer, prompt, chat)])
+    elif prompt_list:
+        run([instruction(tokenizer, p, chat) for p in read_prompt_list(prompt_file)])
+    elif prompt_file or piped is not None:
+        run([as_written(tokenizer, Path(prompt_file).read_text() if prompt_file else piped, chat)])
+    else:
         print("prompt (empty line or Ctrl-D to quit):", flush=True)
         for line in sys.stdin:
             if not line.strip():
                 break
-            generate(model, tokenizer, [line.strip()], stream=True, **options)
+            run([instruction(tokenizer, line.strip(), chat)])
+
+
+def cli(command) -> None:
+    """Run ``command`` with fire; a refused setting is one line and exit status 2."""
+    try:
+        fire.Fire(command)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(main)
-    except ConfigError as error:  # a model that is not there: one line, not a traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -127,11 +127,15 @@ def record_random_base(adapter_dir, train_cfg, dtype: torch.dtype) -> None:
     (Path(adapter_dir) / RANDOM_BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def load_base_model(model_name: str, dtype: torch.dtype, adapter_dir: str = ""):
+def load_base_model(model_name: str, dtype: torch.dtype, adapter_dir: str = "", **load_kwargs):
     """The base model for inference or adapter merging, in ``dtype`` on the CPU: its weights, or
-    for a config-only base the seeded random weights its adapter was trained on."""
+    for a config-only base the seeded random weights its adapter was trained on.
+    ``load_kwargs`` go to ``from_pretrained`` (attention kernel, bitsandbytes, device map)."""
     if name_has_weights(model_name):
-        return from_pretrained(AutoModelForCausalLM, model_name, dtype=dtype)
+        return from_pretrained(AutoModelForCausalLM, model_name, dtype=dtype, **load_kwargs)
+    if load_kwargs.get("quantization_config") is not None:
+        raise ConfigError(f"--model_name {model_name} has no weights to quantise (a config that "
+                          "the run initialised randomly): drop --quantization")
     record_file = Path(adapter_dir) / RANDOM_BASE_FILE if adapter_dir else None
     if record_file is None or not record_file.is_file():
         raise ConfigError(f"--model_name {model_name} has no weights (a config that the run "
@@ -142,7 +146,8 @@ def load_base_model(model_name: str, dtype: torch.dtype, adapter_dir: str = ""):
                               "no adapter was given to say with which seed: add --peft_model "
                               "(or --adapter) with the adapter trained on it"))
     record = json.loads(record_file.read_text())
-    model = meta_model(model_config(model_name), getattr(torch, record["dtype"]), "sdpa")
+    model = meta_model(model_config(model_name), getattr(torch, record["dtype"]),
+                       load_kwargs.get("attn_implementation", "sdpa"))
     return random_init(model, record["seed"], "cpu").to(dtype)
 
 

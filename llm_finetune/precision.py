@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llm_finetune.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -59,3 +61,20 @@ def make_grad_scaler(precision: Precision, fsdp: bool, device: torch.device):
 
         return ShardedGradScaler(device.type)
     return torch.amp.GradScaler(device.type)
+
+
+def check_precision_settings(run, cuda: bool) -> None:
+    """Precisions that contradict each other or need a GPU, and the optimizer that only bf16
+    weights need."""
+    t, f = run.train, run.fsdp
+    if (t.use_fp16 or f.use_fp16) and f.pure_bf16:
+        raise ConfigError("--use_fp16 and --fsdp_config.pure_bf16 ask for two precisions: "
+                          "pick one (bf16 is the safer choice on GPUs that support it)")
+    if (t.use_fp16 or f.use_fp16) and not cuda:
+        raise ConfigError("--use_fp16 needs a CUDA GPU; on CPU drop it (training runs in fp32)")
+    if f.optimizer == "anyprecision" and \
+            choose_precision(run, cuda).trainable_dtype != torch.bfloat16:
+        raise ConfigError("--fsdp_config.optimizer anyprecision makes up for what updates to "
+                          "bf16 weights lose to rounding, and these weights are fp32, where "
+                          "AdamW loses nothing (llama-recipes then silently uses AdamW): add "
+                          "--fsdp_config.pure_bf16 True, or drop the optimizer setting")

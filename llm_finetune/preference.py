@@ -27,6 +27,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from llm_finetune.errors import ConfigError
 from llm_finetune.loss import IGNORE, output_layer, sequence_loss_sums
 from llm_finetune.model import unwrap
 
@@ -149,10 +150,40 @@ class PreferenceLoss:
 
 
 def reference_model(run, model):
-    """The reference the run's settings call for (``config_utils`` refused the others). It
+    """The reference the run's settings call for (``check_preference_settings`` refused the others). It
     computes its log-probabilities as the policy does (chunked or from logits): at the first
     step the two give the same numbers, bit for bit, and the loss is exactly log 2."""
     chunked = policy_head(model, run.train.chunked_loss) is not None
     if run.train.use_peft:
         return AdaptersOff(model, output_layer(model) if chunked else None)
     return FrozenCopy(model, chunked)
+
+
+def check_preference_settings(run) -> None:
+    """``--method dpo``: what its data, reference model and batching need."""
+    t = run.train
+    if t.method != "dpo":
+        return
+    if t.dpo_beta <= 0:
+        raise ConfigError(f"--dpo_beta must be positive, got {t.dpo_beta}")
+    if t.dataset != "file_dataset":
+        raise ConfigError(f"--method dpo trains on preference pairs, which --dataset {t.dataset} "
+                          "does not have: use --dataset file_dataset --file_dataset.data_files "
+                          "prefs.jsonl, rows of prompt, chosen and rejected (docs/preference.md)")
+    if t.batching_strategy == "packing":
+        raise ConfigError("--method dpo compares each chosen response with its rejected one, "
+                          "rows of one padded batch: use --batching_strategy padding")
+    if t.use_peft and t.peft_method != "lora":
+        raise ConfigError(f"--method dpo scores the reference model as the model with its LoRA "
+                          f"turned off; --peft_method {t.peft_method} is not supported: use "
+                          "--peft_method lora")
+    if t.from_peft_checkpoint:
+        raise ConfigError("--method dpo with --from_peft_checkpoint would score the reference as "
+                          "the base model without that adapter, not as the model you start from. "
+                          "Merge the adapter first (python -m llm_finetune.convert "
+                          "merge_adapters) and pass the merged model as --model_name")
+    if t.enable_fsdp and not t.use_peft:
+        raise ConfigError("--method dpo with full fine-tuning under --enable_fsdp would need a "
+                          "second, sharded frozen model as the reference, which is not supported: "
+                          "add --use_peft (the reference is the model with its LoRA off), or "
+                          "use --enable_ddp or one process")

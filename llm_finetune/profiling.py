@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from llm_finetune.errors import ConfigError
+
 
 class StepProfiler:
     def __init__(self, train_cfg, is_main: bool):
@@ -53,3 +55,9 @@ class StepProfiler:
     def close(self) -> None:
         if self.profiler is not None:
             self.profiler.stop()
+
+
+def check_profiling_settings(t) -> None:
+    if t.flop_counter and t.use_profiler:
+        raise ConfigError("--flop_counter and --use_profiler at once would count the profiler's "
+                          "own work: use one of them per run")

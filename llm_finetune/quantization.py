@@ -1,21 +1,33 @@
 """bitsandbytes quantisation: our ``quantization_config`` as ``transformers.BitsAndBytesConfig``."""
 
+import importlib.util
+
 import torch
+from packaging.version import Version
+
+# the oldest bitsandbytes transformers 5 quantises with
+BITSANDBYTES_MIN_VERSION = "0.46.1"
+
+from llm_finetune.errors import ConfigError
 
 
 def bnb_config(run, precision):
     """None without ``--quantization``. Under FSDP the packed 4-bit weights are stored in the
     dtype of the other parameters (``bnb_4bit_quant_storage``) so FSDP can flatten them."""
-    kind = run.train.quantization
+    return bits_and_bytes(run.train.quantization, run.quantization, fsdp=run.train.enable_fsdp)
+
+
+def bits_and_bytes(kind: str, q, fsdp: bool = False):
+    """``kind`` (``4bit``, ``8bit`` or empty) and a ``quantization_config`` as the
+    ``BitsAndBytesConfig`` transformers loads with; None when ``kind`` is empty."""
     if not kind:
         return None
     from transformers import BitsAndBytesConfig
 
-    q = run.quantization
     skip = q.skip_modules if q.skip_modules is not None else ["lm_head"]
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    storage = q.quant_storage or ("bfloat16" if run.train.enable_fsdp else "uint8")
+    storage = q.quant_storage or ("bfloat16" if fsdp else "uint8")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
@@ -24,6 +36,27 @@ def bnb_config(run, precision):
         bnb_4bit_quant_storage=getattr(torch, storage),
         llm_int8_skip_modules=skip,
     )
+
+
+def bitsandbytes_problem(kind: str, device: str) -> str:
+    """Why ``--quantization kind`` cannot run on ``device`` here (bitsandbytes missing, too old
+    for transformers, or built without kernels for that device), naming the fix; "" if it can.
+    Asked before any weights load: transformers would find out only once it starts loading."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return (f"--quantization {kind} loads the weights through bitsandbytes, which is not "
+                "installed: pip install bitsandbytes (or drop --quantization)")
+    import bitsandbytes
+
+    version = getattr(bitsandbytes, "__version__", "0")
+    if Version(version) < Version(BITSANDBYTES_MIN_VERSION):
+        return (f"--quantization {kind}: bitsandbytes {version} is older than the "
+                f"{BITSANDBYTES_MIN_VERSION} transformers needs: pip install -U bitsandbytes")
+    devices = getattr(bitsandbytes, "supported_torch_devices", {"cuda"})  # older: CUDA only
+    if device not in devices:
+        return (f"--quantization {kind}: this bitsandbytes ({version}) has no kernels for "
+                f"{device} (it supports {', '.join(sorted(devices))}). Run on a CUDA GPU, "
+                "install a bitsandbytes build for this device, or drop --quantization")
+    return ""
 
 
 def is_4bit(tensor) -> bool:
@@ -85,3 +118,22 @@ def to_4bit_layers(model: torch.nn.Module, quantization_config, dtype: torch.dty
     model.config.quantization_config = quantization_config
     model.is_loaded_in_4bit = True
     return model
+
+
+def check_quantization_settings(t, weights_on_disk) -> None:
+    """bitsandbytes weights train only under LoRA, 8-bit ones neither sharded nor without a
+    checkpoint to quantise as it loads (``weights_on_disk(t)``, asked for 8-bit only)."""
+    if t.quantization and not t.use_peft:
+        raise ConfigError(f"--quantization {t.quantization} freezes the base weights in a form "
+                          "that cannot be trained: add --use_peft (QLoRA)")
+    if t.quantization and t.peft_method != "lora":
+        raise ConfigError(f"--quantization works with --peft_method lora only (got {t.peft_method})")
+    if t.quantization == "8bit" and t.enable_fsdp:
+        raise ConfigError("8-bit bitsandbytes weights cannot be sharded by FSDP (their row "
+                          "statistics live outside the weight tensor). Use --enable_ddp (a full "
+                          "8-bit replica per rank), --quantization 4bit with --enable_fsdp, or "
+                          "LoRA on bf16 weights with --enable_fsdp --fsdp_config.pure_bf16 True")
+    if t.quantization == "8bit" and not weights_on_disk(t):
+        raise ConfigError(f"--quantization 8bit quantises weights as they load, and "
+                          f"{t.model_name} has none on disk (a config-only model): use "
+                          "--quantization 4bit, which random-init models support")

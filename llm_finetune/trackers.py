@@ -5,7 +5,10 @@ Both packages are optional; ``validate`` refuses the flag before anything loads 
 package is missing. Training records go under ``train/``, evaluations under ``eval/``.
 """
 
+import importlib.util
 from pathlib import Path
+
+from llm_finetune.errors import ConfigError
 
 WANDB_RUN_ID = "wandb_run_id"  # in output_dir: the wandb run a resumed run continues
 
@@ -60,3 +63,11 @@ class Trackers:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def check_tracker_packages(t) -> None:
+    """A tracker asked for is installed, before the run starts rather than when it logs."""
+    for flag, package in (("use_tensorboard", "tensorboard"), ("use_wandb", "wandb")):
+        if getattr(t, flag) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"--{flag} needs the {package} package, which is not installed: "
+                              f"pip install {package} (or drop --{flag})")

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from llm_finetune.distributed import DistInfo, all_reduce_sum
+from llm_finetune.errors import ConfigError
 from llm_finetune.loss import NextTokenLoss
 from llm_finetune.profiling import StepProfiler
 from llm_finetune.progress import on_terminal, progress_bar
@@ -268,3 +269,24 @@ class Trainer:
         if profiler.flops_per_step is not None:
             summary["flops_per_step"] = profiler.flops_per_step
         return summary
+
+
+def check_training_numbers(t) -> None:
+    """Counts, limits and the learning rate that the loop can run with."""
+    positive = {"batch_size_training": t.batch_size_training, "val_batch_size": t.val_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "num_epochs": t.num_epochs, "context_length": t.context_length}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {value}")
+    if 0 < t.max_train_step < t.gradient_accumulation_steps:
+        raise ConfigError(f"--max_train_step {t.max_train_step} counts micro-batches (as in "
+                          f"llama-recipes), fewer than one optimizer step of "
+                          f"--gradient_accumulation_steps {t.gradient_accumulation_steps}: the run "
+                          f"would not train. Give at least {t.gradient_accumulation_steps}")
+    if t.max_train_step < 0 or t.max_eval_step < 0:
+        raise ConfigError("--max_train_step and --max_eval_step must be 0 (no limit) or positive")
+    if t.save_steps < 0 or t.save_total_limit < 0:
+        raise ConfigError("--save_steps and --save_total_limit must be 0 (off) or positive")
+    if t.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {t.lr}")

@@ -27,12 +27,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 
 from llm_finetune.atomic_dir import fresh_tmp_dir, publish, tmp_dir_for
 from llm_finetune.checkpoint_files import (MANIFEST, REPLACED, TRAINER_STATE, CheckpointError,
-                                           CheckpointSaveError, checkpoints_dir, latest_checkpoint,
-                                           load_plain, read_manifest, remove_checkpoint,
+                                           CheckpointSaveError, checkpoints_dir, choose_checkpoint,
+                                           latest_checkpoint, load_plain, read_manifest,
+                                           remove_checkpoint,
                                            remove_leftovers, require_intact, save_finished,
                                            set_aside_newer, shape_mismatches, step_dir_name,
                                            step_dirs)
+from llm_finetune.data.batching import global_batch_problem
 from llm_finetune.distributed import DistInfo, all_reduce_sum, barrier
+from llm_finetune.errors import ConfigError
 
 
 def save_failure(error: BaseException | None) -> str:
@@ -202,3 +205,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_resume_settings(t, world_size: int) -> None:
+    """The checkpoint ``--resume_from_checkpoint`` names is there, intact, and of this run's
+    global batch (the data position would not mean the same samples otherwise)."""
+    try:
+        checkpoint = choose_checkpoint(t.resume_from_checkpoint, t.output_dir)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from error
+    if checkpoint:
+        saved = read_manifest(checkpoint).get("global_batch")
+        problem = saved and global_batch_problem(saved, t.batch_size_training, world_size,
+                                                 t.gradient_accumulation_steps)
+        if problem:
+            raise ConfigError(f"{checkpoint} was {problem}")

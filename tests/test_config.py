@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from llm_finetune.config_utils import ConfigError, build_run_config, validate
+from llm_finetune.config_utils import ConfigError, build_run_config
+from llm_finetune.preflight import validate
 from tests.helpers import REPO
 
 

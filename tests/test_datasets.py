@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llm_finetune import finetuning
-from llm_finetune.config_utils import ConfigError, build_run_config, validate
+from llm_finetune.config_utils import ConfigError, build_run_config
+from llm_finetune.preflight import validate
 from llm_finetune.data.loaders import build_dataloaders, load_dataset_split
 from llm_finetune.data.rows import DataError
 from llm_finetune.distributed import DistInfo

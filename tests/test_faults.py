@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from llm_finetune import finetuning
-from llm_finetune.config_utils import ConfigError, build_run_config, validate
+from llm_finetune.config_utils import ConfigError, build_run_config
+from llm_finetune.preflight import validate
 from tests.helpers import FAST, REPO
 
 ROWS = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"}

@@ -12,7 +12,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from llm_finetune import finetuning
-from llm_finetune.config_utils import ConfigError, build_run_config, validate
+from llm_finetune.config_utils import ConfigError, build_run_config
+from llm_finetune.preflight import validate
 from llm_finetune.configs import (fsdp_config, llama_adapter_config, lora_config, prefix_config,
                                   quantization_config, samsum_dataset, train_config,
                                   wandb_config)

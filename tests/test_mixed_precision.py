@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llm_finetune import finetuning
-from llm_finetune.config_utils import validate
+from llm_finetune.preflight import validate
 from llm_finetune.precision import choose_precision
 from tests.helpers import FAST
 

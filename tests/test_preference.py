@@ -13,7 +13,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from llm_finetune import finetuning, plan
-from llm_finetune.config_utils import ConfigError, build_run_config, validate
+from llm_finetune.config_utils import ConfigError, build_run_config
+from llm_finetune.preflight import validate
 from llm_finetune.data.loaders import load_dataset_split
 from llm_finetune.data.pairs import pair_collate
 from llm_finetune.loss import output_layer

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from llm_finetune import finetuning
-from llm_finetune.config_utils import ConfigError, build_run_config, validate
+from llm_finetune.config_utils import ConfigError, build_run_config
+from llm_finetune.preflight import validate
 from llm_finetune.checkpoint_files import checkpoint_problem, latest_checkpoint
 from tests.helpers import FAST, REPO, TINY_RECIPE, recipe_flags
 

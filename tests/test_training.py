@@ -181,7 +181,8 @@ def test_profiler_writes_a_trace(tiny_model_dir, tmp_path):
 
 
 def test_flop_counter_and_profiler_are_exclusive():
-    from llm_finetune.config_utils import ConfigError, build_run_config, validate
+    from llm_finetune.config_utils import ConfigError, build_run_config
+    from llm_finetune.preflight import validate
 
     with pytest.raises(ConfigError, match="one of them"):
         validate(build_run_config(flop_counter=True, use_profiler=True), world_size=1, cuda=False)

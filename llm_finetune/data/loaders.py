@@ -1,5 +1,8 @@
 """Build the train and eval data loaders for the configured data set and batching strategy."""
 
+import os
+from pathlib import Path
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -8,12 +11,14 @@ from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_col
 from llm_finetune.data.custom import custom_collator, defines_collator, load_custom
 from llm_finetune.data.files import load_files
 from llm_finetune.data.grammar import load_grammar
+from llm_finetune.data.read import BUILDERS
 from llm_finetune.data.pairs import (PAIR_COLUMNS, load_pairs, pair_collate, pair_lengths,
                                      pair_tokens)
 from llm_finetune.data.rows import DataError, check_labels
 from llm_finetune.data.templated import load_templated
 from llm_finetune.data.toxicchat import load_toxicchat
 from llm_finetune.distributed import DistInfo, barrier
+from llm_finetune.errors import ConfigError
 
 
 def load_dataset_split(run, tokenizer, split: str, collated: bool = False):
@@ -90,7 +95,7 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
     """``collator``: a custom data set's own, given whole rows; else the rows' input_ids and
     labels are padded or packed here."""
     t = run.train
-    pairs = t.method == "dpo"  # padding only (config_utils)
+    pairs = t.method == "dpo"  # padding only (preference.check_preference_settings)
     if collator is not None:
         samples, collate = data, collator
     elif t.batching_strategy == "packing":
@@ -151,3 +156,41 @@ def padding_fraction(samples, sampler: GlobalBatchSampler, train_cfg, pairs=None
             real += sum(lengths) if pairs is None else sum(pairs[i] for i in batch)
             padded += max(lengths) * len(lengths) * (1 if pairs is None else 2)
     return 1 - real / padded if padded else 0.0
+
+
+ALPACA_SOURCE = ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/"
+                 "alpaca_data.json")
+
+
+def check_data_settings(run) -> None:
+    """The data set has what it needs named, and every local file it will read exists."""
+    t = run.train
+    if t.dataset == "file_dataset" and not run.dataset.data_files:
+        raise ConfigError("--dataset file_dataset needs --file_dataset.data_files PATH[,PATH...]")
+    if t.dataset == "custom_dataset" and not run.dataset.file:
+        raise ConfigError("--dataset custom_dataset needs --custom_dataset.file "
+                          "path/to/file.py[:function]")
+    check_data_files(run)
+
+
+def check_data_files(run) -> None:
+    """Every local data file the run will read exists, before the model loads (a custom data
+    set's ``data_path`` is its function's to read: it may name anything)."""
+    t = run.train
+    data_path = getattr(run.dataset, "data_path", "")
+    if data_path and t.dataset != "custom_dataset" and not os.path.exists(data_path):
+        where = ""
+        if Path(data_path).name == "alpaca_data.json":
+            where = (f". It is the Stanford Alpaca data set that llama-recipes trains on: "
+                     f"download it from {ALPACA_SOURCE} and point --{t.dataset}.data_path at "
+                     "the file (relative paths start from the current directory)")
+        raise ConfigError(f"--{t.dataset}.data_path {data_path}: no such file{where}")
+    for setting in ("data_files", "eval_files", "train_file", "eval_file"):
+        for file in str(getattr(run.dataset, setting, "")).split(","):
+            if file.strip() and not Path(file.strip()).is_file():
+                raise ConfigError(f"--{t.dataset}.{setting}: {file.strip()}: no such file")
+    if t.dataset in ("samsum_dataset", "grammar_dataset", "llamaguard_toxicchat_dataset"):
+        for setting in ("train_split", "test_split"):  # llama-recipes names files there
+            split = getattr(run.dataset, setting)
+            if Path(split).suffix in BUILDERS and not Path(split).is_file():
+                raise ConfigError(f"--{t.dataset}.{setting}: {split}: no such file")

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llm_finetune.config_utils import ConfigError, hybrid_mesh_shape
+from llm_finetune.config_utils import ConfigError
+from llm_finetune.distributed import hybrid_mesh_shape
 from llm_finetune.loss import CHUNK_TOKENS
 from llm_finetune.model import init_after_adapters, quantized_at_load, weights_on_disk
 from llm_finetune.plan.counts import ModelCounts, count_parameters

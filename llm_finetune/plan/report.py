@@ -10,7 +10,8 @@ allow), or, if it does not, the changes that would make it fit. ``plan_run`` pri
 import dataclasses
 import sys
 
-from llm_finetune.config_utils import ConfigError, build_run_config, validate
+from llm_finetune.config_utils import ConfigError, build_run_config
+from llm_finetune.preflight import validate
 from llm_finetune.distributed import world_size_from_env
 from llm_finetune.plan.counts import ModelCounts, count_parameters
 from llm_finetune.plan.memory import GIB, estimate, gpu_memory_available, sequences_per_sample

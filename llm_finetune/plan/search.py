@@ -11,7 +11,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from llm_finetune.config_utils import ConfigError, validate
+from llm_finetune.config_utils import ConfigError
+from llm_finetune.preflight import validate
 from llm_finetune.plan.counts import ModelCounts, count_parameters
 from llm_finetune.plan.memory import GIB, estimate, gpu_memory_available
 
