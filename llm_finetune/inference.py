@@ -23,14 +23,16 @@ from llm_finetune.data.alpaca import format_prompt
 from llm_finetune.model import fit_embeddings_to_tokenizer, load_base_model, resolve_model_path
 
 
-def load(model_name: str, peft_model: str = ""):
+def load(model_name: str, peft_model: str = "", device: str = ""):
+    """The model (with its adapter, if given) in eval mode, and its tokenizer. ``device``: where
+    to put it (empty: a GPU when there is one); bf16 on a GPU, fp32 on the CPU."""
     path = resolve_model_path(model_name)
     tokenizer_dir = peft_model if peft_model and (Path(peft_model) / "tokenizer_config.json").is_file() else path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_base_model(model_name, dtype, peft_model)
     if peft_model:
         from peft import PeftModel

@@ -4,8 +4,9 @@ in README.md, docs/ and examples/ names settings that exist, with values of the 
 Commands on real models cannot run here (no downloads), so each is checked the way the program
 itself would read it before loading anything: finetuning and plan settings through
 ``build_run_config`` (unknown keys, types, choices; a ``--config`` preset of this repository is
-read too), convert, inference and plot flags against their functions' parameters. The commands that
-do run on CPU are run by the tests of their features (README's two commands by CI itself).
+read too), convert, inference, evaluate and plot flags against their functions' parameters.
+The commands that do run on CPU are run by the tests of their features (README's two commands
+by CI itself).
 """
 
 import inspect
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_finetune import convert, inference, plot
+from llm_finetune import convert, evaluate, inference, plot
 from llm_finetune.config_utils import build_run_config
 from tests.helpers import REPO
 
@@ -58,7 +59,7 @@ def parse_flags(args: list[str]) -> tuple[list[str], dict]:
 
 def test_the_docs_have_commands_to_check():
     modules = {re.search(r"llm_finetune\.(\w+)", c).group(1) for _, c in COMMANDS}
-    assert {"finetuning", "plan", "convert", "inference", "plot"} <= modules
+    assert {"finetuning", "plan", "convert", "inference", "evaluate", "plot"} <= modules
 
 
 @pytest.mark.parametrize("where,command", COMMANDS)
@@ -71,6 +72,7 @@ def test_documented_command_uses_real_settings(where, command):
     "torchrun --nproc_per_node 2 -m llm_finetune.finetuning --fsdp_config.sharding_strategy ZERO3",
     "python -m llm_finetune.plan --model_name llama3-8b --num_epochs three",
     "python -m llm_finetune.convert dcp_to_hf --checkpoint c --model_name m --out o",
+    "python -m llm_finetune.evaluate --model_name output --task hellaswag",
 ])
 def test_the_check_catches_a_rotten_command(command):
     with pytest.raises(Exception):
@@ -98,8 +100,9 @@ def check_command(where: str, command: str) -> None:
         assert positional, f"{where}: convert needs a command"
         function = getattr(convert, positional[0])
         assert set(flags) <= set(inspect.signature(function).parameters), (where, command)
-    elif module == "inference":
-        assert set(flags) <= set(inspect.signature(inference.main).parameters), (where, command)
+    elif module in ("inference", "evaluate"):
+        main = {"inference": inference.main, "evaluate": evaluate.main}[module]
+        assert set(flags) <= set(inspect.signature(main).parameters), (where, command)
     elif module == "plot":
         assert positional and set(flags) <= set(inspect.signature(plot.plot).parameters)
     else:
