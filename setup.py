@@ -23,6 +23,9 @@ setup(
     extras_require={
         "tracking": ["tensorboard", "wandb"],
         "plot": ["matplotlib"],
+        # python -m llm_finetune.evaluate; not in "test": 41 packages, 350 MB, about a minute
+        # to install (docs/evaluation.md), so CI skips tests/test_evaluate.py without it
+        "eval": ["lm_eval>=0.4.13,<0.5"],
         # the optional paths are tested too: TensorBoard, plots, the executed notebook
         "test": ["pytest>=8", "tensorboard", "matplotlib", "nbclient", "nbformat", "ipykernel"],
     },

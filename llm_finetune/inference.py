@@ -54,13 +54,14 @@ class Prompt:
 
 def load(model_name: str, peft_model: str = "", quantization: str = "",
          use_fast_kernels: bool = False, settings: quantization_config = None,
-         chat: bool = False):
+         chat: bool = False, device: str = ""):
     """The model in eval mode (bf16 on a GPU, spread over the GPUs as llama-recipes' device map
     does; fp32 on the CPU) and its tokenizer, left-padding batches. A ``--quantization`` that
     cannot run here, or with ``chat`` a tokenizer without a chat template, is refused before
-    any weights load."""
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    any weights load. ``device``: where to put it (empty: a GPU when there is one)."""
+    cuda = torch.cuda.is_available() if not device else device.startswith("cuda")
+    device = device or ("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
     problem = quantization and bitsandbytes_problem(quantization, device)
     if problem:
         raise ConfigError(problem)
@@ -78,7 +79,7 @@ def load(model_name: str, peft_model: str = "", quantization: str = "",
     if quantized is not None:
         kwargs["quantization_config"] = quantized
     if cuda or quantized is not None:
-        kwargs["device_map"] = "auto" if cuda else {"": "cpu"}
+        kwargs["device_map"] = "auto" if device == "cuda" else {"": device}
     model = load_base_model(model_name, dtype, peft_model or "", **kwargs)
     if not getattr(model, "hf_device_map", None):  # a config-only base, built on the CPU
         model = model.to(device)

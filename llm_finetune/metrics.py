@@ -2,8 +2,9 @@
 and flushed as the run goes, so scripts can read it while training runs. Keys are stable:
 steps have step, epoch, loss, lr, tokens_per_s, data_wait_s, peak_gpu_mem_gib; evaluations
 have step, eval_loss, eval_perplexity; an objective's own metrics join both (DPO's rewards, and
-no perplexity). A step's tokens/s counts the time spent waiting for its batches
-(``data_wait_s``), which is time the GPU stands idle."""
+no perplexity); benchmark scores (``python -m llm_finetune.evaluate``) have step, scores,
+stderr, samples and the settings they were taken with. A step's tokens/s counts the time spent
+waiting for its batches (``data_wait_s``), which is time the GPU stands idle."""
 
 import json
 import os
@@ -42,8 +43,13 @@ class MetricsLog:
         if self.trackers is not None:
             self.trackers.log(record)
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(self.path, record)
+
+
+def append_record(path: str | Path, record: dict) -> None:
+    """One line at the end of a metrics.jsonl (the trainer's and ``evaluate``'s only writer)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def read_records(path: Path) -> list[dict]:
@@ -72,6 +78,12 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
                          "--save_metrics False?)")
     records = read_records(path)
     return ([r for r in records if "loss" in r], [r for r in records if "eval_loss" in r])
+
+
+def read_scores(run_dir: Path) -> list[dict]:
+    """The benchmark-score records of a run directory (none: an empty list)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [r for r in read_records(path) if "scores" in r] if path.is_file() else []
 
 
 def steady_median(steps: list[dict], key: str) -> float:

@@ -1,5 +1,6 @@
 """Plots of ``metrics.jsonl``: train and eval loss, learning rate and tokens/s over optimizer
-steps, one line per run, so runs compare on one figure.
+steps, one line per run, so runs compare on one figure; benchmark scores, when
+``python -m llm_finetune.evaluate`` recorded some, at the step of the model scored.
 
     python -m llm_finetune.plot output/run_a output/run_b --out plots/
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import fire
 
-from llm_finetune.metrics import read_metrics
+from llm_finetune.metrics import read_metrics, read_scores
 
 PANELS = (("loss", "training loss (faint: per step; line: moving average), eval loss (dots)"), ("lr", "learning rate"),
           ("tokens_per_s", "tokens/s"))
@@ -28,8 +29,38 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
+def score_series(records: list[dict]) -> dict[str, tuple[list, list, list]]:
+    """``task/metric`` -> (steps, values, stderrs) of the tasks each record was asked for (a
+    group's subtasks stay in the file, not in the figure), in step order (a base scored after
+    its run is recorded at step 0)."""
+    series: dict[str, tuple[list, list, list]] = {}
+    for record in sorted(records, key=lambda r: r["step"]):
+        for key, value in record["scores"].items():
+            if key.split("/")[0] in record["tasks"]:
+                steps, values, errors = series.setdefault(key, ([], [], []))
+                steps.append(record["step"])
+                values.append(value)
+                errors.append(record["stderr"].get(key, 0.0))
+    return series
+
+
+def plot_scores(plt, runs: dict[str, list[dict]], path: Path) -> str:
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, records in runs.items():
+        for key, (steps, values, errors) in score_series(records).items():
+            axes.errorbar(steps, values, yerr=errors, marker="o", capsize=3,
+                          label=f"{name}: {key}")
+    axes.set(xlabel="optimizer step", title="benchmark scores (lm-eval; bars: stderr)")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return str(path)
+
+
 def plot(*run_dirs: str, out: str = "") -> list[str]:
-    """Write loss.png, lr.png and tokens_per_s.png; returns their paths."""
+    """Write loss.png, lr.png and tokens_per_s.png, and scores.png when a run has benchmark
+    scores; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -63,6 +94,9 @@ def plot(*run_dirs: str, out: str = "") -> list[str]:
         figure.savefig(path, dpi=100)
         plt.close(figure)
         written.append(str(path))
+    scores = {Path(d).resolve().name: read_scores(Path(d)) for d in run_dirs}
+    if any(scores.values()):
+        written.append(plot_scores(plt, scores, target / "scores.png"))
     return written
 
 

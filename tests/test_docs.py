@@ -4,7 +4,7 @@ in README.md, docs/ and examples/ names settings that exist, with values of the 
 Commands on real models cannot run here (no downloads), so each is checked the way the program
 itself would read it before loading anything: finetuning and plan settings through
 ``build_run_config`` (unknown keys, types, choices; a ``--config`` preset of this repository is
-read too), convert, inference, chat_completion and plot flags against their functions'
+read too), convert, inference, chat_completion, evaluate and plot flags against their functions'
 parameters (and the quantization settings inference reads as llama-recipes does). The commands that
 do run on CPU are run by the tests of their features (README's two commands by CI itself).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_finetune import chat_completion, convert, inference, plot
+from llm_finetune import chat_completion, convert, evaluate, inference, plot
 from llm_finetune.config_utils import build_run_config
 from tests.helpers import REPO
 
@@ -59,7 +59,8 @@ def parse_flags(args: list[str]) -> tuple[list[str], dict]:
 
 def test_the_docs_have_commands_to_check():
     modules = {re.search(r"llm_finetune\.(\w+)", c).group(1) for _, c in COMMANDS}
-    assert {"finetuning", "plan", "convert", "inference", "chat_completion", "plot"} <= modules
+    assert {"finetuning", "plan", "convert", "inference", "chat_completion", "evaluate",
+            "plot"} <= modules
 
 
 @pytest.mark.parametrize("where,command", COMMANDS)
@@ -74,6 +75,7 @@ def test_documented_command_uses_real_settings(where, command):
     "python -m llm_finetune.convert dcp_to_hf --checkpoint c --model_name m --out o",
     "python -m llm_finetune.inference --model_name m --prompt_file p.txt --temprature 0.5",
     "python -m llm_finetune.chat_completion --model_name m --quantization_config.quant_type q4",
+    "python -m llm_finetune.evaluate --model_name output --task hellaswag",
 ])
 def test_the_check_catches_a_rotten_command(command):
     with pytest.raises(Exception):
@@ -106,6 +108,8 @@ def check_command(where: str, command: str) -> None:
         named = set(inspect.signature(main).parameters)
         extra = {k: v for k, v in flags.items() if k not in named}
         inference.quantization_settings(extra, known=sorted(named))  # raises on anything else
+    elif module == "evaluate":
+        assert set(flags) <= set(inspect.signature(evaluate.main).parameters), (where, command)
     elif module == "plot":
         assert positional and set(flags) <= set(inspect.signature(plot.plot).parameters)
     else:
