@@ -182,6 +182,19 @@ class Trainer:
         if self.new_best:
             self.best_eval_loss, self.best_epoch = eval_loss, epoch
 
+    def patience_ran_out(self, epoch: int) -> bool:
+        """``--early_stopping_patience``: whether the last that many evaluations all failed to
+        lower the eval loss. Counted from the best epoch, which a checkpoint keeps, so a resumed
+        run stops where the uninterrupted one would."""
+        patience = self.run.train.early_stopping_patience
+        if not patience or epoch - self.best_epoch < patience:
+            return False
+        if self.dist.is_main:
+            print(f"early stopping after epoch {epoch}: the eval loss has not improved for "
+                  f"{epoch - self.best_epoch} evaluations (best {self.best_eval_loss:.4f}, "
+                  f"epoch {self.best_epoch})", flush=True)
+        return True
+
     def warn_if_data_stalls(self, data_waited: float, wall: float) -> None:
         """Say so when the GPU spent more than a tenth of training waiting for batches."""
         if self.dist.is_main and wall > 0 and data_waited > DATA_WAIT_WARNING * wall:
@@ -260,6 +273,9 @@ class Trainer:
                 on_epoch_end(self)
             if self.step >= total_steps:
                 break
+            if self.patience_ran_out(epoch + 1):
+                summary["stopped_early_after_epoch"] = epoch + 1
+                break
         profiler.close()
         wall = time.perf_counter() - started
         summary.update(steps=self.step, train_time_s=wall, tokens_per_s=tokens_seen / wall,
@@ -290,3 +306,9 @@ def check_training_numbers(t) -> None:
         raise ConfigError("--save_steps and --save_total_limit must be 0 (off) or positive")
     if t.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {t.lr}")
+    if t.early_stopping_patience < 0:
+        raise ConfigError(f"--early_stopping_patience must be 0 (off) or positive, got "
+                          f"{t.early_stopping_patience}")
+    if t.early_stopping_patience and not t.run_validation:
+        raise ConfigError("--early_stopping_patience stops on the eval loss, and --run_validation "
+                          "is off: turn it on, or drop --early_stopping_patience")

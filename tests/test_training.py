@@ -11,7 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from llm_finetune import convert, finetuning
 from llm_finetune.data.batching import pack_samples, packed_collate, pad_collate
+from llm_finetune.config_utils import ConfigError, build_run_config
 from llm_finetune.loss import output_layer, token_loss_sum
+from llm_finetune.preflight import validate
+from llm_finetune.train import Trainer
 from tests.helpers import FAST, probe_input
 
 
@@ -181,9 +184,6 @@ def test_profiler_writes_a_trace(tiny_model_dir, tmp_path):
 
 
 def test_flop_counter_and_profiler_are_exclusive():
-    from llm_finetune.config_utils import ConfigError, build_run_config
-    from llm_finetune.preflight import validate
-
     with pytest.raises(ConfigError, match="one of them"):
         validate(build_run_config(flop_counter=True, use_profiler=True), world_size=1, cuda=False)
 
@@ -233,3 +233,32 @@ def test_embeddings_grow_to_a_tokenizer_with_added_tokens(engine, tokenizer_with
     assert saved.get_input_embeddings().weight.shape[0] == 1025  # 1024 + <answer>
     assert saved.get_output_embeddings().weight.shape[0] == 1025
     logits_of(saved)
+
+
+def test_early_stopping_ends_the_run_when_the_eval_loss_stops_falling(tmp_path, monkeypatch):
+    """Patience 2: epochs 3 and 4 do not beat epoch 2's eval loss, so epoch 5 never runs and
+    the best epoch's model (epoch 2) is what remains."""
+    rows = [{"instruction": f"Say {i}.", "output": f"{i} {i}"} for i in range(12)]
+    train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    evals.write_text("".join(json.dumps(r) + "\n" for r in rows[8:]))
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0])
+    real_evaluate = Trainer.evaluate
+
+    def evaluate(self, loader):  # the real evaluation, with the eval loss the test needs
+        return real_evaluate(self, loader) | {"eval_loss": next(scripted)}
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    summary = finetuning.main(**{**FAST, "max_train_step": 0, "num_epochs": 5,
+                                 "dataset": "file_dataset", "file_dataset.data_files": str(train),
+                                 "file_dataset.eval_files": str(evals),
+                                 "early_stopping_patience": 2, "save_model": True,
+                                 "output_dir": str(tmp_path / "out")})
+    assert summary["eval_loss"] == [3.0, 2.0, 2.5, 2.6]
+    assert summary["stopped_early_after_epoch"] == 4 and summary["best_epoch"] == 2
+    assert summary["steps"] == 4 * 2  # 8 rows in batches of 4: two steps an epoch
+
+
+def test_early_stopping_needs_validation():
+    with pytest.raises(ConfigError, match="--run_validation is off"):
+        validate(build_run_config(early_stopping_patience=2, run_validation=False), 1, False)

@@ -67,6 +67,9 @@ class train_config:
     quantization: str = ""  # "" | 4bit | 8bit
     # Evaluation, outputs
     run_validation: bool = True
+    # stop when this many evaluations in a row (one per epoch) have not lowered the eval loss;
+    # 0: never. The best epoch's model is what remains (save_best)
+    early_stopping_patience: int = 0
     # the run's outputs; a PEFT adapter is saved here, as llama-recipes does; full weights in
     # output_dir/model; a sharded model under dist_checkpoint_root_folder
     output_dir: str = "output"
