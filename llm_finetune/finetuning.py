@@ -50,17 +50,10 @@ def main(**kwargs) -> dict:
     """Fine-tune a causal LM. Keyword arguments are the settings of ``llm_finetune.configs``
     (flat ``lr=...`` or dotted ``fsdp_config.pure_bf16=True``); returns the run's summary."""
     # 1. config: every setting checked before anything expensive happens
-    run = build_run_config(**kwargs)
     first_rank = os.environ.get("RANK", "0") == "0"
-    if run.recipe and first_rank:
-        print(describe_recipe(run), flush=True)
     cuda = torch.cuda.is_available()
     world_size = distributed.world_size_from_env()
-    validate(run, world_size, cuda)
-    if run.train.deterministic:  # before CUDA does any work, and before the model is built
-        make_deterministic()
-    if run.train.auto_fit:  # the fastest micro-batch and checkpointing this GPU holds
-        run = fit_to_gpu(run, world_size, cuda)
+    run = configure(kwargs, world_size, cuda, verbose=first_rank)
     if run.train.dry_run:  # the memory plan instead of the run (printed by the first rank)
         return {"plan": plan_run(run, world_size, run.train.gpu_memory or None)
                 if first_rank else ""}
@@ -81,36 +74,8 @@ def main(**kwargs) -> dict:
     train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info)
     phases.mark("data")
 
-    # 4. model: rank 0 alone reads weights under low_cpu_fsdp; a random-init model stays on
-    #    the meta device until its adapters are in place, then each rank initialises its units
-    seeded_init = init_after_adapters(run.train)
-    # 4-bit layers are quantised unit by unit as FSDP materialises them (model.quantized_at_load)
-    rank0_loads = run.train.low_cpu_fsdp and not seeded_init
-    model = load_model(run.train, precision.weight_dtype,
-                       on_meta=seeded_init or (rank0_loads and not dist_info.is_main),
-                       quantization_config=bnb_config(run, precision),
-                       init_device="cpu" if run.train.enable_fsdp else dist_info.device)
-    fit_embeddings_to_tokenizer(model, tokenizer, verbose=dist_info.is_main)
-    num_layers = len(decoder_layers(model))
-    hidden_size = model.config.get_text_config().hidden_size
-    if run.train.freeze_layers:
-        freeze_layers(model, run.train.num_freeze_layers)
-    if run.train.use_peft:
-        model = apply_peft(model, run, num_layers, adapter_dtype=precision.trainable_dtype)
-    if run.fsdp.fsdp_activation_checkpointing:
-        enable_activation_checkpointing(model, keep_last=run.fsdp.no_checkpoint_layers)
-    if run.train.torch_compile:
-        compile_layers(model)
-    phases.mark("load")
-    if run.train.enable_fsdp:
-        init_fn = meta_init_fn(model, dist_info, run.train.seed, seeded_init,
-                               from_rank0=rank0_loads)
-        model = wrap_fsdp(model, run.fsdp, dist_info, precision.compute_dtype, init_fn)
-    elif seeded_init:
-        SeededInit(model, run.train.seed, dist_info.device)(model)
-    elif run.train.quantization == "":
-        model.to(dist_info.device)
-    phases.mark("shard" if run.train.enable_fsdp else "to_device")
+    # 4. model: weights (or a seeded random init), adapters, checkpointing, FSDP or the device
+    model, num_layers, hidden_size = build_model(run, precision, tokenizer, dist_info, phases)
     total_params, trainable_params = report_parameter_counts(model, dist_info)
     check_output_dir(model, run, dist_info)
 
@@ -180,6 +145,55 @@ def main(**kwargs) -> dict:
     if owns_group:
         distributed.teardown()
     return summary
+
+
+def configure(kwargs: dict, world_size: int, cuda: bool, verbose: bool):
+    """The run's settings: built (a built-in model's recipe said), checked, made deterministic
+    before CUDA does any work if asked, and fitted to the GPU under ``--auto_fit``."""
+    run = build_run_config(**kwargs)
+    if run.recipe and verbose:
+        print(describe_recipe(run), flush=True)
+    validate(run, world_size, cuda)
+    if run.train.deterministic:  # before CUDA does any work, and before the model is built
+        make_deterministic()
+    if run.train.auto_fit:  # the fastest micro-batch and checkpointing this GPU holds
+        run = fit_to_gpu(run, world_size, cuda)
+    return run
+
+
+def build_model(run, precision, tokenizer, dist_info, phases):
+    """The model ready to train, with its decoder layers and hidden size (for MFU). Rank 0
+    alone reads weights under low_cpu_fsdp; a random-init model stays on the meta device until
+    its adapters are in place, then each rank initialises its units."""
+    seeded_init = init_after_adapters(run.train)
+    # 4-bit layers are quantised unit by unit as FSDP materialises them (model.quantized_at_load)
+    rank0_loads = run.train.low_cpu_fsdp and not seeded_init
+    model = load_model(run.train, precision.weight_dtype,
+                       on_meta=seeded_init or (rank0_loads and not dist_info.is_main),
+                       quantization_config=bnb_config(run, precision),
+                       init_device="cpu" if run.train.enable_fsdp else dist_info.device)
+    fit_embeddings_to_tokenizer(model, tokenizer, verbose=dist_info.is_main)
+    num_layers = len(decoder_layers(model))
+    hidden_size = model.config.get_text_config().hidden_size
+    if run.train.freeze_layers:
+        freeze_layers(model, run.train.num_freeze_layers)
+    if run.train.use_peft:
+        model = apply_peft(model, run, num_layers, adapter_dtype=precision.trainable_dtype)
+    if run.fsdp.fsdp_activation_checkpointing:
+        enable_activation_checkpointing(model, keep_last=run.fsdp.no_checkpoint_layers)
+    if run.train.torch_compile:
+        compile_layers(model)
+    phases.mark("load")
+    if run.train.enable_fsdp:
+        init_fn = meta_init_fn(model, dist_info, run.train.seed, seeded_init,
+                               from_rank0=rank0_loads)
+        model = wrap_fsdp(model, run.fsdp, dist_info, precision.compute_dtype, init_fn)
+    elif seeded_init:
+        SeededInit(model, run.train.seed, dist_info.device)(model)
+    elif run.train.quantization == "":
+        model.to(dist_info.device)
+    phases.mark("shard" if run.train.enable_fsdp else "to_device")
+    return model, num_layers, hidden_size
 
 
 def total_optimizer_steps(train_cfg, steps_per_epoch: int, verbose: bool) -> int:
