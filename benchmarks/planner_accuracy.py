@@ -34,11 +34,15 @@ def measured_peak(run_dir: Path) -> float:
 def describe(run) -> str:
     t, f = run.train, run.fsdp
     kind = (f"QLoRA ({t.quantization})" if t.quantization else
-            "LoRA" if t.use_peft else "full")
+            ("LoRA" if t.peft_method == "lora" else t.peft_method) if t.use_peft else "full")
     parts = [t.model_name.rsplit("/", 1)[-1], kind, f"batch {t.batch_size_training} x "
              f"{t.context_length}", "AC" if f.fsdp_activation_checkpointing else "no AC"]
     if t.enable_fsdp:
-        parts.append("FSDP" + (" pure_bf16" if f.pure_bf16 else ""))
+        parts.append("FSDP")
+    if t.enable_ddp:
+        parts.append("DDP")
+    parts.append("pure bf16" if f.pure_bf16 else "fp16" if (t.use_fp16 or f.use_fp16)
+                 else "bf16 mixed" if t.mixed_precision else "fp32")
     return ", ".join(parts)
 
 

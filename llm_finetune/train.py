@@ -217,47 +217,11 @@ class Trainer:
         profiler = StepProfiler(t, self.dist.is_main)
         for epoch in range(self.epoch, t.num_epochs):
             self.epoch = epoch
-            train_loader.batch_sampler.set_epoch(epoch)
-            self.model.train()
-            epoch_losses = []
-            bar = progress_bar(min(math.ceil(len(train_loader) / t.gradient_accumulation_steps),
-                                   total_steps - self.step),
-                               f"epoch {epoch + 1}/{t.num_epochs}", enabled=self.dist.is_main)
-            # A step's time runs from asking the loader for its batches to the optimizer step
-            # done: the step ends in a GPU sync (its loss), so time spent waiting for data is
-            # time the GPU stands idle, and it counts. ``data_wait_s`` says how much it was.
-            step_start = time.perf_counter()
-            for micro_batches in grouped(train_loader, t.gradient_accumulation_steps):
-                if self.step >= total_steps:
-                    break
-                data_wait = time.perf_counter() - step_start
-                lr = self.optimizer.param_groups[0]["lr"]
-                with profiler.step(self.step + 1):
-                    loss, tokens, objective_metrics = self.train_step(micro_batches)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {self.step + 1}: stopping; "
-                                             "lower --lr or enable --gradient_clipping")
-                self.step += 1
-                self.steps_in_epoch += 1
-                tokens_seen += tokens
-                data_waited += data_wait
-                tokens_per_s = tokens / max(time.perf_counter() - step_start, 1e-9)
-                epoch_losses.append(loss)
-                record = {"step": self.step, "epoch": epoch + 1, "loss": loss,
-                          **objective_metrics, "lr": lr, "tokens_per_s": tokens_per_s,
-                          "data_wait_s": round(data_wait, 6), "peak_gpu_mem_gib": peak_gpu_gib()}
-                if self.grad_scaler is not None:
-                    record["grad_scale"] = float(self.grad_scaler.get_scale())
-                self.metrics.log(record)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{tokens_per_s:,.0f}")
-                bar.update()
-                if on_step_end is not None:
-                    on_step_end(self)  # checkpoints: not part of the next step's time
-                step_start = time.perf_counter()
-            bar.close()
-            if epoch_losses:
-                summary["train_loss"].append(sum(epoch_losses) / len(epoch_losses))
+            losses, tokens, waited = self.train_epoch(train_loader, total_steps, profiler,
+                                                      on_step_end)
+            tokens_seen, data_waited = tokens_seen + tokens, data_waited + waited
+            if losses:
+                summary["train_loss"].append(sum(losses) / len(losses))
             if eval_loader is not None:
                 result = self.evaluate(eval_loader)
                 self.metrics.log(result)
@@ -286,6 +250,52 @@ class Trainer:
             summary["flops_per_step"] = profiler.flops_per_step
         return summary
 
+    def train_epoch(self, train_loader, total_steps: int, profiler,
+                    on_step_end=None) -> tuple[list[float], int, float]:
+        """The optimizer steps of ``self.epoch`` (from a restored position, up to
+        ``total_steps``), one metrics record each; returns (step losses, tokens, seconds spent
+        waiting for batches).
+
+        A step's time runs from asking the loader for its batches to the optimizer step done:
+        the step ends in a GPU sync (its loss), so time spent waiting for data is time the GPU
+        stands idle, and it counts. ``data_wait_s`` says how much it was."""
+        t = self.run.train
+        train_loader.batch_sampler.set_epoch(self.epoch)
+        self.model.train()
+        losses, tokens_seen, data_waited = [], 0, 0.0
+        bar = progress_bar(min(math.ceil(len(train_loader) / t.gradient_accumulation_steps),
+                               total_steps - self.step),
+                           f"epoch {self.epoch + 1}/{t.num_epochs}", enabled=self.dist.is_main)
+        step_start = time.perf_counter()
+        for micro_batches in grouped(train_loader, t.gradient_accumulation_steps):
+            if self.step >= total_steps:
+                break
+            data_wait = time.perf_counter() - step_start
+            lr = self.optimizer.param_groups[0]["lr"]
+            with profiler.step(self.step + 1):
+                loss, tokens, objective_metrics = self.train_step(micro_batches)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {self.step + 1}: stopping; "
+                                         "lower --lr or enable --gradient_clipping")
+            self.step += 1
+            self.steps_in_epoch += 1
+            tokens_seen += tokens
+            data_waited += data_wait
+            tokens_per_s = tokens / max(time.perf_counter() - step_start, 1e-9)
+            losses.append(loss)
+            record = {"step": self.step, "epoch": self.epoch + 1, "loss": loss,
+                      **objective_metrics, "lr": lr, "tokens_per_s": tokens_per_s,
+                      "data_wait_s": round(data_wait, 6), "peak_gpu_mem_gib": peak_gpu_gib()}
+            if self.grad_scaler is not None:
+                record["grad_scale"] = float(self.grad_scaler.get_scale())
+            self.metrics.log(record)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.update()
+            if on_step_end is not None:
+                on_step_end(self)  # checkpoints: not part of the next step's time
+            step_start = time.perf_counter()
+        bar.close()
+        return losses, tokens_seen, data_waited
 
 def check_training_numbers(t) -> None:
     """Counts, limits and the learning rate that the loop can run with."""

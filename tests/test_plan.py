@@ -256,3 +256,19 @@ def test_anyprecision_plans_its_compensation_buffer():
                                     **{"fsdp_config.optimizer": "anyprecision"})
     assert plan.estimate(anyprecision, 1, counts).gpu["optimizer states (anyprecision)"] == \
         pytest.approx(counts.trainable * 6)
+
+
+def test_fp16_loss_scaling_and_8bit_matmuls_are_planned():
+    """The two terms the GPU matrix showed missing (docs/memory.md): fp16 full fine-tuning
+    peaks one fp32 gradient copy above bf16, and LLM.int8's buffers grow with the tokens."""
+    settings = dict(model_name="llama3.2-1b", context_length=2048, batch_size_training=2)
+    counts = plan.count_parameters(build_run_config(**settings))
+    bf16 = plan.estimate(build_run_config(**settings), 1, counts)
+    fp16 = plan.estimate(build_run_config(**settings, use_fp16=True), 1, counts)
+    assert fp16.gpu["fp16 loss scaling (gradients unscaled)"] == counts.trainable * 4
+    assert fp16.gpu_peak > bf16.gpu_peak
+    eight_bit = [plan.estimate(build_run_config(**{**settings, "batch_size_training": batch},
+                                                use_peft=True, quantization="8bit"), 1, counts)
+                 for batch in (1, 2)]
+    buffers = [p.gpu["8-bit matmul buffers (LLM.int8)"] for p in eight_bit]
+    assert buffers[1] == 2 * buffers[0] > 0

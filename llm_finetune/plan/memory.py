@@ -141,6 +141,15 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         plan.gpu.update(states)
     if t.method == "dpo" and not t.use_peft:  # the reference model: a frozen copy
         plan.gpu["reference model (frozen copy, DPO)"] = counts.total * weight_bytes
+    if precision.grad_scaler and counts.trainable:
+        # fp16 loss scaling costs about one fp32 copy of the trainable weights' gradients at
+        # the optimizer step on top of bf16's peak (measured on full fine-tuning: docs/memory.md)
+        plan.gpu["fp16 loss scaling (gradients unscaled)"] = counts.trainable * 4 / shards
+    if t.quantization == "8bit":
+        # LLM.int8's matmuls quantise each input row and keep int32 outputs and fp16 outliers:
+        # buffers in proportion to the tokens, fitted on one measurement (docs/memory.md)
+        tokens_in_flight = t.batch_size_training * t.context_length * sequences_per_sample(run)
+        plan.gpu["8-bit matmul buffers (LLM.int8)"] = tokens_in_flight * counts.hidden * 96
     if t.enable_ddp:  # DDP all-reduces gradients through buckets that copy them
         plan.gpu["DDP gradient buckets"] = grads
         plan.backward_only.add("DDP gradient buckets")
