@@ -161,6 +161,19 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         gathered += counts.largest_layer * 4 if counts.trainable else 0  # unsharded fp32 grads
         plan.gpu["gathered FSDP units (root + 2 layers)"] = gathered
 
+    plan_activations(plan, run, counts, compute_bytes)
+    plan.gpu["workspace (allocator, cuBLAS, NCCL)"] = WORKSPACE_BYTES
+
+    full_model = counts.total * weight_bytes
+    plan_cpu_loading(plan, t, full_model)
+    notes(plan, run, counts, world_size, local_world_size, full_model, weights_on_disk(t))
+    return plan
+
+
+def plan_activations(plan: Plan, run, counts: ModelCounts, compute_bytes: int) -> None:
+    """What forward keeps for backward (all layers, or checkpointed layers' inputs) and the
+    loss's buffers: both exist at the end of forward only."""
+    t, f = run.train, run.fsdp
     # DPO's reference forward keeps nothing (no_grad) and ends before the policy's begins
     tokens = t.batch_size_training * t.context_length * sequences_per_sample(run)
     per_layer = tokens * activation_bytes_per_token_per_layer(
@@ -195,18 +208,16 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         plan.gpu[loss] = tokens * counts.vocab * (compute_bytes + 10)
     plan.forward_only |= {activations, loss}
     plan.backward_activations = per_layer
-    plan.gpu["workspace (allocator, cuBLAS, NCCL)"] = WORKSPACE_BYTES
 
-    # CPU RAM per rank while loading
-    full_model = counts.total * weight_bytes
+
+def plan_cpu_loading(plan: Plan, t, full_model: float) -> None:
+    """CPU RAM per rank while the weights load."""
     if init_after_adapters(t) or quantized_at_load(t):
         plan.cpu["loading"] = 0.0  # built on meta / quantised onto the GPU as it loads
     elif t.low_cpu_fsdp:
         plan.cpu["loading (rank 0 only; other ranks ~0)"] = full_model
     else:
         plan.cpu["loading (every rank)"] = full_model
-    notes(plan, run, counts, world_size, local_world_size, full_model, weights_on_disk(t))
-    return plan
 
 
 def host_memory() -> int:
