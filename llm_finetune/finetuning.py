@@ -41,6 +41,7 @@ from llm_finetune.preflight import validate
 from llm_finetune.progress import quiet_library_bars_off_terminal
 from llm_finetune.quantization import bnb_config
 from llm_finetune.random_init import SeededInit
+from llm_finetune.samples import SampleAnswers
 from llm_finetune.trackers import Trackers
 from llm_finetune.train import Trainer
 from llm_finetune.training_checkpoint import Checkpointer
@@ -98,8 +99,10 @@ def main(**kwargs) -> dict:
     trained = distributed.data_parallel(model, dist_info) if run.train.enable_ddp else model
     # the objective before a checkpoint is restored: a full fine-tuning DPO reference copies
     # the weights the run started from
+    samples = (SampleAnswers(tokenizer, run.train.eval_prompts, run.train.eval_max_new_tokens,
+                             dist_info.device) if run.train.eval_prompts else None)
     trainer = Trainer(trained, optimizer, scheduler, run, dist_info, precision, metrics, scaler,
-                      objective=objective_of(run, trained))
+                      objective=objective_of(run, trained), samples=samples)
     checkpoints = Checkpointer(run, dist_info, model, optimizer, scheduler,
                                train_loader.batch_sampler, scaler)
     # the model: after each epoch with the best eval loss so far (llama-recipes), or at the end

@@ -7,9 +7,11 @@ setting that cannot act (``--temperature`` with greedy decoding, ``--length_pena
 beam search) is refused instead of silently ignored.
 """
 
+import json
 import sys
 import typing
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from transformers import TextStreamer
@@ -134,3 +136,12 @@ def generate(model, tokenizer, texts: list[str], options: GenerationOptions,
                             pad_token_id=tokenizer.pad_token_id)
     new = output[:, batch["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def read_prompt_list(prompt_file: str) -> list[str]:
+    """A file of prompts (``--prompt_list``, ``--eval_prompts``): a JSON list of prompts, or
+    one prompt per line."""
+    text = Path(prompt_file).read_text()
+    if text.lstrip().startswith("["):
+        return [str(p) for p in json.loads(text)]
+    return [line for line in text.splitlines() if line.strip()]

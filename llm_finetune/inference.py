@@ -18,7 +18,6 @@ template. Generation flags: ``generation.py``; safety checkers: ``safety.py``.
 
 import dataclasses
 import difflib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,8 @@ from llm_finetune.config_utils import (check_choices, default_run_config, llama_
 from llm_finetune.configs import quantization_config
 from llm_finetune.data.alpaca import format_prompt
 from llm_finetune.errors import ConfigError
-from llm_finetune.generation import GenerationOptions, generate as generate_rendered
+from llm_finetune.generation import (GenerationOptions, generate as generate_rendered,
+                                     read_prompt_list)
 from llm_finetune.model import (attention_implementation, fit_embeddings_to_tokenizer,
                                 from_pretrained, load_base_model)
 from llm_finetune.quantization import bits_and_bytes, bitsandbytes_problem
@@ -200,14 +200,6 @@ def chat_text(tokenizer, conversation: list[dict]) -> str:
     if tokenizer.chat_template is None:
         raise ConfigError(NO_CHAT_TEMPLATE)
     return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-
-
-def read_prompt_list(prompt_file: str) -> list[str]:
-    """``--prompt_list``: one prompt per line, or a JSON list of prompts."""
-    text = Path(prompt_file).read_text()
-    if text.lstrip().startswith("["):
-        return [str(p) for p in json.loads(text)]
-    return [line for line in text.splitlines() if line.strip()]
 
 
 def main(model_name: str, peft_model: str = None, quantization: str = None,

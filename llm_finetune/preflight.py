@@ -10,6 +10,7 @@ from llm_finetune.precision import check_precision_settings
 from llm_finetune.preference import check_preference_settings
 from llm_finetune.profiling import check_profiling_settings
 from llm_finetune.quantization import check_quantization_settings
+from llm_finetune.samples import check_sample_settings
 from llm_finetune.trackers import check_tracker_packages
 from llm_finetune.train import check_training_numbers
 from llm_finetune.training_checkpoint import check_resume_settings
@@ -27,4 +28,5 @@ def validate(run, world_size: int, cuda: bool) -> None:
     check_adapter_settings(run)
     check_quantization_settings(t, weights_on_disk)
     check_data_settings(run)
+    check_sample_settings(t)
     check_preference_settings(run)

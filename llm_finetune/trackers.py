@@ -57,6 +57,20 @@ class Trackers:
                 self.tensorboard.add_scalar(key, value, record["step"])
         if self.wandb is not None:
             self.wandb.log(values, step=record["step"])
+        if "samples" in record:
+            self.log_samples(record)
+
+    def log_samples(self, record: dict) -> None:
+        """``--eval_prompts``' answers: a text panel in TensorBoard, a table in wandb."""
+        rows = [(s["prompt"], s["answer"]) for s in record["samples"]]
+        if self.tensorboard is not None:
+            text = "\n\n".join(f"**{prompt}**\n\n{answer}" for prompt, answer in rows)
+            self.tensorboard.add_text("eval/samples", text, record["step"])
+        if self.wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["prompt", "answer"], data=[list(r) for r in rows])
+            self.wandb.log({"eval/samples": table}, step=record["step"])
 
     def close(self) -> None:
         if self.tensorboard is not None:

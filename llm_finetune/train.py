@@ -70,8 +70,9 @@ class Trainer:
     loop itself is the same for every method and model."""
 
     def __init__(self, model, optimizer, scheduler, run, dist_info: DistInfo, precision,
-                 metrics, grad_scaler=None, objective=None):
+                 metrics, grad_scaler=None, objective=None, samples=None):
         self.model = model
+        self.samples = samples  # samples.SampleAnswers for --eval_prompts, or None
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.run = run
@@ -176,6 +177,18 @@ class Trainer:
         return result | {f"eval_{name}": value / max(tokens, 1)
                          for name, value in zip(metric_sums, sums)}
 
+    def sample_answers(self) -> dict:
+        """``--eval_prompts``' answers from the model as it is now, printed on rank 0."""
+        self.model.eval()
+        with self.autocast():
+            record = self.samples(self.model, self.step)
+        self.model.train()
+        if self.dist.is_main:
+            for sample in record["samples"]:
+                print(f"sample at step {self.step}: {sample['prompt'][-60:]!r} -> "
+                      f"{sample['answer'][:200]!r}", flush=True)
+        return record
+
     def note_eval_loss(self, eval_loss: float, epoch: int) -> None:
         """Keep the lowest eval loss and its epoch; ``new_best`` says whether this one was."""
         self.new_best = eval_loss < self.best_eval_loss
@@ -226,6 +239,8 @@ class Trainer:
                 result = self.evaluate(eval_loader)
                 self.metrics.log(result)
                 self.note_eval_loss(result["eval_loss"], epoch + 1)
+                if self.samples is not None:
+                    self.metrics.log(self.sample_answers())
                 for key, value in result.items():
                     if key != "step":
                         summary.setdefault(key, []).append(value)

@@ -1,14 +1,20 @@
 """Trackers (TensorBoard, Weights & Biases), plots, and what the run reports about itself."""
 
 import importlib.machinery
+import json
 import importlib.util
 import sys
 import types
 
 import pytest
+from transformers import AutoTokenizer
 
 from llm_finetune import finetuning
-from llm_finetune.config_utils import ConfigError
+from llm_finetune.config_utils import ConfigError, build_run_config
+from llm_finetune.data.alpaca import format_prompt
+from llm_finetune.metrics import read_records
+from llm_finetune.model import BUILTIN_MODELS
+from llm_finetune.preflight import validate
 from tests.helpers import FAST
 
 
@@ -139,3 +145,35 @@ def test_time_waiting_for_data_is_measured_counted_and_warned_about(tiny_model_d
     most_tokens_per_step = 4 * 512  # FAST's 4 rows of at most the default 512 tokens
     assert all(m["tokens_per_s"] <= most_tokens_per_step / 0.3 for m in steps)
     assert "of the training time went to waiting for batches" in capsys.readouterr().out
+
+
+def test_eval_prompts_are_answered_at_each_evaluation_as_generate_would(tmp_path):
+    """--eval_prompts: at each evaluation a record with the model's greedy answers; the last
+    one is what transformers' own greedy generate gives for the trained model."""
+    prompts = [format_prompt("What is 2 + 3?", ""), format_prompt("Name a colour.", "")]
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    summary = finetuning.main(**{**FAST, "num_epochs": 2, "max_train_step": 0,
+                                 "max_eval_step": 1, "eval_prompts": str(path),
+                                 "eval_max_new_tokens": 8, "output_dir": str(tmp_path / "out")})
+    records = [r for r in read_records(tmp_path / "out" / "metrics.jsonl") if "samples" in r]
+    assert [r["step"] for r in records] == [e["step"] for e in summary["metrics"]
+                                            if "eval_loss" in e]
+    assert [s["prompt"] for s in records[-1]["samples"]] == prompts
+    model = summary["model"].eval()
+    tokenizer = AutoTokenizer.from_pretrained(BUILTIN_MODELS["tiny-llama"])
+    for sample in records[-1]["samples"]:
+        ids = tokenizer(sample["prompt"], return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=8, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+        assert sample["answer"] == tokenizer.decode(out[0, ids.shape[1]:],
+                                                    skip_special_tokens=True)
+
+
+def test_eval_prompts_need_their_file_and_validation(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        validate(build_run_config(eval_prompts=str(tmp_path / "missing.json")), 1, False)
+    (tmp_path / "p.txt").write_text("Hi\n")
+    with pytest.raises(ConfigError, match="--run_validation is off"):
+        validate(build_run_config(eval_prompts=str(tmp_path / "p.txt"), run_validation=False),
+                 1, False)

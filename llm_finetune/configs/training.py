@@ -70,6 +70,10 @@ class train_config:
     # stop when this many evaluations in a row (one per epoch) have not lowered the eval loss;
     # 0: never. The best epoch's model is what remains (save_best)
     early_stopping_patience: int = 0
+    # a file of prompts (JSON list, or one per line) the model answers greedily at each
+    # evaluation, as written; the answers go to metrics.jsonl and the trackers
+    eval_prompts: str = ""
+    eval_max_new_tokens: int = 32
     # the run's outputs; a PEFT adapter is saved here, as llama-recipes does; full weights in
     # output_dir/model; a sharded model under dist_checkpoint_root_folder
     output_dir: str = "output"
