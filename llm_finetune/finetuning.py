@@ -45,7 +45,7 @@ from llm_finetune.random_init import SeededInit
 from llm_finetune.trackers import Trackers
 from llm_finetune.train import Trainer
 from llm_finetune.training_checkpoint import Checkpointer
-from llm_finetune.vision import check_vision_settings, freeze_llm_only
+from llm_finetune.vision import check_vision_settings, freeze_llm_only, vision_parts_pattern
 
 
 def main(**kwargs) -> dict:
@@ -104,7 +104,8 @@ def main(**kwargs) -> dict:
     if run.train.freeze_LLM_only:
         freeze_llm_only(model, decoder_layer_classes(model))
     if run.train.use_peft:
-        model = apply_peft(model, run, num_layers, adapter_dtype=precision.trainable_dtype)
+        model = apply_peft(model, run, num_layers, adapter_dtype=precision.trainable_dtype,
+                           exclude=vision_parts_pattern(model) if vision else None)
     if run.fsdp.fsdp_activation_checkpointing:
         enable_activation_checkpointing(model, keep_last=run.fsdp.no_checkpoint_layers)
     if run.train.torch_compile:

@@ -8,6 +8,8 @@ this module looks for, so a family that keeps them trains too and one that does 
 naming what is missing.
 """
 
+import re
+
 import torch
 
 from llm_finetune.adapters import base_model_of
@@ -51,6 +53,14 @@ def check_vision_model(model: torch.nn.Module) -> None:
         raise ConfigError(f"{type(base_model_of(model)).__name__} has no module named "
                           f"{', '.join(VISION_PARTS)}, where vision fine-tuning looks for the "
                           "image encoder: this family is not supported yet (issue #18)")
+
+
+def vision_parts_pattern(model: torch.nn.Module) -> str:
+    """A pattern matching the names of every module inside the image encoder and projector
+    (peft's ``exclude_modules``: LoRA adapts the language model only)."""
+    names = sorted({name for name, module in base_model_of(model).named_modules()
+                    if name.rpartition(".")[2] in VISION_PARTS})
+    return rf"(.*\.)?({'|'.join(re.escape(n) for n in names)})(\..*)?"
 
 
 def in_vision_parts(model: torch.nn.Module) -> set[int]:
