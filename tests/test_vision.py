@@ -16,6 +16,7 @@ from llm_finetune.data.rows import DataError
 from llm_finetune.model import load_base_model, load_model
 from llm_finetune.preflight import validate
 from tests.helpers import REPO, torchrun
+from tests.vision_dist_worker import VISION_CASES, fsdp_settings
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255),
            "yellow": (255, 255, 0)}
@@ -146,3 +147,22 @@ def test_a_bad_row_is_reported_with_its_file_and_line(tmp_path, bad, reason):
     with pytest.raises(DataError, match=rf"rows.jsonl line 5: {reason}"):
         finetuning.main(**settings(rows, output_dir=str(tmp_path / "out"),
                                    **{"file_dataset.val_split": 0.25}))
+
+
+@pytest.fixture(scope="module")
+def fsdp_losses(colour_rows, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vision_fsdp")
+    torchrun(REPO / "tests" / "vision_dist_worker.py", str(out), str(colour_rows))
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("case", list(VISION_CASES))
+def test_fsdp_on_two_ranks_matches_one_process(case, fsdp_losses, colour_rows, tmp_path):
+    """FSDP finds the image encoder's and the text decoder's layers (self- and cross-attention)
+    as its units, and two ranks of 2 samples train as one process of 4."""
+    kwargs = fsdp_settings(str(colour_rows), case)
+    kwargs.update(batch_size_training=4, val_batch_size=4)
+    summary = finetuning.main(**kwargs, output_dir=str(tmp_path))
+    single = [record["loss"] for record in summary["metrics"] if "loss" in record]
+    assert len(single) == 4
+    assert fsdp_losses[case] == pytest.approx(single, rel=1e-5)
