@@ -2,7 +2,7 @@
 their colour's name, so the captions can only be learned by looking at the images."""
 
 import json
-import random
+import runpy
 
 import pytest
 import torch
@@ -18,32 +18,10 @@ from llm_finetune.preflight import validate
 from tests.helpers import REPO, torchrun
 from tests.vision_dist_worker import VISION_CASES, fsdp_settings
 
-COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255),
-           "yellow": (255, 255, 0)}
-QUESTION = "What colour is this?"
-SIZES = [(32, 32), (48, 24), (24, 48)]  # one tile, two side by side, two stacked
-
-
-def conversation(answer: str | None) -> list[dict]:
-    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    if answer is not None:
-        turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return turns
-
-
-def write_colour_rows(directory, rows: int = 64, seed: int = 0):
-    """``rows`` images of random colours and shapes under ``directory``, and rows.jsonl
-    naming them relative to itself."""
-    rng = random.Random(seed)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(rows):
-        name = rng.choice(sorted(COLOURS))
-        Image.new("RGB", rng.choice(SIZES), COLOURS[name]).save(directory / f"images/{i}.png")
-        lines.append({"images": [f"images/{i}.png"], "messages": conversation(name)})
-    path = directory / "rows.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
+# the data set docs/vision.md trains on
+COLOUR_TOOL = runpy.run_path(str(REPO / "tools" / "make_colour_images.py"))
+COLOURS, conversation = COLOUR_TOOL["COLOURS"], COLOUR_TOOL["conversation"]
+write_colour_rows = COLOUR_TOOL["write_colour_rows"]
 
 
 @pytest.fixture(scope="module")
