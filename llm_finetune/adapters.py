@@ -11,18 +11,20 @@ from peft import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfi
 from llm_finetune.errors import ConfigError
 
 
-def peft_config(run, num_layers: int):
+def peft_config(run, num_layers: int, exclude: str | None = None):
+    """``exclude``: a pattern of module names LoRA leaves alone (a vision model's image side)."""
     method = run.train.peft_method
     fields = dataclasses.asdict(run.peft)
     if method == "lora":
-        return LoraConfig(**fields)
+        return LoraConfig(**fields, exclude_modules=exclude)
     if method == "llama_adapter":
         fields["adapter_layers"] = min(fields["adapter_layers"], num_layers)
         return AdaptionPromptConfig(**fields)
     return PrefixTuningConfig(**fields)
 
 
-def apply_peft(model, run, num_layers: int, adapter_dtype: torch.dtype = torch.float32) -> PeftModel:
+def apply_peft(model, run, num_layers: int, adapter_dtype: torch.dtype = torch.float32,
+               exclude: str | None = None) -> PeftModel:
     """New adapters, or the saved ones of ``from_peft_checkpoint``, trainable.
 
     ``adapter_dtype``: the trainable weights' dtype (``Precision.trainable_dtype``): fp32
@@ -38,7 +40,7 @@ def apply_peft(model, run, num_layers: int, adapter_dtype: torch.dtype = torch.f
     if run.train.from_peft_checkpoint:
         model = PeftModel.from_pretrained(model, run.train.from_peft_checkpoint, is_trainable=True)
     else:
-        model = get_peft_model(model, peft_config(run, num_layers))
+        model = get_peft_model(model, peft_config(run, num_layers, exclude))
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.to(adapter_dtype)

@@ -75,12 +75,6 @@ PRINTED_NAME_PREFIXES = {
     "quantization_config.quant_storage": "torch.",
 }
 
-FREEZE_LLM_ONLY = (
-    "--freeze_LLM_only freezes a vision model's language model to train its image encoder, "
-    "projector and cross-attention layers (llama-recipes' Mllama recipe); a causal LM has no "
-    "vision parts, and vision models are not supported here yet (issue #18). "
-    "Drop it; --freeze_layers --num_freeze_layers N freezes a causal LM's first N layers")
-
 
 @dataclass
 class RunConfig:
@@ -228,10 +222,6 @@ def llama_recipes_only_key(key: str, value) -> bool:
     cannot change anything: True when its value asks for nothing; ConfigError when it asks
     for what cannot apply."""
     config_name, _, field_name = key.rpartition(".")
-    if field_name == "freeze_LLM_only" and config_name in ("", "train_config"):
-        if _coerce("train_config.freeze_LLM_only", bool, value):
-            raise ConfigError(FREEZE_LLM_ONLY)
-        return True
     if field_name == "dataset" and config_name in DATASET_CONFIGS:
         # llama-recipes' name of the data set a dataset config belongs to: its own
         if value != config_name:

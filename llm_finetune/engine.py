@@ -18,7 +18,7 @@ from torch.distributed.fsdp.wrap import (_or_policy, lambda_auto_wrap_policy,
 from llm_finetune.distributed import DistInfo, hybrid_mesh_shape
 from llm_finetune.errors import ConfigError
 from llm_finetune.adapters import base_model_of
-from llm_finetune.model import decoder_layer_classes, decoder_layers
+from llm_finetune.model import decoder_layer_classes, decoder_layers, text_layers
 from llm_finetune.quantization import is_4bit, pending_4bit_like, quantize_pending
 from llm_finetune.random_init import SeededInit
 
@@ -57,7 +57,7 @@ def enable_activation_checkpointing(model: torch.nn.Module, keep_last: int = 0) 
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    layers = decoder_layers(model)
+    layers = text_layers(model)  # a vision model's image encoder is not checkpointed
     for layer in layers[len(layers) - keep_last:] if keep_last else []:
         layer.gradient_checkpointing = False  # transformers checks this flag per layer
 

@@ -126,7 +126,9 @@ def save_model(model, run, tokenizer, dist_info: DistInfo, optimizer,
 class ModelSaver:
     """Saves the run's model when llama-recipes does. With ``save_best`` and validation: after
     each epoch whose eval loss is the lowest so far (``Trainer.new_best``), so the best epoch's
-    model remains whatever later epochs do; otherwise once, at the end. All ranks call it."""
+    model remains whatever later epochs do; otherwise once, at the end. All ranks call it.
+    ``tokenizer``: or a vision model's processor, saved whole (tokenizer, image processor, chat
+    template) so that ``AutoProcessor`` loads the result."""
 
     def __init__(self, run, model, tokenizer, dist_info: DistInfo, optimizer,
                  weight_dtype: torch.dtype):

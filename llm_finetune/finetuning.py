@@ -29,8 +29,9 @@ from llm_finetune.export import ModelSaver
 from llm_finetune.loss import NextTokenLoss
 from llm_finetune.metrics import (MetricsLog, PhaseTimer, flops_per_token,
                                   model_flops_utilization, report_parameter_counts)
-from llm_finetune.model import (decoder_layers, fit_embeddings_to_tokenizer, freeze_layers,
-                                init_after_adapters, load_model, load_tokenizer)
+from llm_finetune.model import (decoder_layer_classes, fit_embeddings_to_tokenizer,
+                                freeze_layers, init_after_adapters, is_vision_model, load_model,
+                                load_processor, load_tokenizer, text_layers)
 from llm_finetune.optim import build_optimizer, build_scheduler
 from llm_finetune.output_dir import check_output_dir, check_output_dir_reuse, clear_previous_run
 from llm_finetune.plan import fit_to_gpu, plan_run
@@ -45,6 +46,7 @@ from llm_finetune.samples import SampleAnswers
 from llm_finetune.trackers import Trackers
 from llm_finetune.train import Trainer
 from llm_finetune.training_checkpoint import Checkpointer
+from llm_finetune.vision import check_vision_settings, freeze_llm_only, vision_parts_pattern
 
 
 def main(**kwargs) -> dict:
@@ -71,12 +73,17 @@ def main(**kwargs) -> dict:
     torch.manual_seed(run.train.seed)
     phases = PhaseTimer(verbose=dist_info.is_main)
     # 3. data, before the model: a bad file or setting stops the run before minutes of loading
-    tokenizer = load_tokenizer(run.train)
-    train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info)
+    # a vision model's processor renders and batches images with the text (docs/vision.md)
+    vision = is_vision_model(run.train.model_name)
+    check_vision_settings(run, vision)  # preflight could not read a hub model's config
+    processor = load_processor(run.train) if vision else None
+    tokenizer = processor.tokenizer if vision else load_tokenizer(run.train)
+    train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info, processor)
     phases.mark("data")
 
     # 4. model: weights (or a seeded random init), adapters, checkpointing, FSDP or the device
-    model, num_layers, hidden_size = build_model(run, precision, tokenizer, dist_info, phases)
+    model, num_layers, hidden_size = build_model(run, precision, tokenizer, dist_info, phases,
+                                                 vision)
     total_params, trainable_params = report_parameter_counts(model, dist_info)
     check_output_dir(model, run, dist_info)
 
@@ -106,7 +113,8 @@ def main(**kwargs) -> dict:
     checkpoints = Checkpointer(run, dist_info, model, optimizer, scheduler,
                                train_loader.batch_sampler, scaler)
     # the model: after each epoch with the best eval loss so far (llama-recipes), or at the end
-    saver = ModelSaver(run, model, tokenizer, dist_info, optimizer, precision.weight_dtype)
+    saver = ModelSaver(run, model, processor or tokenizer, dist_info, optimizer,
+                       precision.weight_dtype)
     if resume_from is not None:
         checkpoints.restore(trainer, resume_from)
     checkpoints.start(trainer)
@@ -164,10 +172,11 @@ def configure(kwargs: dict, world_size: int, cuda: bool, verbose: bool):
     return run
 
 
-def build_model(run, precision, tokenizer, dist_info, phases):
+def build_model(run, precision, tokenizer, dist_info, phases, vision: bool = False):
     """The model ready to train, with its decoder layers and hidden size (for MFU). Rank 0
     alone reads weights under low_cpu_fsdp; a random-init model stays on the meta device until
-    its adapters are in place, then each rank initialises its units."""
+    its adapters are in place, then each rank initialises its units. ``vision``: an image-text
+    model, whose image side LoRA leaves alone (docs/vision.md)."""
     seeded_init = init_after_adapters(run.train)
     # 4-bit layers are quantised unit by unit as FSDP materialises them (model.quantized_at_load)
     rank0_loads = run.train.low_cpu_fsdp and not seeded_init
@@ -176,12 +185,15 @@ def build_model(run, precision, tokenizer, dist_info, phases):
                        quantization_config=bnb_config(run, precision),
                        init_device="cpu" if run.train.enable_fsdp else dist_info.device)
     fit_embeddings_to_tokenizer(model, tokenizer, verbose=dist_info.is_main)
-    num_layers = len(decoder_layers(model))
+    num_layers = len(text_layers(model))
     hidden_size = model.config.get_text_config().hidden_size
     if run.train.freeze_layers:
         freeze_layers(model, run.train.num_freeze_layers)
+    if run.train.freeze_LLM_only:
+        freeze_llm_only(model, decoder_layer_classes(model))
     if run.train.use_peft:
-        model = apply_peft(model, run, num_layers, adapter_dtype=precision.trainable_dtype)
+        model = apply_peft(model, run, num_layers, adapter_dtype=precision.trainable_dtype,
+                           exclude=vision_parts_pattern(model) if vision else None)
     if run.fsdp.fsdp_activation_checkpointing:
         enable_activation_checkpointing(model, keep_last=run.fsdp.no_checkpoint_layers)
     if run.train.torch_compile:

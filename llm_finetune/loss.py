@@ -24,9 +24,11 @@ import torch.nn.functional as F
 
 from llm_finetune.adapters import base_model_of
 from llm_finetune.model import unwrap
+from llm_finetune.vision import VISION_INPUTS
 
 IGNORE = -100
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# what a batch passes to the model: tokens, and a vision model's images and masks
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", *VISION_INPUTS)
 CHUNK_TOKENS = 2048  # 2048 x 128k fp32 logits = 1 GiB per chunk, freed before the next
 
 

@@ -13,16 +13,18 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoProcessor, AutoTokenizer)
 
 from llm_finetune.adapters import base_model_of
 from llm_finetune.errors import ConfigError
 from llm_finetune.quantization import to_4bit_layers
 from llm_finetune.random_init import SeededInit
 from llm_finetune.shapes import SHAPES
+from llm_finetune.vision import check_vision_model, in_vision_parts, is_vision_config
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama"}
+BUILTIN_MODELS = {"tiny-llama": ASSETS / "tiny-llama", "tiny-mllama": ASSETS / "tiny-mllama"}
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 # in an adapter directory trained on a config-only base: how to rebuild that base's weights
 RANDOM_BASE_FILE = "random_init_base.json"
@@ -54,6 +56,36 @@ def has_weights(path: str) -> bool:
     if not directory.is_dir():
         return True
     return any(any(directory.glob(pattern)) for pattern in WEIGHT_FILES)
+
+
+def is_vision_model(model_name: str, local_only: bool = False) -> bool:
+    """Whether ``model_name`` is a vision-language model (read from its config; with
+    ``local_only``, False for a hub name rather than reach the hub: preflight's question)."""
+    if model_name in SHAPES or (local_only and not Path(resolve_model_path(model_name)).is_dir()):
+        return False
+    return is_vision_config(model_config(model_name))
+
+
+def auto_class(config):
+    """transformers' loader for this config: image-text-to-text for vision-language models."""
+    return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
+
+
+def load_processor(train_cfg):
+    """A vision model's processor (its tokenizer, image processor and chat template), padding
+    on the right as training needs; its tokenizer is ``processor.tokenizer``."""
+    name = train_cfg.tokenizer_name or train_cfg.model_name
+    setting = "tokenizer_name" if train_cfg.tokenizer_name else "model_name"
+    processor = from_pretrained(AutoProcessor, name, setting)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or getattr(processor, "image_processor", None) is None:
+        raise ConfigError(f"--{setting} {name}: a vision model needs a processor with a "
+                          "tokenizer and an image processor (processor_config.json or "
+                          "preprocessor_config.json beside the tokenizer)")
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
 
 
 def load_tokenizer(train_cfg):
@@ -92,7 +124,7 @@ def model_config(model_name: str):
 def meta_model(config, dtype: torch.dtype, attn: str) -> torch.nn.Module:
     """The architecture on the meta device: no memory, no initialisation."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        return auto_class(config).from_config(config, dtype=dtype, attn_implementation=attn)
 
 
 def random_init(model: torch.nn.Module, seed: int, device) -> torch.nn.Module:
@@ -132,7 +164,8 @@ def load_base_model(model_name: str, dtype: torch.dtype, adapter_dir: str = "", 
     for a config-only base the seeded random weights its adapter was trained on.
     ``load_kwargs`` go to ``from_pretrained`` (attention kernel, bitsandbytes, device map)."""
     if name_has_weights(model_name):
-        return from_pretrained(AutoModelForCausalLM, model_name, dtype=dtype, **load_kwargs)
+        return from_pretrained(auto_class(model_config(model_name)), model_name, dtype=dtype,
+                               **load_kwargs)
     if load_kwargs.get("quantization_config") is not None:
         raise ConfigError(f"--model_name {model_name} has no weights to quantise (a config that "
                           "the run initialised randomly): drop --quantization")
@@ -191,6 +224,7 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
     if on_meta or not weights_on_disk(train_cfg):
         config = model_config(train_cfg.model_name)
         config.use_cache = False
+        config.get_text_config().use_cache = False
         model = meta_model(config, dtype, attn)
         if quantization_config is not None:
             to_4bit_layers(model, quantization_config, dtype)
@@ -200,12 +234,14 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
         kwargs = {"dtype": dtype, "attn_implementation": attn, "use_cache": False}
         if quantize_now:
             kwargs.update(quantization_config=quantization_config, device_map={"": quantize_on})
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(train_cfg.model_name),
-                                                     **kwargs)
+        loader = auto_class(model_config(train_cfg.model_name))
+        model = loader.from_pretrained(resolve_model_path(train_cfg.model_name), **kwargs)
         if quantization_config is not None and not quantize_now:  # rank 0 of low_cpu_fsdp
             to_4bit_layers(model, quantization_config, dtype)
     if quantization_config is not None:
         keep_4bit_layout_on_cpu(model)
+    if is_vision_config(model.config):
+        check_vision_model(model)
     model.train()
     return model
 
@@ -256,9 +292,18 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, classes)]
 
 
+def text_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of the language model: all of them but a vision model's image
+    encoder layers (what a layer count, freezing and FLOPs per token are about)."""
+    config = getattr(base_model_of(model), "config", None)
+    vision = in_vision_parts(model) if is_vision_config(config) else set()
+    return [layer for layer in decoder_layers(model) if id(layer) not in vision]
+
+
 def freeze_layers(model: torch.nn.Module, num_layers: int) -> None:
-    """Freeze the first ``num_layers`` decoder layers (partial full fine-tuning)."""
-    for layer in decoder_layers(model)[:num_layers]:
+    """Freeze the first ``num_layers`` decoder layers of the language model (partial full
+    fine-tuning)."""
+    for layer in text_layers(model)[:num_layers]:
         layer.requires_grad_(False)
 
 

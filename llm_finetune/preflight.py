@@ -5,7 +5,7 @@
 from llm_finetune.adapters import check_adapter_settings
 from llm_finetune.data.loaders import check_data_settings
 from llm_finetune.engine import check_engine_settings
-from llm_finetune.model import weights_on_disk
+from llm_finetune.model import is_vision_model, weights_on_disk
 from llm_finetune.precision import check_precision_settings
 from llm_finetune.preference import check_preference_settings
 from llm_finetune.profiling import check_profiling_settings
@@ -14,6 +14,7 @@ from llm_finetune.samples import check_sample_settings
 from llm_finetune.trackers import check_tracker_packages
 from llm_finetune.train import check_training_numbers
 from llm_finetune.training_checkpoint import check_resume_settings
+from llm_finetune.vision import check_vision_settings
 
 
 def validate(run, world_size: int, cuda: bool) -> None:
@@ -30,3 +31,5 @@ def validate(run, world_size: int, cuda: bool) -> None:
     check_data_settings(run)
     check_sample_settings(t)
     check_preference_settings(run)
+    # a hub model's config is read by the run itself (finetuning.main), not here
+    check_vision_settings(run, is_vision_model(t.model_name, local_only=True))

@@ -68,7 +68,7 @@ KEPT = {
     (quantization_config, "quant_type"): "nf4",
     (quantization_config, "quant_storage"): "",
 }
-NOT_SUPPORTED = {(train_config, "freeze_LLM_only")}  # vision models
+NOT_SUPPORTED = set()  # every train_config field of theirs has one here
 COMPATIBILITY = (REPO / "docs" / "llama_recipes.md").read_text()
 
 

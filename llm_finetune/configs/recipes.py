@@ -21,4 +21,13 @@ RECIPES = {
         "num_epochs": 2,
         "lr": 1e-3,
     },
+    # no shipped data: rows with images are the user's (--dataset file_dataset; docs/vision.md)
+    "tiny-mllama": {
+        "batching_strategy": "padding",
+        "context_length": 512,
+        "batch_size_training": 8,
+        "val_batch_size": 8,
+        "num_epochs": 2,
+        "lr": 1e-3,
+    },
 }

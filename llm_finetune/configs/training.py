@@ -64,6 +64,9 @@ class train_config:
     from_peft_checkpoint: str = ""  # continue training saved adapters
     freeze_layers: bool = False
     num_freeze_layers: int = 1
+    # a vision model: its language model frozen, its image encoder, projector and
+    # cross-attention layers trained (llama-recipes' Mllama recipe; docs/vision.md)
+    freeze_LLM_only: bool = False
     quantization: str = ""  # "" | 4bit | 8bit
     # Evaluation, outputs
     run_validation: bool = True

@@ -3,12 +3,15 @@
 - instruction rows: ``{"instruction", "input", "output"}`` (column names configurable), in the
   Alpaca prompt format, loss on the output;
 - chat rows: ``{"messages": [{"role", "content"}, ...]}``, rendered with the tokenizer's chat
-  template, loss on the assistant turns only.
+  template, loss on the assistant turns only;
+- chat rows with images (``{"images": [...], "messages": ...}``) for a vision model
+  (``data/images.py``).
 
 The eval split is ``eval_files`` if given, else a seeded ``val_split`` fraction of the rows.
 """
 
 from llm_finetune.data.alpaca import instruction_sample
+from llm_finetune.data.images import IMAGES_COLUMN, image_converter
 from llm_finetune.data.read import read_rows, require_columns
 from llm_finetune.data.rows import DataError, chat_sample, tokenize_rows
 
@@ -23,16 +26,19 @@ def read_files(spec: str, setting: str = "--file_dataset.data_files"):
 
 
 def load_files(config, tokenizer, split: str, max_length: int, bad_rows: str, seed: int,
-               num_proc: int = 1):
+               num_proc: int = 1, processor=None):
+    """``processor``: a vision model's, which rows with images need."""
     if split == config.train_split or not config.eval_files:
         rows, source = read_files(config.data_files)
     else:
         rows, source = read_files(config.eval_files, "--file_dataset.eval_files")
-    to_sample = row_converter(config, tokenizer, rows, source, max_length)
+    to_sample = row_converter(config, tokenizer, rows, source, max_length, processor)
     if not config.eval_files:
         rows = held_out_part(rows, config, split, seed)
+    empty = ({"input_ids": [], "labels": [], "text": "", IMAGES_COLUMN: []}
+             if IMAGES_COLUMN in rows.column_names else None)
     return tokenize_rows(rows, to_sample, f"file_dataset {split}", bad_rows, num_proc,
-                         where=source.where)
+                         where=source.where, empty=empty)
 
 
 def held_out_part(rows, config, split: str, seed: int):
@@ -49,9 +55,15 @@ def held_out_part(rows, config, split: str, seed: int):
     return parts["train"] if split == config.train_split else parts["test"]
 
 
-def row_converter(config, tokenizer, rows, source, max_length: int):
-    """``row -> sample`` for chat rows (a messages column) or instruction rows, whose columns
-    must be there."""
+def row_converter(config, tokenizer, rows, source, max_length: int, processor=None):
+    """``row -> sample`` for chat rows (a messages column, with images or not) or instruction
+    rows, whose columns must be there."""
+    if IMAGES_COLUMN in rows.column_names:
+        if processor is None:
+            raise DataError(f"file_dataset {', '.join(source.files)}: rows with "
+                            f"{IMAGES_COLUMN!r} need a vision model (--model_name tiny-mllama, "
+                            "or a Llama 3.2 Vision model): this one reads text only")
+        return image_converter(config, processor, source, max_length)
     if config.messages_column in rows.column_names:
         if tokenizer.chat_template is None:
             raise DataError(f"chat rows ({config.messages_column!r}) need a tokenizer with a chat "

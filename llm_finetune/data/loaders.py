@@ -10,6 +10,7 @@ from llm_finetune.data.alpaca import load_alpaca
 from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_collate, packed_collate
 from llm_finetune.data.custom import custom_collator, defines_collator, load_custom
 from llm_finetune.data.files import load_files
+from llm_finetune.data.images import IMAGES_COLUMN, image_collate
 from llm_finetune.data.grammar import load_grammar
 from llm_finetune.data.read import BUILDERS
 from llm_finetune.data.pairs import (PAIR_COLUMNS, load_pairs, pair_collate, pair_lengths,
@@ -21,7 +22,7 @@ from llm_finetune.distributed import DistInfo, barrier
 from llm_finetune.errors import ConfigError
 
 
-def load_dataset_split(run, tokenizer, split: str, collated: bool = False):
+def load_dataset_split(run, tokenizer, split: str, collated: bool = False, processor=None):
     """The tokenised samples (input_ids, labels) of one split of the configured data set, with
     at least one sample that has tokens to learn; for ``--method dpo``, preference pairs (each
     with tokens to learn on both sides). ``collated``: a custom data set's collator makes the
@@ -30,17 +31,17 @@ def load_dataset_split(run, tokenizer, split: str, collated: bool = False):
     if t.method == "dpo":
         return load_pairs(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed,
                           t.tokenize_num_proc)
-    samples = read_dataset_split(run, tokenizer, split, collated)
+    samples = read_dataset_split(run, tokenizer, split, collated, processor)
     if "labels" in samples.column_names:
         check_labels(samples, f"{t.dataset} {split}", t.context_length)
     return samples
 
 
-def read_dataset_split(run, tokenizer, split: str, collated: bool = False):
+def read_dataset_split(run, tokenizer, split: str, collated: bool = False, processor=None):
     t = run.train
     if t.dataset == "file_dataset":
         return load_files(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed,
-                          t.tokenize_num_proc)
+                          t.tokenize_num_proc, processor)
     if t.dataset == "custom_dataset":
         return load_custom(run.dataset, tokenizer, split, t.context_length, collated)
     if t.dataset == "grammar_dataset":
@@ -56,11 +57,12 @@ def read_dataset_split(run, tokenizer, split: str, collated: bool = False):
                        t.tokenize_num_proc)
 
 
-def load_split(run, tokenizer, split: str, dist_info: DistInfo, collated: bool = False):
+def load_split(run, tokenizer, split: str, dist_info: DistInfo, collated: bool = False,
+               processor=None):
     """Tokenise one split, rank 0 first so that the other ranks read its ``datasets`` cache."""
     if not dist_info.is_main:
         barrier()
-    data = load_dataset_split(run, tokenizer, split, collated)
+    data = load_dataset_split(run, tokenizer, split, collated, processor)
     if dist_info.is_main:
         barrier()
     return data
@@ -77,27 +79,36 @@ def data_collator(run, tokenizer):
     return custom_collator(run.dataset, tokenizer)
 
 
-def build_dataloaders(run, tokenizer, dist_info: DistInfo):
-    """(train loader, eval loader or None)."""
+def build_dataloaders(run, tokenizer, dist_info: DistInfo, processor=None):
+    """(train loader, eval loader or None). ``processor``: a vision model's, which makes the
+    batches of rows with images."""
     t = run.train
     collator = data_collator(run, tokenizer)
     splits = [run.dataset.train_split] + ([run.dataset.test_split] if t.run_validation else [])
-    train, *evals = [load_split(run, tokenizer, split, dist_info, collator is not None)
-                     for split in splits]
+    train, *evals = [load_split(run, tokenizer, split, dist_info, collator is not None,
+                                processor) for split in splits]
     return (make_loader(train, t.batch_size_training, run, tokenizer, dist_info, shuffle=True,
-                        accumulation=t.gradient_accumulation_steps, collator=collator),
+                        accumulation=t.gradient_accumulation_steps, collator=collator,
+                        processor=processor),
             make_loader(evals[0], t.val_batch_size, run, tokenizer, dist_info, shuffle=False,
-                        collator=collator) if evals else None)
+                        collator=collator, processor=processor) if evals else None)
 
 
 def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuffle: bool,
-                accumulation: int = 1, collator=None):
-    """``collator``: a custom data set's own, given whole rows; else the rows' input_ids and
+                accumulation: int = 1, collator=None, processor=None):
+    """``collator``: a custom data set's own, given whole rows; rows with images are batched by
+    ``processor`` (padding only: vision.check_vision_settings); else the rows' input_ids and
     labels are padded or packed here."""
     t = run.train
     pairs = t.method == "dpo"  # padding only (preference.check_preference_settings)
     if collator is not None:
         samples, collate = data, collator
+    elif IMAGES_COLUMN in data.column_names:
+        if t.batching_strategy == "packing":
+            raise DataError("rows with images are batched whole, with their images: use "
+                            "--batching_strategy padding")
+        samples = token_columns(data, ("input_ids", "labels", "text", IMAGES_COLUMN))
+        collate = image_collate(processor)
     elif t.batching_strategy == "packing":
         samples = pack_samples(token_columns(data), t.context_length, tokenizer.pad_token_id)
         collate = packed_collate

@@ -23,6 +23,14 @@ class RowSource:
     def __init__(self, files: list[str], counts: list[int]):
         self.files, self.counts = files, counts
 
+    def file_of(self, index: int) -> str:
+        """The file that row ``index`` (over all files) was read from."""
+        for file, count in zip(self.files, self.counts):
+            if index < count:
+                return file
+            index -= count
+        return self.files[-1]
+
     def where(self, index: int) -> str:
         for file, count in zip(self.files, self.counts):
             if index < count:

@@ -114,9 +114,21 @@ def chat_sample(tokenizer, messages, max_length: int, prompt_messages: int = 0) 
     if not any(m["role"] == "assistant" and m["content"].strip()
                for m in messages[prompt_messages:]):
         raise BadRow("no non-empty assistant message to learn from")
+    input_ids, labels, _ = turn_tokens(tokenizer, messages, tokenizer.apply_chat_template,
+                                       prompt_messages)
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length],
+            "truncated": len(input_ids) > max_length}
+
+
+def turn_tokens(tokenizer, messages, render, prompt_messages: int = 0):
+    """(input ids, labels, text) of a conversation rendered by ``render(messages,
+    tokenize=False)`` (a chat template). Each turn's tokens are the difference between the
+    rendering of the conversation up to that turn and up to the previous one, so the template's
+    own markup stays in place; only assistant turns after the first ``prompt_messages`` are
+    labelled."""
     input_ids, labels, done = [], [], ""
     for i, message in enumerate(messages):
-        text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        text = render(messages[: i + 1], tokenize=False)
         if not text.startswith(done):
             raise BadRow("the chat template renders a conversation differently from its "
                          "prefix; it cannot be split into turns")
@@ -125,5 +137,4 @@ def chat_sample(tokenizer, messages, max_length: int, prompt_messages: int = 0) 
         learned = message["role"] == "assistant" and i >= prompt_messages
         labels += ids if learned else [-100] * len(ids)
         done = text
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length],
-            "truncated": len(input_ids) > max_length}
+    return input_ids, labels, done

@@ -1,0 +1,146 @@
+"""Vision fine-tuning (issue #18) on the built-in tiny-mllama: solid-colour images captioned with
+their colour's name, so the captions can only be learned by looking at the images."""
+
+import json
+import runpy
+
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from llm_finetune import finetuning
+from llm_finetune.config_utils import ConfigError, build_run_config
+from llm_finetune.data.rows import DataError
+from llm_finetune.model import load_base_model, load_model
+from llm_finetune.preflight import validate
+from tests.helpers import REPO, torchrun
+from tests.vision_dist_worker import VISION_CASES, fsdp_settings
+
+# the data set docs/vision.md trains on
+COLOUR_TOOL = runpy.run_path(str(REPO / "tools" / "make_colour_images.py"))
+COLOURS, conversation = COLOUR_TOOL["COLOURS"], COLOUR_TOOL["conversation"]
+write_colour_rows = COLOUR_TOOL["write_colour_rows"]
+
+
+@pytest.fixture(scope="module")
+def colour_rows(tmp_path_factory):
+    return write_colour_rows(tmp_path_factory.mktemp("colours"))
+
+
+def settings(rows, **overrides) -> dict:
+    return {"model_name": "tiny-mllama", "dataset": "file_dataset",
+            "file_dataset.data_files": str(rows), "batch_size_training": 4, "val_batch_size": 4,
+            "num_workers_dataloader": 0, "plot_metrics": False, **overrides}
+
+
+def answers(model, processor) -> dict[str, str]:
+    """What the model answers, greedily, for an image of each colour."""
+    prompt = processor.apply_chat_template(conversation(None), add_generation_prompt=True)
+    said = {}
+    for name, rgb in COLOURS.items():
+        batch = processor(text=prompt, images=[Image.new("RGB", (32, 32), rgb)],
+                          add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        said[name] = processor.decode(out[0, batch["input_ids"].shape[1]:],
+                                      skip_special_tokens=True).strip()
+    return said
+
+
+def test_full_fine_tuning_learns_colours_and_saves_a_model_transformers_loads(colour_rows,
+                                                                              tmp_path):
+    summary = finetuning.main(**settings(colour_rows, num_epochs=6, output_dir=str(tmp_path)))
+    losses = summary["eval_loss"]
+    assert losses[-1] < 0.5 * losses[0], losses
+    saved = tmp_path / "model"
+    model = AutoModelForImageTextToText.from_pretrained(saved).eval()
+    processor = AutoProcessor.from_pretrained(saved)
+    assert answers(model, processor) == {name: name for name in COLOURS}
+
+
+def test_lora_adapts_the_language_model_only_and_loads_with_peft(colour_rows, tmp_path):
+    summary = finetuning.main(**settings(colour_rows, num_epochs=1, use_peft=True,
+                                         output_dir=str(tmp_path)))
+    adapted = [n for n, p in summary["model"].named_parameters() if p.requires_grad]
+    assert adapted and all(".language_model." in n and "lora_" in n for n in adapted)
+    base = load_base_model("tiny-mllama", torch.float32, adapter_dir=str(tmp_path))
+    model = PeftModel.from_pretrained(base, tmp_path).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert set(answers(model, processor)) == set(COLOURS)  # it generates from an image
+
+
+def test_freeze_llm_only_trains_the_vision_side_and_cross_attention(colour_rows, tmp_path):
+    run = build_run_config(**settings(colour_rows))
+    before = load_model(run.train, torch.float32, on_meta=False).state_dict()
+    summary = finetuning.main(**settings(colour_rows, num_epochs=1, max_train_step=4,
+                                         freeze_LLM_only=True, save_model=False,
+                                         output_dir=str(tmp_path)))
+    cross = tuple(f"model.language_model.layers.{i}." for i in (1, 3))  # the config's
+    for name, param in summary["model"].named_parameters():
+        trains = name.startswith(("model.vision_model.", "model.multi_modal_projector.", *cross))
+        assert param.requires_grad == trains, name
+        assert trains or torch.equal(param.detach(), before[name]), name  # frozen: unchanged
+    moved = [n for n, p in summary["model"].named_parameters() if p.requires_grad
+             and not torch.equal(p.detach(), before[n])]
+    assert any(n.startswith(cross) for n in moved) and any("vision_model" in n for n in moved)
+
+
+def test_freeze_llm_only_is_refused_with_adapters():
+    with pytest.raises(ConfigError, match="only the adapters train"):
+        validate(build_run_config(model_name="tiny-mllama", freeze_LLM_only=True,
+                                  use_peft=True), 1, False)
+
+
+def test_packing_is_refused_for_a_vision_model_with_the_fix(colour_rows):
+    with pytest.raises(ConfigError, match="--batching_strategy padding"):
+        validate(build_run_config(**settings(colour_rows, batching_strategy="packing")), 1,
+                 False)
+
+
+def test_rows_with_images_need_a_vision_model(colour_rows, tmp_path):
+    with pytest.raises(DataError, match="need a vision model"):
+        finetuning.main(**settings(colour_rows, model_name="tiny-llama",
+                                   output_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ("missing", "image gone.png: no such file"),
+    ("unreadable", "image broken.png cannot be read"),
+    ("no_answer", "no non-empty assistant message"),
+    ("count", "the messages hold 1 image part"),
+])
+def test_a_bad_row_is_reported_with_its_file_and_line(tmp_path, bad, reason):
+    rows = write_colour_rows(tmp_path, rows=8)
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    row = {"missing": {"images": ["gone.png"], "messages": conversation("red")},
+           "unreadable": {"images": ["broken.png"], "messages": conversation("red")},
+           "no_answer": {"images": ["images/0.png"], "messages": conversation(None)},
+           "count": {"images": ["images/0.png", "images/1.png"],
+                     "messages": conversation("red")}}[bad]
+    lines = rows.read_text().splitlines()
+    lines.insert(4, json.dumps(row))  # line 5
+    rows.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"rows.jsonl line 5: {reason}"):
+        finetuning.main(**settings(rows, output_dir=str(tmp_path / "out"),
+                                   **{"file_dataset.val_split": 0.25}))
+
+
+@pytest.fixture(scope="module")
+def fsdp_losses(colour_rows, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vision_fsdp")
+    torchrun(REPO / "tests" / "vision_dist_worker.py", str(out), str(colour_rows))
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("case", list(VISION_CASES))
+def test_fsdp_on_two_ranks_matches_one_process(case, fsdp_losses, colour_rows, tmp_path):
+    """FSDP finds the image encoder's and the text decoder's layers (self- and cross-attention)
+    as its units, and two ranks of 2 samples train as one process of 4."""
+    kwargs = fsdp_settings(str(colour_rows), case)
+    kwargs.update(batch_size_training=4, val_batch_size=4)
+    summary = finetuning.main(**kwargs, output_dir=str(tmp_path))
+    single = [record["loss"] for record in summary["metrics"] if "loss" in record]
+    assert len(single) == 4
+    assert fsdp_losses[case] == pytest.approx(single, rel=1e-5)

@@ -1,0 +1,37 @@
+"""Run under ``torchrun --nproc_per_node 2`` by tests/test_vision.py: tiny-mllama under FSDP,
+one run per case in one launch; rank 0 writes each case's per-step losses to OUT/results.json."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from llm_finetune import finetuning
+
+# each case's settings beside the shared ones (tests/test_vision.py fsdp_settings)
+VISION_CASES = {"full": {}, "lora": {"use_peft": True}, "freeze_LLM_only": {"freeze_LLM_only": True}}
+
+
+def fsdp_settings(rows: str, case: str) -> dict:
+    return {"model_name": "tiny-mllama", "dataset": "file_dataset",
+            "file_dataset.data_files": rows, "batch_size_training": 2, "val_batch_size": 2,
+            "num_workers_dataloader": 0, "plot_metrics": False, "num_epochs": 1,
+            "max_train_step": 4, "max_eval_step": 2, "save_model": False,
+            "lora_config.lora_dropout": 0.0, **VISION_CASES[case]}
+
+
+def main(out: str, rows: str) -> None:
+    dist.init_process_group("gloo")  # one group for every case: finetuning.main reuses it
+    results = {}
+    for case in VISION_CASES:
+        summary = finetuning.main(**fsdp_settings(rows, case), enable_fsdp=True,
+                                  output_dir=f"{out}/{case}")
+        results[case] = [record["loss"] for record in summary["metrics"] if "loss" in record]
+    if dist.get_rank() == 0:
+        Path(out, "results.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
