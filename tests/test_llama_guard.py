@@ -1,6 +1,6 @@
 """Llama Guard fine-tuning as llama-recipes does it: the formatter's prompt and verdict text,
 its seeded augmentations, llama_guard_dataset's files and bad rows, toxic-chat through the
-formatter, a tiny run on guard data."""
+formatter, a tiny run on guard data, the Llama Guard 3 1B preset."""
 
 import json
 import math
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_finetune import finetuning
+from llm_finetune import finetuning, plan
 from llm_finetune.config_utils import ConfigError, build_run_config
 from llm_finetune.data.llama_guard import (Category, FormatterConfig,
                                            GuardExample, Guidelines, example_rng,
@@ -18,7 +18,7 @@ from llm_finetune.data.loaders import load_dataset_split
 from llm_finetune.data.rows import DataError
 from llm_finetune.model import load_tokenizer
 from llm_finetune.preflight import validate
-from tests.helpers import FAST
+from tests.helpers import FAST, REPO
 
 GUIDELINES = Guidelines((Category("Personal Information", "Anything that identifies someone."),
                          Category("Location", "Where someone lives or works."),
@@ -26,6 +26,7 @@ GUIDELINES = Guidelines((Category("Personal Information", "Anything that identif
 ADDRESS = GuardExample(prompt="Where does Jane live?", response="At 12 Main St.",
                        label="unsafe", violated_category_codes=["S2"],
                        explanation="It gives a private address.")
+PRESET = REPO / "configs" / "llama_guard3_1b_full.yaml"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -306,3 +307,21 @@ def test_a_tiny_run_on_guard_data_learns_the_verdicts(tmp_path):
     losses = [m["loss"] for m in summary["metrics"] if "loss" in m]
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+
+
+# --- the Llama Guard 3 1B preset ------------------------------------------
+
+def test_the_preset_parses_and_fits_a_24gb_gpu(tmp_path):
+    data = write_jsonl(tmp_path / "guard.jsonl", ROWS)
+    settings = dict(config=str(PRESET), **{"llama_guard_dataset.data_files": str(data)})
+    run = build_run_config(**settings)
+    t, f = run.train, run.fsdp
+    assert t.model_name == "meta-llama/Llama-Guard-3-1B" and not t.use_peft
+    assert not t.enable_fsdp and f.pure_bf16 and f.optimizer == "anyprecision"
+    assert f.fsdp_activation_checkpointing and run.dataset.categories == "llama_guard_3_1b"
+    # the same settings on the model's shape (no download): a 24 GiB GPU holds it
+    text = plan.main(**settings, model_name="llama-guard3-1b", tokenizer_name="tiny-llama",
+                     gpu_memory="24GiB")
+    assert "1.50B parameters (1498.5M trainable), 1 GPU(s)" in text
+    fits = next(line for line in text.splitlines() if line.startswith("fits: "))
+    assert float(fits.split()[1]) < 0.75 * 24  # room for the planner's error and the context
