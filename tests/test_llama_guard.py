@@ -1,6 +1,6 @@
 """Llama Guard fine-tuning as llama-recipes does it: the formatter's prompt and verdict text,
 its seeded augmentations, llama_guard_dataset's files and bad rows, toxic-chat through the
-formatter, a tiny run on guard data, the Llama Guard 3 1B preset."""
+formatter, a tiny run on guard data, the Llama Guard 3 1B preset and its device script."""
 
 import json
 import math
@@ -309,7 +309,7 @@ def test_a_tiny_run_on_guard_data_learns_the_verdicts(tmp_path):
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
 
 
-# --- the Llama Guard 3 1B preset ------------------------------------------
+# --- the Llama Guard 3 1B preset and its device script ------------------------------------------
 
 def test_the_preset_parses_and_fits_a_24gb_gpu(tmp_path):
     data = write_jsonl(tmp_path / "guard.jsonl", ROWS)
@@ -325,3 +325,17 @@ def test_the_preset_parses_and_fits_a_24gb_gpu(tmp_path):
     assert "1.50B parameters (1498.5M trainable), 1 GPU(s)" in text
     fits = next(line for line in text.splitlines() if line.startswith("fits: "))
     assert float(fits.split()[1]) < 0.75 * 24  # room for the planner's error and the context
+
+
+def test_the_device_script_runs_the_preset_on_the_tiny_model(tmp_path):
+    """Its data, launch, metrics, planner and loading, in fp32 and short blocks on CPU."""
+    from benchmarks import device_llama_guard
+
+    summary = device_llama_guard.main(
+        str(tmp_path), model_name="tiny-llama", steps=2, rows=80,
+        overrides={"fsdp_config.pure_bf16": False, "fsdp_config.optimizer": "AdamW",
+                   "context_length": 1024, "batch_size_training": 2})
+    assert summary["rc"] == 0 and len(summary["losses"]) == 2
+    assert summary["saved"].startswith("loads with transformers") and summary["tokens_per_s"] > 0
+    assert 0 < summary["planned_peak_gib"] < 1
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
