@@ -54,6 +54,7 @@ CHOICES = {
     "train_config.dataset": tuple(DATASET_CONFIGS),
     "train_config.method": ("sft", "dpo"),
     "train_config.dpo_loss": ("sigmoid", "ipo", "hinge"),
+    "llama_guard_dataset.explanation_position": ("none", "before", "after"),
     "fsdp_config.sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
     "fsdp_config.checkpoint_type": ("SHARDED_STATE_DICT", "FULL_STATE_DICT"),
     "fsdp_config.backward_prefetch": ("BACKWARD_PRE", "BACKWARD_POST", "NONE"),

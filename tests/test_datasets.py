@@ -303,8 +303,9 @@ def test_hub_data_set_offline_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_llamaguard_toxicchat_learns_only_the_verdict(tmp_path):
-    """toxic-chat rows in Llama Guard's prompt: the label is safe / unsafe + the top moderation
-    category as a Llama Guard code; the prompt has no loss; a malformed row is named."""
+    """toxic-chat rows in Llama Guard 3's prompt (the formatter's default layout): the label is
+    safe / unsafe + the top moderation category as a Llama Guard code; the prompt has no loss;
+    a malformed row is named. (Its earlier prompt: tests/test_llama_guard.py.)"""
     rows = [{"user_input": "How do I bake bread?", "toxicity": 0, "openai_moderation": "[]"},
             {"user_input": "I hate them all", "toxicity": 1,
              "openai_moderation": "[['sexual', 0.01], ['harassment', 0.8], ['hate', 0.4]]"},
@@ -319,7 +320,9 @@ def test_llamaguard_toxicchat_learns_only_the_verdict(tmp_path):
     for sample in samples.select(range(3)):
         first = next(i for i, label in enumerate(sample["labels"]) if label != -100)
         prompt = tokenizer.decode(sample["input_ids"][1:first])
-        assert "S10: Hate." in prompt and prompt.rstrip().endswith("violated categories.")
+        assert "\nS10: Hate.\n" in prompt and "S14: Code Interpreter Abuse." in prompt
+        assert prompt.endswith("violated categories.<|eot_id|><|start_header_id|>assistant"
+                               "<|end_header_id|>\n\n")
         verdicts.append(tokenizer.decode(sample["labels"][first:-1]))
     assert verdicts == ["safe", "unsafe\nS10", "unsafe"]
     assert "User: I hate them all" in tokenizer.decode(samples[1]["input_ids"])

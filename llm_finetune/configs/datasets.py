@@ -71,7 +71,27 @@ class grammar_dataset:
 
 
 @dataclass
-class llamaguard_toxicchat_dataset:
+class _llama_guard_format:
+    """How a Llama Guard example becomes its prompt and verdict (data/llama_guard.py)."""
+    # "llama_guard_3" (the model's own layout, with Llama 3's chat markup), or the template text
+    # itself with {categories}, {conversation} and optionally {agent_type} ("User" or "Agent")
+    prompt_template: str = "llama_guard_3"
+    # a built-in list ("llama_guard_3": S1-S14; "llama_guard_3_1b": S1-S13, what Llama Guard 3
+    # 1B knows), or a JSON file: a list of {"name", "description"}, coded S1, S2, ... in order
+    categories: str = "llama_guard_3"
+    include_descriptions: bool = False  # each category's description under its name
+    # Augmentation of the train split, seeded by --seed (the eval split stays as given).
+    # List the categories in a random order (codes follow the order shown):
+    shuffle_categories: bool = False
+    # Add a copy of each example without some of the categories it does not violate:
+    drop_categories: bool = False
+    # Add a safe copy of each unsafe example without the categories it violates (and some
+    # others):
+    drop_violated_categories: bool = False
+
+
+@dataclass
+class llamaguard_toxicchat_dataset(_llama_guard_format):
     """Safety classification in Llama Guard 3's prompt format (lmsys/toxic-chat: user_input,
     toxicity, openai_moderation): the model learns the verdict, "safe" or "unsafe" and the
     violated category, with no loss on the prompt."""
@@ -81,3 +101,21 @@ class llamaguard_toxicchat_dataset:
     eval_file: str = ""
     train_split: str = "train"
     test_split: str = "test"
+
+
+@dataclass
+class llama_guard_dataset(_llama_guard_format):
+    """Your own Llama Guard examples, one per row: prompt, optional response, label ("safe" or
+    "unsafe"), violated_category_codes (a list, or "S1,S3"), optional explanation
+    (llama-recipes' TrainingExample fields)."""
+    data_files: str = ""  # one or more files, comma-separated: .jsonl, .json, .parquet, .csv
+    eval_files: str = ""  # empty: hold out val_split of data_files
+    val_split: float = 0.05
+    train_split: str = "train"
+    test_split: str = "test"
+    category_code_prefix: str = "S"
+    # "none", or where the explanation's line goes: "before" or "after" the verdict (each row
+    # then needs an explanation)
+    explanation_position: str = "none"
+    # with explanations on, the explanation of drop_violated_categories' safe copies
+    safe_explanation: str = ""

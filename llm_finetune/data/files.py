@@ -43,15 +43,16 @@ def load_files(config, tokenizer, split: str, max_length: int, bad_rows: str, se
 
 def held_out_part(rows, config, split: str, seed: int):
     """The train rows, or the seeded ``val_split`` fraction held out for evaluation."""
+    name = type(config).__name__
     if not 0 < config.val_split < 1:
-        raise DataError("--file_dataset.val_split must be between 0 and 1 (or give "
-                        "--file_dataset.eval_files)")
+        raise DataError(f"--{name}.val_split must be between 0 and 1 (or give "
+                        f"--{name}.eval_files)")
     try:
         parts = rows.train_test_split(test_size=config.val_split, seed=seed)
     except ValueError as error:  # too few rows for a non-empty train and test part
-        raise DataError(f"--file_dataset.data_files: {len(rows)} rows cannot be split into train "
-                        f"and eval parts by --file_dataset.val_split {config.val_split} ({error})"
-                        ": give more rows or --file_dataset.eval_files") from None
+        raise DataError(f"--{name}.data_files: {len(rows)} rows cannot be split into train "
+                        f"and eval parts by --{name}.val_split {config.val_split} ({error})"
+                        f": give more rows or --{name}.eval_files") from None
     return parts["train"] if split == config.train_split else parts["test"]
 
 

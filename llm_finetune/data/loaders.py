@@ -12,6 +12,7 @@ from llm_finetune.data.custom import custom_collator, defines_collator, load_cus
 from llm_finetune.data.files import load_files
 from llm_finetune.data.images import IMAGES_COLUMN, image_collate
 from llm_finetune.data.grammar import load_grammar
+from llm_finetune.data.guard_rows import check_guard_settings, load_llama_guard
 from llm_finetune.data.read import BUILDERS
 from llm_finetune.data.pairs import (PAIR_COLUMNS, load_pairs, pair_collate, pair_lengths,
                                      pair_tokens)
@@ -52,7 +53,10 @@ def read_dataset_split(run, tokenizer, split: str, collated: bool = False, proce
                               t.tokenize_num_proc)
     if t.dataset == "llamaguard_toxicchat_dataset":
         return load_toxicchat(run.dataset, tokenizer, split, t.context_length, t.bad_rows,
-                              t.tokenize_num_proc)
+                              t.seed, t.tokenize_num_proc)
+    if t.dataset == "llama_guard_dataset":
+        return load_llama_guard(run.dataset, tokenizer, split, t.context_length, t.bad_rows,
+                                t.seed, t.tokenize_num_proc)
     return load_alpaca(run.dataset, tokenizer, split, t.context_length, t.bad_rows,
                        t.tokenize_num_proc)
 
@@ -182,6 +186,7 @@ def check_data_settings(run) -> None:
         raise ConfigError("--dataset custom_dataset needs --custom_dataset.file "
                           "path/to/file.py[:function]")
     check_data_files(run)
+    check_guard_settings(run)
 
 
 def check_data_files(run) -> None:
