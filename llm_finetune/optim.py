@@ -6,6 +6,9 @@ import math
 
 import torch
 
+# elements of a weight that AnyPrecisionAdamW's step updates at once (fp32 temporaries: 64 MiB)
+STEP_SLICE = 2**24
+
 
 class AnyPrecisionAdamW(torch.optim.Optimizer):
     """AdamW for bf16 weights, llama-recipes' ``--fsdp_config.optimizer anyprecision``.
@@ -34,28 +37,42 @@ class AnyPrecisionAdamW(torch.optim.Optimizer):
         return loss
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
-        beta1, beta2 = group["betas"]
         state = self.state[param]
         if not state:
             state["step"] = torch.tensor(0.0)
             for name in ("exp_avg", "exp_avg_sq", "compensation"):
                 state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["step"] += 1
-        step = float(state["step"])
-        grad = param.grad.float()
-        exp_avg = state["exp_avg"].float().lerp(grad, 1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"].float().mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        state["exp_avg"].copy_(exp_avg)
-        state["exp_avg_sq"].copy_(exp_avg_sq)
+        tensors = (param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["compensation"])
+        if not all(t.is_contiguous() for t in tensors):  # no flat view to slice: in one piece
+            self._update_slice(*tensors, group, float(state["step"]))
+            return
+        # A step's fp32 arithmetic makes about six temporaries the size of what it updates: in
+        # slices, a large weight (a 128k-token embedding: 1 GiB each in fp32) costs a few
+        # slices' worth at the step, not six copies of itself (docs/memory.md). Elementwise:
+        # the result is the same bit for bit.
+        flat = [t.view(-1) for t in tensors]
+        for start in range(0, param.numel(), STEP_SLICE):
+            self._update_slice(*(t[start:start + STEP_SLICE] for t in flat), group,
+                               float(state["step"]))
+
+    @staticmethod
+    def _update_slice(param, grad, exp_avg_state, exp_avg_sq_state, compensation, group: dict,
+                      step: float) -> None:
+        beta1, beta2 = group["betas"]
+        grad = grad.float()
+        exp_avg = exp_avg_state.float().lerp(grad, 1 - beta1)
+        exp_avg_sq = exp_avg_sq_state.float().mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg_state.copy_(exp_avg)
+        exp_avg_sq_state.copy_(exp_avg_sq)
         denom = (exp_avg_sq.sqrt_() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
         update = exp_avg.div_(denom).mul_(-group["lr"] / (1 - beta1 ** step))
         old = param.float()
         if group["weight_decay"]:
             update.add_(old, alpha=-group["lr"] * group["weight_decay"])
-        update.add_(state["compensation"].float())
+        update.add_(compensation.float())
         param.copy_(old + update)
-        state["compensation"].copy_(update - (param.float() - old))  # what rounding dropped
-
+        compensation.copy_(update - (param.float() - old))  # what rounding dropped
 
 def build_optimizer(model: torch.nn.Module, train_cfg, grad_scaler: bool,
                     kind: str = "AdamW") -> torch.optim.Optimizer:

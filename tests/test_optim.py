@@ -2,7 +2,7 @@
 
 import torch
 
-from llm_finetune import finetuning
+from llm_finetune import finetuning, optim
 from llm_finetune.optim import AnyPrecisionAdamW
 from tests.helpers import FAST
 
@@ -48,3 +48,25 @@ def test_anyprecision_trains_and_checkpoints_a_bf16_model(tmp_path):
     losses = [m["loss"] for m in summary["metrics"] if "loss" in m]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert (tmp_path / "checkpoints" / "step-00000004").is_dir()
+
+
+def test_anyprecision_steps_in_slices_give_the_same_weights(monkeypatch):
+    """A weight larger than a slice is updated slice by slice (bounded fp32 temporaries): the
+    weights, moments and compensation equal one whole-tensor update bit for bit."""
+    from llm_finetune import optim
+
+    def run(slice_size):
+        monkeypatch.setattr(optim, "STEP_SLICE", slice_size)
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(37, 11).bfloat16())
+        opt = AnyPrecisionAdamW([weight], lr=1e-3, weight_decay=0.01)
+        for _ in range(3):
+            weight.grad = torch.randn(37, 11).bfloat16()
+            opt.step()
+        return weight.detach(), [opt.state[weight][k] for k in
+                                 ("exp_avg", "exp_avg_sq", "compensation")]
+
+    whole, whole_states = run(10**9)
+    sliced, sliced_states = run(50)  # 407 elements in 9 slices, the last one short
+    assert torch.equal(whole, sliced)
+    assert all(torch.equal(a, b) for a, b in zip(whole_states, sliced_states))
