@@ -27,7 +27,7 @@ setup(
         # to install (docs/evaluation.md), so CI skips tests/test_evaluate.py without it
         "eval": ["lm_eval>=0.4.13,<0.5"],
         # the optional paths are tested too: TensorBoard, plots, the executed notebook
-        "test": ["pytest>=8", "tensorboard", "matplotlib", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "tensorboard", "matplotlib", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["llm-finetune=llm_finetune.finetuning:console_main"]},
 )

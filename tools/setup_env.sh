@@ -3,7 +3,7 @@
 # Sourced by tools/finetune.sh and tools/test.sh, so each README command sets itself up.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import llm_finetune, pytest" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import llm_finetune, pytest, xdist" 2>/dev/null; then
   python3 -m venv .venv
   # PyTorch first, pinned, so that the package's "torch>=2.6" is already met (a CPU build
   # here; on a GPU machine install the CUDA build of your choice before this script).

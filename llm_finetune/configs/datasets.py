@@ -19,13 +19,18 @@ class alpaca_dataset:
 
 
 @dataclass
-class file_dataset:
+class _local_files:
+    """Rows from the user's own files (file_dataset, llama_guard_dataset)."""
     # one or more files, comma-separated: .jsonl, .json, .parquet or .csv
     data_files: str = ""
     eval_files: str = ""  # empty: hold out val_split of data_files
     val_split: float = 0.05
     train_split: str = "train"
     test_split: str = "test"
+
+
+@dataclass
+class file_dataset(_local_files):
     # instruction rows
     instruction_column: str = "instruction"
     input_column: str = "input"
@@ -104,15 +109,10 @@ class llamaguard_toxicchat_dataset(_llama_guard_format):
 
 
 @dataclass
-class llama_guard_dataset(_llama_guard_format):
+class llama_guard_dataset(_llama_guard_format, _local_files):
     """Your own Llama Guard examples, one per row: prompt, optional response, label ("safe" or
     "unsafe"), violated_category_codes (a list, or "S1,S3"), optional explanation
     (llama-recipes' TrainingExample fields)."""
-    data_files: str = ""  # one or more files, comma-separated: .jsonl, .json, .parquet, .csv
-    eval_files: str = ""  # empty: hold out val_split of data_files
-    val_split: float = 0.05
-    train_split: str = "train"
-    test_split: str = "test"
     category_code_prefix: str = "S"
     # "none", or where the explanation's line goes: "before" or "after" the verdict (each row
     # then needs an explanation)

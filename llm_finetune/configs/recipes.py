@@ -10,24 +10,19 @@ bending to it. Keys are what a user types: ``lr`` (train_config), ``alpaca_datas
 
 from llm_finetune.configs.datasets import SHIPPED_ALPACA
 
+# what a 1M-parameter model needs to learn in a minute on CPU: short padded batches, a large step
+SMALL_MODEL = {
+    "batching_strategy": "padding",
+    "context_length": 512,
+    "batch_size_training": 8,
+    "val_batch_size": 8,
+    "num_epochs": 2,
+    "lr": 1e-3,
+}
+
 RECIPES = {
-    "tiny-llama": {
-        "dataset": "alpaca_dataset",
-        "alpaca_dataset.data_path": SHIPPED_ALPACA,
-        "batching_strategy": "padding",
-        "context_length": 512,
-        "batch_size_training": 8,
-        "val_batch_size": 8,
-        "num_epochs": 2,
-        "lr": 1e-3,
-    },
+    "tiny-llama": {"dataset": "alpaca_dataset", "alpaca_dataset.data_path": SHIPPED_ALPACA,
+                   **SMALL_MODEL},
     # no shipped data: rows with images are the user's (--dataset file_dataset; docs/vision.md)
-    "tiny-mllama": {
-        "batching_strategy": "padding",
-        "context_length": 512,
-        "batch_size_training": 8,
-        "val_batch_size": 8,
-        "num_epochs": 2,
-        "lr": 1e-3,
-    },
+    "tiny-mllama": dict(SMALL_MODEL),
 }
