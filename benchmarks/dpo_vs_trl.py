@@ -26,6 +26,8 @@ from pathlib import Path
 
 import fire
 
+from llm_finetune.metrics import read_metrics, steady_tokens_per_s
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS, RESPONSE_TOKENS = 256, 768
 MAX_LENGTH = 2 * (PROMPT_TOKENS + RESPONSE_TOKENS)  # room: nothing is truncated
@@ -91,10 +93,8 @@ def run_ours(model: str, pairs_file: Path, pairs: int, steps: int, name: str, ou
     (out / "run.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         return {"error": (done.stdout + done.stderr)[-1500:]}
-    steps_logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps_logged = [s for s in steps_logged if "loss" in s and "tokens_per_s" in s]
-    steady = steps_logged[2:] or steps_logged
-    return {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in steady),
+    steps_logged, _ = read_metrics(out)
+    return {"tokens_per_s": steady_tokens_per_s(steps_logged),
             "peak_gib": max(s["peak_gpu_mem_gib"] or 0.0 for s in steps_logged),
             "losses": [s["loss"] for s in steps_logged],
             "reward_accuracy": [s.get("reward_accuracy") for s in steps_logged]}
@@ -148,10 +148,10 @@ def run_trl(model: str, pairs_file: Path, pairs: int, steps: int, ac: bool, out:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     tokens_per_step = pairs * json.loads((out.parent / "pair_tokens.json").read_text())
-    steady = timer.times[2:] or timer.times
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     accuracy = [h.get("rewards/accuracies") for h in trainer.state.log_history if "loss" in h]
-    return {"tokens_per_s": tokens_per_step / statistics.median(steady),
+    step_s = statistics.median(timer.times[2:] or timer.times)  # steps 3 on, as ours
+    return {"tokens_per_s": tokens_per_step / step_s,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
             "losses": losses, "reward_accuracy": accuracy}
 

@@ -59,3 +59,22 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300) -> Non
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
                              f"{done.stdout[-6000:]}\n{done.stderr[-12000:]}")
+
+
+def parse_flags(args: list[str]) -> tuple[list[str], dict]:
+    """fire's reading of ``--key value`` / ``--key=value`` / bare ``--flag`` (True)."""
+    positional, flags, i = [], {}, 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                    value, i = args[i + 1], i + 1
+                else:
+                    value = "True"
+            flags[key] = value
+        elif arg != "...":
+            positional.append(arg)
+        i += 1
+    return positional, flags

@@ -18,7 +18,7 @@ import pytest
 
 from llm_finetune import chat_completion, convert, evaluate, inference, plot
 from llm_finetune.config_utils import build_run_config
-from tests.helpers import REPO
+from tests.helpers import REPO, parse_flags
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
         *sorted((REPO / "examples").rglob("*.md"))]
@@ -36,25 +36,6 @@ def shell_commands(path: Path) -> list[str]:
 
 COMMANDS = [(path.relative_to(REPO).as_posix(), command)
             for path in DOCS for command in shell_commands(path)]
-
-
-def parse_flags(args: list[str]) -> tuple[list[str], dict]:
-    """fire's reading of ``--key value`` / ``--key=value`` / bare ``--flag`` (True)."""
-    positional, flags, i = [], {}, 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                    value, i = args[i + 1], i + 1
-                else:
-                    value = "True"
-            flags[key] = value
-        elif arg != "...":
-            positional.append(arg)
-        i += 1
-    return positional, flags
 
 
 def test_the_docs_have_commands_to_check():

@@ -18,7 +18,7 @@ from llm_finetune import finetuning
 from llm_finetune.config_utils import ConfigError, build_run_config
 from llm_finetune.configs.datasets import SHIPPED_ALPACA
 from llm_finetune.preflight import validate
-from tests.helpers import REPO, save_tiny_model, torchrun
+from tests.helpers import REPO, parse_flags, save_tiny_model, torchrun
 
 MULTI_GPU_LORA = ("torchrun --nnodes 1 --nproc_per_node 4  finetuning.py --enable_fsdp --model_name "
                   "/path_of_model_folder/8B --use_peft --peft_method lora --output_dir "
@@ -117,18 +117,6 @@ def launch(command: str, model_dir: Path, output_dir: Path) -> tuple[int, list[s
     return nodes * per_node, args
 
 
-def settings(args: list[str]) -> dict:
-    """fire's reading of the arguments: ``--key value``, or a bare ``--flag`` for True."""
-    result, i = {}, 0
-    while i < len(args):
-        key = args[i].removeprefix("--")
-        if i + 1 < len(args) and not args[i + 1].startswith("--"):
-            result[key], i = args[i + 1], i + 2
-        else:
-            result[key], i = True, i + 1
-    return result
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("model") / "8B")
@@ -137,7 +125,7 @@ def model_dir(tmp_path_factory):
 @pytest.mark.parametrize("where,command", DOCUMENTED)
 def test_documented_command_is_accepted(where, command, model_dir, tmp_path):
     world_size, args = launch(command, model_dir, tmp_path / "out")
-    run = build_run_config(**settings(args))
+    run = build_run_config(**parse_flags(args)[1])
     validate(run, world_size, cuda=True)
 
 
@@ -146,7 +134,7 @@ def test_documented_command_that_cannot_work_is_refused_with_the_fix(where, comm
                                                                       model_dir, tmp_path):
     world_size, args = launch(command, model_dir, tmp_path / "out")
     with pytest.raises(ConfigError, match=expected):
-        validate(build_run_config(**settings(args)), world_size, cuda=True)
+        validate(build_run_config(**parse_flags(args)[1]), world_size, cuda=True)
 
 
 def test_the_multi_gpu_lora_command_runs_and_leaves_llama_recipes_outputs(model_dir, tmp_path):
@@ -167,7 +155,7 @@ def test_the_full_fsdp_command_saves_where_llama_recipes_does(model_dir, tmp_pat
     where the command runs, with train_params.yaml, as llama-recipes' converter expects."""
     monkeypatch.chdir(tmp_path)
     _, args = launch(MULTI_GPU_FULL, model_dir, tmp_path / "out")
-    finetuning.main(**settings(args + SHORT_RUN + ["--output_dir", str(tmp_path / "out")]))
+    finetuning.main(**parse_flags(args + SHORT_RUN + ["--output_dir", str(tmp_path / "out")])[1])
     saved = tmp_path / "model_checkpoints" / "fine-tuned-8B"  # the model folder's last name
     assert list(saved.glob("*.distcp"))
     params = yaml.safe_load((saved / "train_params.yaml").read_text())

@@ -145,11 +145,12 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         # fp16 loss scaling costs about one fp32 copy of the trainable weights' gradients at
         # the optimizer step on top of bf16's peak (measured on full fine-tuning: docs/memory.md)
         plan.gpu["fp16 loss scaling (gradients unscaled)"] = counts.trainable * 4 / shards
+    # the tokens of one micro-batch, every sequence of it (DPO: both sides of each pair)
+    tokens = t.batch_size_training * t.context_length * sequences_per_sample(run)
     if t.quantization == "8bit":
         # LLM.int8's matmuls quantise each input row and keep int32 outputs and fp16 outliers:
         # buffers in proportion to the tokens, fitted on one measurement (docs/memory.md)
-        tokens_in_flight = t.batch_size_training * t.context_length * sequences_per_sample(run)
-        plan.gpu["8-bit matmul buffers (LLM.int8)"] = tokens_in_flight * counts.hidden * 96
+        plan.gpu["8-bit matmul buffers (LLM.int8)"] = tokens * counts.hidden * 96
     if t.enable_ddp:  # DDP all-reduces gradients through buckets that copy them
         plan.gpu["DDP gradient buckets"] = grads
         plan.backward_only.add("DDP gradient buckets")
@@ -161,7 +162,7 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         gathered += counts.largest_layer * 4 if counts.trainable else 0  # unsharded fp32 grads
         plan.gpu["gathered FSDP units (root + 2 layers)"] = gathered
 
-    plan_activations(plan, run, counts, compute_bytes)
+    plan_activations(plan, run, counts, compute_bytes, tokens)
     plan.gpu["workspace (allocator, cuBLAS, NCCL)"] = WORKSPACE_BYTES
 
     full_model = counts.total * weight_bytes
@@ -170,12 +171,12 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
     return plan
 
 
-def plan_activations(plan: Plan, run, counts: ModelCounts, compute_bytes: int) -> None:
+def plan_activations(plan: Plan, run, counts: ModelCounts, compute_bytes: int,
+                     tokens: int) -> None:
     """What forward keeps for backward (all layers, or checkpointed layers' inputs) and the
     loss's buffers: both exist at the end of forward only."""
     t, f = run.train, run.fsdp
     # DPO's reference forward keeps nothing (no_grad) and ends before the policy's begins
-    tokens = t.batch_size_training * t.context_length * sequences_per_sample(run)
     per_layer = tokens * activation_bytes_per_token_per_layer(
         counts, compute_bytes, frozen_base=t.use_peft, compiled=t.torch_compile)
     if f.fsdp_activation_checkpointing:
