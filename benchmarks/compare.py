@@ -80,8 +80,12 @@ LAYERS_HIDDEN = {"llama3-8b": (32, 4096), "llama3.2-1b": (16, 2048), "CHECKPOINT
 MEASURED_PEAK = 790e12  # bf16 matmul rate measured on the project's H100/H200s
 
 
-def run_json(cmd: list[str], env: dict) -> tuple[str, dict | None]:
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+def run_json(cmd: list[str], env: dict, timeout: int = 900) -> tuple[str, dict | None]:
+    try:
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        return f"timed out after {timeout} s\n{expired.stdout!s}{expired.stderr!s}", None
     log = done.stdout + done.stderr
     if done.returncode != 0:
         return log, None
@@ -216,15 +220,18 @@ def check_losses(names: list[str], steps: int, work: Path, env: dict, fast_kerne
     return rows
 
 
-def write_checkpoint(directory: Path, env: dict) -> None:
-    """A random Llama-3-8B in bf16 safetensors, initialised on the GPU (what from_pretrained
-    with a BitsAndBytesConfig needs: weights on disk)."""
+def write_checkpoint(directory: Path, env: dict, shape: str = "llama3-8b") -> None:
+    """A random model of ``shape`` in bf16 safetensors, initialised on the GPU, with tiny-llama's
+    tokenizer beside it: what from_pretrained with a BitsAndBytesConfig needs (weights on
+    disk), and what Unsloth loads."""
     if (directory / "config.json").is_file() and any(directory.glob("*.safetensors")):
         return  # written by an earlier scenario (one file or shards, as transformers chose)
-    code = ("import torch; from llm_finetune.model import meta_model, random_init; "
+    code = ("import torch; from transformers import AutoTokenizer; "
+            "from llm_finetune.model import BUILTIN_MODELS, meta_model, random_init; "
             "from llm_finetune.shapes import SHAPES; "
-            "m = random_init(meta_model(SHAPES['llama3-8b'](), torch.bfloat16, 'sdpa'), 0, 'cuda'); "
-            f"m.save_pretrained('{directory}')")
+            f"m = random_init(meta_model(SHAPES['{shape}'](), torch.bfloat16, 'sdpa'), 0, 'cuda'); "
+            f"m.save_pretrained('{directory}'); "
+            f"AutoTokenizer.from_pretrained(BUILTIN_MODELS['tiny-llama']).save_pretrained('{directory}')")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=900)
 
 

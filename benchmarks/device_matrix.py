@@ -96,6 +96,12 @@ def cells(gpus: int) -> list[dict]:
                                                   NOT_SAVED, "False"], shape=BIG)
     add("README --low_cpu_fsdp --use_peft (1B, weights on disk)", "fsdp1",
         ["--use_peft", "True", "--low_cpu_fsdp", "True", "--model_name", "{weights}"])
+    # nothing pinned: the GPU defaults choose attention, micro-batch and checkpointing
+    # (planned for a share of the GPU, which the parallel cells share), and a resume repeats it
+    unpinned = ["--gpu_memory", "24GiB"]
+    add("GPU defaults: --use_peft, nothing pinned (1B)", "one", ["--use_peft", "True", *unpinned],
+        resume=True)
+    add("GPU defaults: design card, nothing pinned (1B)", "fsdp1", ["--use_peft", "True", *unpinned])
     # the presets in configs/, with a real shape and the shipped data in place of hub downloads
     for preset in ("llama3_8b_lora", "llama3_8b_full_fsdp"):
         add(f"configs/{preset}.yaml", "fsdp1", ["--config", f"configs/{preset}.yaml",
@@ -120,6 +126,8 @@ def command(cell: dict, out: Path, steps: int, extra: list[str] = ()) -> list[st
     model = [] if "--model_name" in rest or cell["shape"] == "tiny" else \
         ["--model_name", str(SHAPES / cell["shape"])]
     common = [] if cell["shape"] == "tiny" else without_flags(COMMON, rest)
+    if "nothing pinned" in cell["name"]:  # llama-recipes' default batch, for the defaults to split
+        common = without_flags(common, ["--batch_size_training"])
     return [*launch, *preset, *model, *common, *rest, "--max_train_step", str(steps),
             "--output_dir", str(out), "--dist_checkpoint_root_folder", str(out / "dcp"), *extra]
 

@@ -34,7 +34,7 @@ from llm_finetune.model import (decoder_layer_classes, fit_embeddings_to_tokeniz
                                 load_processor, load_tokenizer, text_layers)
 from llm_finetune.optim import build_optimizer, build_scheduler
 from llm_finetune.output_dir import check_output_dir, check_output_dir_reuse, clear_previous_run
-from llm_finetune.plan import fit_to_gpu, plan_run
+from llm_finetune.plan import apply_gpu_defaults, fit_to_gpu, plan_run
 from llm_finetune.plot import plot
 from llm_finetune.precision import choose_precision, make_grad_scaler
 from llm_finetune.preference import PreferenceLoss, reference_model
@@ -160,13 +160,16 @@ def main(**kwargs) -> dict:
 
 def configure(kwargs: dict, world_size: int, cuda: bool, verbose: bool):
     """The run's settings: built (a built-in model's recipe said), checked, made deterministic
-    before CUDA does any work if asked, and fitted to the GPU under ``--auto_fit``."""
+    before CUDA does any work if asked, and on a GPU fast by default (``plan.gpu_defaults``)
+    or fitted to it under ``--auto_fit``."""
     run = build_run_config(**kwargs)
     if run.recipe and verbose:
         print(describe_recipe(run), flush=True)
     validate(run, world_size, cuda)
     if run.train.deterministic:  # before CUDA does any work, and before the model is built
         make_deterministic()
+    # on a GPU, what was not given takes its fastest value (printed); --auto_fit asks for it
+    run = apply_gpu_defaults(run, world_size, cuda, verbose)
     if run.train.auto_fit:  # the fastest micro-batch and checkpointing this GPU holds
         run = fit_to_gpu(run, world_size, cuda)
     return run

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from llm_finetune.adapters import base_model_of
+from llm_finetune.attention import packed_attention_inputs
+from llm_finetune.data.batching import SAMPLE_STARTS
 from llm_finetune.model import unwrap
 from llm_finetune.vision import VISION_INPUTS
 
@@ -30,6 +32,14 @@ IGNORE = -100
 # what a batch passes to the model: tokens, and a vision model's images and masks
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", *VISION_INPUTS)
 CHUNK_TOKENS = 2048  # 2048 x 128k fp32 logits = 1 GiB per chunk, freed before the next
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """What ``model`` is called with: the batch's model inputs, and for packed batches under
+    the varlen attention where its samples start (attention.py)."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    return inputs | packed_attention_inputs(model, batch.get(SAMPLE_STARTS),
+                                            batch["input_ids"].shape[1])
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -146,7 +156,7 @@ def token_loss_sum(model, batch: dict, head=None) -> tuple[torch.Tensor, int]:
 
     ``head``: the model's output layer (``output_layer``), which then computes the loss itself,
     chunk by chunk, without the full logits; None: logits, then cross-entropy."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs = model_inputs(model, batch)
     labels = batch["labels"][:, 1:]
     tokens = count_label_tokens(batch)
     if head is not None:
@@ -163,7 +173,7 @@ def sequence_loss_sums(model, batch: dict, head=None) -> torch.Tensor:
     """Per sequence of the batch, the sum of next-token cross-entropy over its label tokens:
     minus the log-probability of its labelled part (what preference objectives compare).
     ``head`` as in ``token_loss_sum``."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs = model_inputs(model, batch)
     if head is not None:
         with loss_in_output_layer(head, batch["labels"], per_sequence=True):
             return model(**inputs, use_cache=False).logits

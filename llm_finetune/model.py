@@ -17,6 +17,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           AutoProcessor, AutoTokenizer)
 
 from llm_finetune.adapters import base_model_of
+from llm_finetune.attention import PACKED_ATTENTION, varlen_available
+from llm_finetune.attention import register as register_packed_attention
 from llm_finetune.errors import ConfigError
 from llm_finetune.quantization import to_4bit_layers
 from llm_finetune.random_init import SeededInit
@@ -102,13 +104,17 @@ def load_tokenizer(train_cfg):
 
 def attention_implementation(use_fast_kernels: bool, packing: bool = False) -> str:
     """With ``use_fast_kernels`` on a GPU: flash-attention 2 when installed; else, for packed
-    batches, PyTorch's flex attention, which runs the samples-apart block mask as a sparse
-    kernel (faster than SDPA, which gets that mask as a dense tensor and cannot use its flash
-    kernel: docs/performance.md has the measurement). Otherwise
-    PyTorch SDPA, which picks its own flash / memory-efficient kernels."""
+    batches, PyTorch's own flash-attention varlen kernel (``attention.PACKED_ATTENTION``: the
+    samples kept apart by where they start) or, on a PyTorch without it, flex attention (the
+    samples-apart mask as a sparse kernel). Both are faster than SDPA, which gets that mask as
+    a dense tensor and cannot use its flash kernel (docs/performance.md). Otherwise PyTorch
+    SDPA, which picks its own flash / memory-efficient kernels."""
     if use_fast_kernels and torch.cuda.is_available():
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
+        if packing and varlen_available():
+            register_packed_attention()
+            return PACKED_ATTENTION
         if packing:
             return "flex_attention"
     return "sdpa"

@@ -174,8 +174,24 @@ def pack_samples(samples, context_length: int, pad_token_id: int) -> list[dict]:
     return blocks
 
 
+# the batch key of a packed batch's sample starts (packed_collate)
+SAMPLE_STARTS = "cu_seq_lens"
+
+
 def packed_collate(samples: list[dict]) -> dict:
+    """Blocks as tensors, with where each sample starts (``SAMPLE_STARTS``: what the varlen
+    flash-attention kernel takes, computed here on the loader's side; attention.py)."""
     batch = {key: torch.tensor([s[key] for s in samples], dtype=torch.long)
              for key in ("input_ids", "labels", "position_ids")}
     batch["num_tokens"] = torch.tensor(sum(s["num_tokens"] for s in samples))
+    batch[SAMPLE_STARTS] = sample_starts(batch["position_ids"])
     return batch
+
+
+def sample_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Where each sample starts in the flattened batch, and its end: positions restart at 0 at
+    each sample and each row starts a new one (a row's padding tail counts as a sample of its
+    own; its labels are ignored). int32, as flash-attention takes them."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).reshape(-1)
+    return torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)

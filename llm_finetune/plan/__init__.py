@@ -11,8 +11,9 @@ does not fit, the planner tries the usual fixes one at a time and lists those th
 
 One module per job, each importing only those above it:
 ``counts`` (the model's parameter counts, on the meta device), ``memory`` (bytes per GPU and per
-rank from those counts), ``search`` (the fixes that fit, the fastest setting, ``--auto_fit``) and
-``report`` (the text, ``plan_run`` for ``--dry_run``, the command line). The names below are
+rank from those counts), ``search`` (the fixes that fit, the fastest setting, ``--auto_fit``),
+``report`` (the text, ``plan_run`` for ``--dry_run``, the command line) and ``gpu_defaults``
+(a GPU run's fast values for the settings not given). The names below are
 re-exported for ``from llm_finetune.plan import ...``; to monkeypatch a function, patch it in the
 module that calls it (``llm_finetune.plan.memory.host_memory``), not here. The function
 ``report`` is not re-exported: ``llm_finetune.plan.report`` is its module.
@@ -28,6 +29,7 @@ from llm_finetune.plan.search import (AUTO_FIT_SHARE, Setting, auto_fit, candida
                                       faster_flags, fastest_setting, fit_to_gpu, planned_fixes,
                                       setting_flags, with_setting)
 from llm_finetune.plan.report import cli, main, plan_run
+from llm_finetune.plan.gpu_defaults import apply_gpu_defaults
 
 __all__ = [
     "ModelCounts", "count_parameters",
@@ -38,4 +40,5 @@ __all__ = [
     "current_setting", "faster_flags", "fastest_setting", "fit_to_gpu", "planned_fixes",
     "setting_flags", "with_setting",
     "cli", "main", "plan_run",
+    "apply_gpu_defaults",
 ]

@@ -2,9 +2,9 @@
 
 When a run does not fit, the usual fixes are tried one at a time (``planned_fixes``) and, when
 none is enough, together (``combined_fix``). When it fits, ``fastest_setting`` picks the
-micro-batch and the layers kept out of activation checkpointing with the least compute per token
-that still fit, at the same tokens per optimizer step; ``faster_flags`` says it as flags, and
-``--auto_fit`` (``fit_to_gpu``, ``auto_fit``) applies it at launch.
+micro-batch and the layers kept out of activation checkpointing with the shortest planned step
+(``cost.step_seconds``) that still fit, at the same tokens per optimizer step; ``faster_flags``
+says it as flags, and ``--auto_fit`` (``fit_to_gpu``, ``auto_fit``) applies it at launch.
 """
 
 import dataclasses
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from llm_finetune.config_utils import ConfigError
 from llm_finetune.preflight import validate
+from llm_finetune.plan.cost import step_seconds
 from llm_finetune.plan.counts import ModelCounts, count_parameters
 from llm_finetune.plan.memory import GIB, estimate, gpu_memory_available
 
@@ -103,6 +104,13 @@ def compute_per_token(run, setting: Setting, num_layers: int) -> float:
     return 1 + backward + reference + (num_layers - setting.kept) / num_layers
 
 
+def setting_seconds(run, setting: Setting, counts: ModelCounts) -> float:
+    """The step-time model's seconds per optimizer step of ``run`` at ``setting`` (cost.py)."""
+    layers = counts.num_layers
+    return step_seconds(run, setting.micro_batch, layers - setting.kept,
+                        compute_per_token(run, setting, layers), counts)
+
+
 def with_setting(run, setting: Setting, num_layers: int):
     """``run`` with ``setting``: the micro-batch (accumulating to the same tokens per optimizer
     step) and the layers left out of checkpointing. ``max_train_step`` counts micro-batches: it
@@ -128,13 +136,15 @@ def current_setting(run, counts: ModelCounts) -> Setting:
 
 def fastest_setting(run, world_size: int, gpu_memory: float,
                     counts: ModelCounts) -> Setting | None:
-    """The micro-batch and selective checkpointing with the least compute per token whose
-    planned peak fits in ``gpu_memory``; None when nothing fits.
+    """The micro-batch and selective checkpointing with the shortest planned step (cost.py)
+    whose planned peak fits in ``gpu_memory``; None when nothing fits.
 
     Each layer not recomputed saves a share of a forward pass. On one GPU the micro-batch may
     shrink too, for the same tokens per optimizer step: more accumulation steps give the same
     gradient (the loss is a sum over every token of the step) and leave room for more layers'
-    activations; among settings within 3% of the least compute the largest micro-batch wins.
+    activations, but a small micro-batch may leave the GPU waiting for the host, and each one
+    dequantises 4-bit weights again, which the step-time model counts; among settings within
+    3% of the shortest step the largest micro-batch wins.
     Under FSDP or DDP the micro-batch stays: each one gathers every weight and reduces every
     gradient again, which costs more than the recompute it saves (measured: docs/performance.md,
     docs/fsdp.md)."""
@@ -155,12 +165,12 @@ def fastest_setting(run, world_size: int, gpu_memory: float,
     if not choices:
         return None
 
-    def compute(setting: Setting) -> float:
-        return compute_per_token(run, setting, layers)
+    def seconds(setting: Setting) -> float:
+        return setting_seconds(run, setting, counts)
 
-    least = min(map(compute, choices))
-    return min((c for c in choices if compute(c) <= 1.03 * least),
-               key=lambda c: (compute(c), -c.micro_batch))
+    least = min(map(seconds, choices))
+    return min((c for c in choices if seconds(c) <= 1.03 * least),
+               key=lambda c: (-c.micro_batch, seconds(c)))
 
 
 def setting_flags(run, setting: Setting, counts: ModelCounts) -> str:
@@ -183,9 +193,9 @@ def setting_flags(run, setting: Setting, counts: ModelCounts) -> str:
         recompute = f"recompute {layers - setting.kept} of {layers} layers"
     same = (f"; the same {t.batch_size_training * t.gradient_accumulation_steps} sequences per "
             "optimizer step" if setting.micro_batch != t.batch_size_training else "")
-    saved = 1 - (compute_per_token(run, setting, layers)
-                 / compute_per_token(run, current_setting(run, counts), layers))
-    return f"{' '.join(flags)} ({recompute}{same}: {saved:.0%} less compute per token)"
+    now, then = (setting_seconds(run, s, counts) for s in (current_setting(run, counts), setting))
+    return (f"{' '.join(flags)} ({recompute}{same}: a planned {1 - then / now:.0%} less time "
+            f"per optimizer step, {then:.3g} s)")
 
 
 def faster_flags(run, world_size: int, gpu_memory: float, counts: ModelCounts) -> str:
