@@ -3,6 +3,8 @@ their colour's name, so the captions can only be learned by looking at the image
 
 import json
 import runpy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from llm_finetune import finetuning
+from llm_finetune import finetuning, inference
 from llm_finetune.config_utils import ConfigError, build_run_config
 from llm_finetune.data.rows import DataError
 from llm_finetune.model import load_base_model, load_model
@@ -49,20 +51,34 @@ def answers(model, processor) -> dict[str, str]:
     return said
 
 
-def test_full_fine_tuning_learns_colours_and_saves_a_model_transformers_loads(colour_rows,
-                                                                              tmp_path):
-    summary = finetuning.main(**settings(colour_rows, num_epochs=6, output_dir=str(tmp_path)))
+@pytest.fixture(scope="module")
+def colour_model(colour_rows, tmp_path_factory):
+    """tiny-mllama fully fine-tuned on the colour set (six epochs): the run's summary and
+    output directory."""
+    out = tmp_path_factory.mktemp("colour_model")
+    return finetuning.main(**settings(colour_rows, num_epochs=6, output_dir=str(out))), out
+
+
+@pytest.fixture(scope="module")
+def colour_adapter(colour_rows, tmp_path_factory):
+    """A LoRA adapter trained on the colour set for one epoch: the summary and its directory."""
+    out = tmp_path_factory.mktemp("colour_adapter")
+    return finetuning.main(**settings(colour_rows, num_epochs=1, use_peft=True,
+                                      output_dir=str(out))), out
+
+
+def test_full_fine_tuning_learns_colours_and_saves_a_model_transformers_loads(colour_model):
+    summary, out = colour_model
     losses = summary["eval_loss"]
     assert losses[-1] < 0.5 * losses[0], losses
-    saved = tmp_path / "model"
+    saved = out / "model"
     model = AutoModelForImageTextToText.from_pretrained(saved).eval()
     processor = AutoProcessor.from_pretrained(saved)
     assert answers(model, processor) == {name: name for name in COLOURS}
 
 
-def test_lora_adapts_the_language_model_only_and_loads_with_peft(colour_rows, tmp_path):
-    summary = finetuning.main(**settings(colour_rows, num_epochs=1, use_peft=True,
-                                         output_dir=str(tmp_path)))
+def test_lora_adapts_the_language_model_only_and_loads_with_peft(colour_adapter):
+    summary, tmp_path = colour_adapter
     adapted = [n for n, p in summary["model"].named_parameters() if p.requires_grad]
     assert adapted and all(".language_model." in n and "lora_" in n for n in adapted)
     base = load_base_model("tiny-mllama", torch.float32, adapter_dir=str(tmp_path))
@@ -144,3 +160,72 @@ def test_fsdp_on_two_ranks_matches_one_process(case, fsdp_losses, colour_rows, t
     single = [record["loss"] for record in summary["metrics"] if "loss" in record]
     assert len(single) == 4
     assert fsdp_losses[case] == pytest.approx(single, rel=1e-5)
+
+
+def colour_image(directory, name: str, size=(32, 32)):
+    path = directory / f"{name}.png"
+    Image.new("RGB", size, COLOURS[name]).save(path)
+    return path
+
+
+def test_inference_answers_the_colour_of_an_image(colour_model, tmp_path, capsys):
+    """``python -m llm_finetune.inference --image_path``: the question about the image goes
+    through the processor's chat template, and the trained model names each image's colour."""
+    _, out = colour_model
+    question = conversation(None)[0]["content"][1]["text"]
+    for name in COLOURS:
+        inference.main(str(out / "model"), image_path=str(colour_image(tmp_path, name)),
+                       prompt=question, do_sample=False, max_new_tokens=4)
+        printed = capsys.readouterr().out
+        assert printed.strip() == name, printed  # streamed: the answer alone
+    # the command line, a prompt list in one batch about a two-tile image
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{question}\n{question}\n")
+    done = subprocess.run([sys.executable, "-m", "llm_finetune.inference", "--model_name",
+                           str(out / "model"), "--image_path",
+                           str(colour_image(tmp_path, "blue", size=(48, 24))), "--prompt_file",
+                           str(prompts), "--prompt_list", "--do_sample", "False",
+                           "--max_new_tokens", "4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(f"### {question}\nblue\n") == 2, done.stdout
+
+
+def test_inference_from_an_adapter_on_the_seeded_base(colour_adapter, tmp_path, monkeypatch):
+    """base + --peft_model: the adapter's processor and the base rebuilt from its seed give the
+    same answers as the PeftModel the run trained."""
+    _, adapter = colour_adapter
+    calls = []
+    real_load = inference.load
+    monkeypatch.setattr(inference, "load",
+                        lambda *a, **k: calls.append(real_load(*a, **k)) or calls[-1])
+    inference.main("tiny-mllama", peft_model=str(adapter),
+                   image_path=str(colour_image(tmp_path, "red")), prompt="What colour is this?",
+                   do_sample=False, max_new_tokens=4)
+    model, processor = calls[0]
+    assert isinstance(model, PeftModel)
+    base = load_base_model("tiny-mllama", torch.float32, adapter_dir=str(adapter))
+    expected = PeftModel.from_pretrained(base, adapter).eval()
+    assert answers(model, processor) == answers(expected, AutoProcessor.from_pretrained(adapter))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "--image_path .*gone.png: no such file"),
+    ("unreadable", "cannot be read as an image"),
+    ("text_model", "tiny-llama is a text-only causal LM"),
+    ("padding", "drop --max_padding_length"),
+])
+def test_image_inference_that_cannot_run_is_refused_before_loading(case, message, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    flags = {"missing": dict(image_path=str(tmp_path / "gone.png")),
+             "unreadable": dict(image_path=str(tmp_path / "broken.png")),
+             "text_model": dict(model_name="tiny-llama",
+                                image_path=str(colour_image(tmp_path, "red"))),
+             "padding": dict(image_path=str(colour_image(tmp_path, "red")),
+                             max_padding_length=64)}[case]
+    with pytest.raises(ConfigError, match=message):
+        inference.main(**{"model_name": "tiny-mllama", "prompt": "What colour is this?",
+                          **flags})
