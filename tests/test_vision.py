@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from llm_finetune import finetuning, inference
+from llm_finetune.convert import dcp_to_hf, merge_adapters
 from llm_finetune.config_utils import ConfigError, build_run_config
 from llm_finetune.data.rows import DataError
 from llm_finetune.model import load_base_model, load_model
@@ -144,10 +145,17 @@ def test_a_bad_row_is_reported_with_its_file_and_line(tmp_path, bad, reason):
 
 
 @pytest.fixture(scope="module")
-def fsdp_losses(colour_rows, tmp_path_factory):
+def fsdp_runs(colour_rows, tmp_path_factory):
+    """Every case of tests/vision_dist_worker.py in one torchrun launch: (each case's per-step
+    losses, the directory holding each case's output_dir)."""
     out = tmp_path_factory.mktemp("vision_fsdp")
     torchrun(REPO / "tests" / "vision_dist_worker.py", str(out), str(colour_rows))
-    return json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text()), out
+
+
+@pytest.fixture(scope="module")
+def fsdp_losses(fsdp_runs):
+    return fsdp_runs[0]
 
 
 @pytest.mark.parametrize("case", list(VISION_CASES))
@@ -229,3 +237,66 @@ def test_image_inference_that_cannot_run_is_refused_before_loading(case, message
     with pytest.raises(ConfigError, match=message):
         inference.main(**{"model_name": "tiny-mllama", "prompt": "What colour is this?",
                           **flags})
+
+
+def test_sharded_state_dict_converts_to_a_model_transformers_loads(fsdp_runs, tmp_path):
+    """SHARDED_STATE_DICT under FSDP, converted by ``convert dcp_to_hf`` (the model named by the
+    train_params.yaml beside the shards): plain AutoModelForImageTextToText loads every weight,
+    equal to the same run saved as FULL_STATE_DICT, and AutoProcessor loads the processor."""
+    losses, out = fsdp_runs
+    assert losses["sharded_state_dict"] == losses["full_state_dict"]  # the same run
+    dcp_to_hf(str(out / "sharded_state_dict" / "fine-tuned-tiny-mllama"),
+              output=str(tmp_path / "hf"), dtype="float32")
+    converted, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf",
+                                                                  output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    reference = AutoModelForImageTextToText.from_pretrained(out / "full_state_dict" / "model")
+    expected = reference.state_dict()
+    assert converted.state_dict().keys() == expected.keys()
+    for name, tensor in converted.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert answers(converted.eval(), processor) == answers(reference.eval(), processor)
+
+
+def test_fsdp_lora_resumes_exactly_on_the_default_path(fsdp_losses):
+    """2 ranks, LoRA with dropout, a loader worker, 2 accumulation steps: resumed from the
+    checkpoint of step 2, steps 3-4 repeat the uninterrupted run."""
+    straight = fsdp_losses["lora_default_path"]
+    assert len(straight) == 4
+    assert fsdp_losses["lora_default_path_resumed"] == straight[2:]
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_peft": True}], ids=["full", "lora"])
+def test_stopped_and_resumed_vision_run_continues_the_same_curve(extra, colour_rows, tmp_path):
+    """One process on the default path (a loader worker, LoRA dropout), 2 accumulation steps:
+    stopped after step 3, resumed with --resume_from_checkpoint auto from the checkpoint of
+    step 2, steps 3-4 repeat the uninterrupted run bit for bit."""
+    kwargs = settings(colour_rows, num_workers_dataloader=1, batch_size_training=2,
+                      gradient_accumulation_steps=2, max_train_step=8, run_validation=False,
+                      save_model=False, lr_scheduler="step", **extra)
+    run = build_run_config(**kwargs)
+    assert run.train.num_workers_dataloader >= 1 and run.peft.lora_dropout > 0
+
+    def losses(summary):
+        return [record["loss"] for record in summary["metrics"] if "loss" in record]
+
+    straight = losses(finetuning.main(**kwargs, output_dir=str(tmp_path / "straight")))
+    assert len(straight) == 4
+    out = tmp_path / "stopped"
+    first = finetuning.main(**{**kwargs, "max_train_step": 6}, save_steps=2, output_dir=str(out))
+    assert losses(first) == straight[:3]
+    resumed = finetuning.main(**kwargs, resume_from_checkpoint="auto", output_dir=str(out))
+    assert losses(resumed) == straight[2:]
+
+
+def test_merged_adapter_loads_without_peft(colour_adapter, tmp_path):
+    """``convert merge_adapters`` on a vision LoRA adapter: a model and processor that plain
+    transformers loads, answering as the PeftModel does."""
+    _, adapter = colour_adapter
+    merge_adapters("tiny-mllama", str(adapter), str(tmp_path / "merged"), dtype="float32")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "merged")
+    base = load_base_model("tiny-mllama", torch.float32, adapter_dir=str(adapter))
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    assert answers(merged, processor) == answers(peft_model, processor)
