@@ -61,7 +61,8 @@ def has_weights(path: str) -> bool:
 def is_vision_model(model_name: str, local_only: bool = False) -> bool:
     """Whether ``model_name`` is a vision-language model (read from its config; with
     ``local_only``, False for a hub name rather than reach the hub: preflight's question)."""
-    if model_name in SHAPES or (local_only and not Path(resolve_model_path(model_name)).is_dir()):
+    hub_name = model_name not in SHAPES and not Path(resolve_model_path(model_name)).is_dir()
+    if local_only and hub_name:
         return False
     return is_vision_config(model_config(model_name))
 
@@ -75,6 +76,10 @@ def load_processor(train_cfg):
     """A vision model's processor (its tokenizer, image processor and chat template), padding
     on the right as training needs; its tokenizer is ``processor.tokenizer``."""
     name = train_cfg.tokenizer_name or train_cfg.model_name
+    if name in SHAPES:
+        raise ConfigError(f"{name} is a built-in shape without a processor: add "
+                          "--tokenizer_name, a directory or hub name of the model's processor "
+                          "(Llama 3.2 Vision's: meta-llama/Llama-3.2-11B-Vision-Instruct)")
     setting = "tokenizer_name" if train_cfg.tokenizer_name else "model_name"
     processor = from_pretrained(AutoProcessor, name, setting)
     tokenizer = getattr(processor, "tokenizer", None)

@@ -110,7 +110,6 @@ def check_vision_settings(run, vision: bool) -> None:
     not_yet = {"--batching_strategy packing": t.batching_strategy == "packing",
                "--quantization": bool(t.quantization),
                "--method dpo": t.method == "dpo",
-               "--dry_run / --auto_fit (the memory planner)": t.dry_run or t.auto_fit,
                f"--peft_method {t.peft_method}": t.use_peft and t.peft_method != "lora"}
     for setting, asked in not_yet.items():
         if asked:

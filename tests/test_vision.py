@@ -12,11 +12,15 @@ from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from llm_finetune import finetuning, inference
+from llm_finetune import finetuning, inference, plan
+from llm_finetune.adapters import base_model_of
 from llm_finetune.convert import dcp_to_hf, merge_adapters
 from llm_finetune.config_utils import ConfigError, build_run_config
 from llm_finetune.data.rows import DataError
-from llm_finetune.model import load_base_model, load_model
+from llm_finetune.distributed import DistInfo
+from llm_finetune.metrics import PhaseTimer
+from llm_finetune.model import load_base_model, load_model, load_processor
+from llm_finetune.precision import choose_precision
 from llm_finetune.preflight import validate
 from tests.helpers import REPO, torchrun
 from tests.vision_dist_worker import VISION_CASES, fsdp_settings
@@ -300,3 +304,75 @@ def test_merged_adapter_loads_without_peft(colour_adapter, tmp_path):
     base = load_base_model("tiny-mllama", torch.float32, adapter_dir=str(adapter))
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
     assert answers(merged, processor) == answers(peft_model, processor)
+
+
+# --- the memory planner ------------------------------------------------------------------------
+
+def saved_for_backward(model, batch) -> int:
+    """Bytes of the tensors one forward keeps for backward (each storage once, weights not
+    counted): what the planner's activation parts predict."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["all", "checkpointed"])
+@pytest.mark.parametrize("method", [{}, {"use_peft": True}, {"freeze_LLM_only": True}],
+                         ids=["full", "lora", "freeze_LLM_only"])
+def test_planned_activations_are_what_a_forward_keeps(method, checkpointing):
+    """tiny-mllama built as the run builds it, in fp32 on CPU: what one forward of two-tile
+    images keeps for backward (text layers, image encoder, cross-attention over the image
+    tokens; the loss apart) is within 25% of the planner's activation parts for the same
+    batch, with and without checkpointing. (A frozen image encoder keeps nothing: with LoRA
+    and checkpointing, transformers' input-grad hook would otherwise make it keep everything,
+    3.7 times the plan.)"""
+    processor = load_processor(build_run_config(model_name="tiny-mllama").train)
+    prompt = processor.apply_chat_template(conversation("red"))
+    images = [[Image.new("RGB", (48, 24), COLOURS["red"])] for _ in range(2)]
+    batch = dict(processor(text=[prompt] * 2, images=images, add_special_tokens=False,
+                           return_tensors="pt"))
+    run = build_run_config(model_name="tiny-mllama", batch_size_training=2,
+                           context_length=batch["input_ids"].shape[1], mixed_precision=False,
+                           **{"fsdp_config.fsdp_activation_checkpointing": checkpointing},
+                           **method)
+    precision = choose_precision(run, cuda=False)
+    model, _, _ = finetuning.build_model(run, precision, processor.tokenizer,
+                                         DistInfo(0, 0, 1, torch.device("cpu")),
+                                         PhaseTimer(verbose=False), vision=True)
+    measured = saved_for_backward(base_model_of(model).model, batch)  # up to the output layer
+    planned = plan.estimate(run, 1).gpu
+    activations = sum(v for k, v in planned.items()
+                      if k.startswith(("activations", "image encoder", "cross-attention")))
+    assert 0.75 <= measured / activations <= 1.25, (measured, planned)
+
+
+def test_the_11b_vision_shape_is_planned():
+    """llama3.2-11b-vision: Llama-3.2-11B-Vision's 10.67B parameters, random-init; the plan of
+    llama-recipes' --freeze_LLM_only recipe on 4 GPUs prints with the image parts (the encoder
+    trains, so its activations count), and LoRA on the language model leaves them out."""
+    settings = dict(model_name="llama3.2-11b-vision", batching_strategy="padding",
+                    enable_fsdp=True, batch_size_training=2, context_length=2048)
+    text = plan.main(world_size=4, gpu_memory="80GiB", freeze_LLM_only=True, **settings)
+    assert "llama3.2-11b-vision, 10.67B parameters" in text
+    assert "image encoder activations (2 images x 6432 patches, 40 layers)" in text
+    assert "cross-attention over 12808 image tokens (0 of 8 layers kept)" in text
+    assert "fits:" in text and "one image of 4 tiles per sequence" in text
+    lora = plan.estimate(build_run_config(use_peft=True, **settings), 4)
+    assert not any(k.startswith("image encoder") for k in lora.gpu)
+    assert plan.count_parameters(build_run_config(**settings)).num_layers == 40  # text layers
+
+
+def test_dry_run_plans_a_vision_run(capsys, tmp_path):
+    summary = finetuning.main(model_name="tiny-mllama", dry_run=True, auto_fit=True,
+                              gpu_memory="1GiB", output_dir=str(tmp_path))
+    assert "cross-attention over" in summary["plan"] and "auto_fit:" in capsys.readouterr().out
+    assert not (tmp_path / "metrics.jsonl").exists()
