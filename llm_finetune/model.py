@@ -226,21 +226,23 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
     # bitsandbytes quantises onto the device the model will train on
     quantize_on = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     quantize_now = quantization_config is not None and quantized_at_load(train_cfg)
+    # no KV cache in training; a vision model's config keeps the setting in its text config
+    # (its from_pretrained refuses use_cache=False as a keyword)
+    config = model_config(train_cfg.model_name)
+    config.use_cache = False
+    config.get_text_config().use_cache = False
     if on_meta or not weights_on_disk(train_cfg):
-        config = model_config(train_cfg.model_name)
-        config.use_cache = False
-        config.get_text_config().use_cache = False
         model = meta_model(config, dtype, attn)
         if quantization_config is not None:
             to_4bit_layers(model, quantization_config, dtype)
         if not on_meta:  # one process, no adapters to wait for
             random_init(model, train_cfg.seed, init_device)
     else:
-        kwargs = {"dtype": dtype, "attn_implementation": attn, "use_cache": False}
+        kwargs = {"dtype": dtype, "attn_implementation": attn, "config": config}
         if quantize_now:
             kwargs.update(quantization_config=quantization_config, device_map={"": quantize_on})
-        loader = auto_class(model_config(train_cfg.model_name))
-        model = loader.from_pretrained(resolve_model_path(train_cfg.model_name), **kwargs)
+        model = auto_class(config).from_pretrained(resolve_model_path(train_cfg.model_name),
+                                                   **kwargs)
         if quantization_config is not None and not quantize_now:  # rank 0 of low_cpu_fsdp
             to_4bit_layers(model, quantization_config, dtype)
     if quantization_config is not None:

@@ -63,6 +63,14 @@ def vision_parts_pattern(model: torch.nn.Module) -> str:
     return rf"(.*\.)?({'|'.join(re.escape(n) for n in names)})(\..*)?"
 
 
+def lora_exclude(model: torch.nn.Module, run) -> str | None:
+    """What LoRA leaves alone on a vision model (peft's ``exclude_modules``): the image encoder
+    and projector, whose layers have ``target_modules``' names too (``q_proj``, ``v_proj``);
+    with ``lora_config.vision_encoder`` nothing, so ``target_modules`` are adapted wherever
+    they are, the image encoder's layers included (the projector is named differently)."""
+    return None if run.peft.vision_encoder else vision_parts_pattern(model)
+
+
 def in_vision_parts(model: torch.nn.Module) -> set[int]:
     """ids of every module inside the image encoder or projector."""
     return {id(inner) for part in vision_modules(model) for inner in part.modules()}
@@ -105,6 +113,9 @@ def check_vision_settings(run, vision: bool) -> None:
     if t.freeze_LLM_only and t.freeze_layers:
         raise ConfigError("--freeze_LLM_only and --freeze_layers both choose which weights "
                           "train: drop one of them")
+    if t.use_peft and t.peft_method == "lora" and run.peft.vision_encoder and not vision:
+        raise ConfigError(f"--lora_config.vision_encoder adapts a vision model's image encoder "
+                          f"too, and {t.model_name} is a causal LM, with none: drop it")
     if not vision:
         return
     not_yet = {"--batching_strategy packing": t.batching_strategy == "packing",

@@ -16,6 +16,7 @@ from llm_finetune import finetuning, inference, plan
 from llm_finetune.adapters import base_model_of
 from llm_finetune.convert import dcp_to_hf, merge_adapters
 from llm_finetune.config_utils import ConfigError, build_run_config
+from llm_finetune.configs.recipes import RECIPES
 from llm_finetune.data.rows import DataError
 from llm_finetune.distributed import DistInfo
 from llm_finetune.metrics import PhaseTimer
@@ -106,6 +107,45 @@ def test_freeze_llm_only_trains_the_vision_side_and_cross_attention(colour_rows,
     moved = [n for n, p in summary["model"].named_parameters() if p.requires_grad
              and not torch.equal(p.detach(), before[n])]
     assert any(n.startswith(cross) for n in moved) and any("vision_model" in n for n in moved)
+
+
+def test_lora_on_the_image_encoder_trains_and_loads_with_peft(colour_model, colour_rows,
+                                                             tmp_path):
+    """--lora_config.vision_encoder: target_modules (q_proj, v_proj) are adapted in the image
+    encoder's layers as well as the language model's, the encoder's adapters train, and peft
+    loads the saved adapter onto its base with the trained model's outputs. The base is the
+    fine-tuned colour model: a random-init mllama's cross-attention gates are zero, so no
+    gradient reaches the image side until they train (full fine-tuning does that)."""
+    base_dir = colour_model[1] / "model"
+    # a saved model brings no recipe: tiny-mllama's
+    summary = finetuning.main(**settings(colour_rows, **{
+        **RECIPES["tiny-mllama"], "model_name": str(base_dir), "num_epochs": 1,
+        "max_train_step": 8, "use_peft": True, "output_dir": str(tmp_path),
+        "lora_config.vision_encoder": True}))
+    trained = summary["model"].eval()
+    adapted = [n for n, p in trained.named_parameters() if p.requires_grad]
+    assert all("lora_" in n for n in adapted)
+    vision = [n for n in adapted if ".vision_model." in n]
+    assert vision and any(".language_model." in n for n in adapted)
+    assert {n.split(".self_attn.")[1].split(".")[0] for n in vision} == {"q_proj", "v_proj"}
+    assert not any("multi_modal_projector" in n for n in adapted)
+    moved = [n for n in vision if "lora_B" in n and trained.get_parameter(n).abs().sum() > 0]
+    assert moved  # lora_B starts at zero: the encoder's adapters learned
+    base = AutoModelForImageTextToText.from_pretrained(base_dir)
+    loaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    batch = processor(text=processor.apply_chat_template(conversation(None),
+                                                        add_generation_prompt=True),
+                      images=[Image.new("RGB", (48, 24), COLOURS["blue"])],
+                      add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, trained(**batch).logits)
+
+
+def test_lora_on_the_image_encoder_needs_a_vision_model():
+    with pytest.raises(ConfigError, match="vision_encoder adapts a vision model's image"):
+        validate(build_run_config(model_name="tiny-llama", use_peft=True,
+                                  **{"lora_config.vision_encoder": True}), 1, False)
 
 
 def test_freeze_llm_only_is_refused_with_adapters():
@@ -326,8 +366,9 @@ def saved_for_backward(model, batch) -> int:
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["all", "checkpointed"])
-@pytest.mark.parametrize("method", [{}, {"use_peft": True}, {"freeze_LLM_only": True}],
-                         ids=["full", "lora", "freeze_LLM_only"])
+@pytest.mark.parametrize("method", [{}, {"use_peft": True}, {"freeze_LLM_only": True},
+                                    {"use_peft": True, "lora_config.vision_encoder": True}],
+                         ids=["full", "lora", "freeze_LLM_only", "vision_lora"])
 def test_planned_activations_are_what_a_forward_keeps(method, checkpointing):
     """tiny-mllama built as the run builds it, in fp32 on CPU: what one forward of two-tile
     images keeps for backward (text layers, image encoder, cross-attention over the image

@@ -20,7 +20,7 @@ import torch
 from llm_finetune.adapters import apply_peft
 from llm_finetune.model import decoder_layers, meta_model, model_config, text_layers
 from llm_finetune.vision import (freeze_llm_only, in_vision_parts, is_vision_config,
-                                 vision_modules, vision_parts_pattern)
+                                 lora_exclude, vision_modules)
 
 
 @dataclass
@@ -82,7 +82,7 @@ def count_parameters(run) -> ModelCounts:
     supports_checkpointing = model.supports_gradient_checkpointing
     if run.train.use_peft:  # as the run applies them (finetuning.build_model)
         model = apply_peft(model, run, len(text),
-                           exclude=vision_parts_pattern(model) if vision else None)
+                           exclude=lora_exclude(model, run) if vision else None)
     else:
         model.requires_grad_(True)
     if run.train.freeze_LLM_only:

@@ -103,12 +103,17 @@ def activation_bytes_per_token_per_layer(counts: ModelCounts, compute_bytes: int
     return compute_bytes * vectors * (COMPILED_ACTIVATIONS if compiled else 1.0)
 
 
-def vision_layer_bytes_per_token(vision: VisionCounts, compute_bytes: int) -> float:
+def vision_layer_bytes_per_token(vision: VisionCounts, compute_bytes: int,
+                                 frozen_base: bool = False) -> float:
     """Tensors an image encoder layer (pre-norm attention without rotary or grouped heads, a
     GELU MLP, tanh gates on the global layers) keeps for backward, per patch: its two norms'
     inputs and outputs, q, k, v, the attention output, the gated residual branches (about ten
-    hidden vectors) and the MLP's two intermediate ones (fc1 output and GELU)."""
-    return compute_bytes * (10 * vision.hidden + 2 * vision.intermediate)
+    hidden vectors) and the MLP's two intermediate ones (fc1 output and GELU). Frozen (LoRA
+    adapters in it), the inputs of the output projection and fc2 go, as in a text layer."""
+    vectors = 10 * vision.hidden + 2 * vision.intermediate
+    if frozen_base:
+        vectors -= vision.hidden + vision.intermediate
+    return compute_bytes * vectors
 
 
 def cross_attention_bytes_per_image_token(counts: ModelCounts, compute_bytes: int) -> float:
@@ -122,18 +127,20 @@ def image_activation_bytes(run, counts: ModelCounts, compute_bytes: int,
                            images: int) -> dict[str, float]:
     """The image side's activations at the end of forward, by part, for ``images`` images of
     ``counts.vision.tiles`` tiles. The image encoder keeps them only when something on the
-    image side trains (full fine-tuning, ``--freeze_LLM_only``), all of its layers
-    (transformers does not checkpoint them), and the projector's input; the projector's output
+    image side trains (full fine-tuning, ``--freeze_LLM_only``, LoRA with
+    ``lora_config.vision_encoder``), all of its layers (transformers does not checkpoint them),
+    and, when the projector trains, its input; the projector's output
     feeds every cross-attention layer (kept once), whose keys and values over the image tokens
     are kept for the layers not checkpointed."""
     vision, f = counts.vision, run.fsdp
     parts = {}
     if vision.trains:
+        projector_input = 0 if run.train.use_peft else vision.output_dim  # its weight's grad
         parts[f"image encoder activations ({images} images x {vision.encoder_tokens} patches, "
               f"{vision.layers} layers)"] = (
             images * vision.encoder_tokens * vision.layers
-            * vision_layer_bytes_per_token(vision, compute_bytes)
-            + images * vision.image_tokens * vision.output_dim * compute_bytes)
+            * vision_layer_bytes_per_token(vision, compute_bytes, frozen_base=run.train.use_peft)
+            + images * vision.image_tokens * projector_input * compute_bytes)
     kept = vision.cross_layers
     if f.fsdp_activation_checkpointing:  # the last no_checkpoint_layers keep theirs
         kept = [i for i in kept if i >= counts.num_layers - f.no_checkpoint_layers]
