@@ -417,3 +417,38 @@ def test_dry_run_plans_a_vision_run(capsys, tmp_path):
                               gpu_memory="1GiB", output_dir=str(tmp_path))
     assert "cross-attention over" in summary["plan"] and "auto_fit:" in capsys.readouterr().out
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+# --- llama-recipes' custom vision data set (OCRVQA recipe) ---------------------------------------
+
+VISION_DATASET = REPO / "examples" / "vision_dataset.py"
+
+
+def test_the_example_collator_learns_the_answers_only(colour_rows):
+    """examples/vision_dataset.py's batches: the image inputs from the processor, and labels on
+    each answer and its end of turn, nothing of the question or the image token."""
+    processor = load_processor(build_run_config(model_name="tiny-mllama").train)
+    module = runpy.run_path(str(VISION_DATASET))
+    config = build_run_config(dataset="custom_dataset",
+                              **{"custom_dataset.data_path": str(colour_rows.parent /
+                                                                 "texts.jsonl")}).dataset
+    rows = module["get_custom_dataset"](config, processor, "train")
+    assert len(rows) == 57 and len(module["get_custom_dataset"](config, processor, "test")) == 7
+    batch = module["get_data_collator"](processor)([rows[i] for i in range(3)])
+    assert {"pixel_values", "aspect_ratio_ids", "cross_attention_mask"} <= set(batch)
+    for row in range(3):
+        learned = batch["labels"][row][batch["labels"][row] != -100]
+        assert processor.tokenizer.decode(learned) == rows[row]["texts"][0]["assistant"] + "</s>\n"
+
+
+def test_custom_dataset_file_trains_tiny_mllama(colour_rows, tmp_path):
+    """--dataset custom_dataset --custom_dataset.file examples/vision_dataset.py: the run
+    hands the file's functions the processor; the model learns each colour from its image."""
+    summary = finetuning.main(**{
+        **settings(colour_rows, num_epochs=6, output_dir=str(tmp_path)),
+        "dataset": "custom_dataset", "custom_dataset.file": str(VISION_DATASET),
+        "custom_dataset.data_path": str(colour_rows.parent / "texts.jsonl")})
+    assert summary["eval_loss"][-1] < 0.5 * summary["eval_loss"][0]
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "model").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "model")
+    assert answers(model, processor) == {name: name for name in COLOURS}
