@@ -18,6 +18,9 @@ from llm_finetune.errors import ConfigError
 # transformers' names for a vision-language model's image side: the encoder and the projector
 # into the text model's width
 VISION_PARTS = ("vision_model", "vision_tower", "visual", "multi_modal_projector")
+# what QLoRA leaves unquantised (as llama-recipes' users do): every module inside those parts,
+# as patterns that bitsandbytes' skip list matches (transformers' should_convert_module)
+UNQUANTIZED = tuple(rf"(.*\.)?{part}" for part in VISION_PARTS)
 # the batch fields a vision processor adds to the text's, passed to the model's forward
 VISION_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
                  "cross_attention_mask", "image_sizes", "image_grid_thw")
@@ -119,7 +122,7 @@ def check_vision_settings(run, vision: bool) -> None:
     if not vision:
         return
     not_yet = {"--batching_strategy packing": t.batching_strategy == "packing",
-               "--quantization": bool(t.quantization),
+               "--quantization 8bit": t.quantization == "8bit",
                "--method dpo": t.method == "dpo",
                f"--peft_method {t.peft_method}": t.use_peft and t.peft_method != "lora"}
     for setting, asked in not_yet.items():

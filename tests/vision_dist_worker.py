@@ -11,7 +11,8 @@ from llm_finetune import finetuning
 
 # each case's settings beside the shared ones (tests/test_vision.py fsdp_settings)
 VISION_CASES = {"full": {}, "lora": {"use_peft": True}, "freeze_LLM_only": {"freeze_LLM_only": True},
-                "vision_lora": {"use_peft": True, "lora_config.vision_encoder": True}}
+                "vision_lora": {"use_peft": True, "lora_config.vision_encoder": True},
+                "qlora": {"use_peft": True, "quantization": "4bit"}}
 # what a run leaves: the model as transformers weights (FULL_STATE_DICT) and as the same run's
 # DCP shards (SHARDED_STATE_DICT, for convert dcp_to_hf); training checkpoints of a LoRA run on
 # the default path (a loader worker, dropout), and that run resumed from its step 2
