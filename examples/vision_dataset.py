@@ -4,7 +4,8 @@ and the run hands both the vision model's processor.
 
     python tools/make_colour_images.py colours
     python -m llm_finetune.finetuning --model_name tiny-mllama --dataset custom_dataset \\
-        --custom_dataset.file examples/vision_dataset.py --custom_dataset.data_path colours/texts.jsonl
+        --custom_dataset.file examples/vision_dataset.py \\
+        --custom_dataset.data_path colours/texts.jsonl
 
 Rows are read from local files, nothing is downloaded: ``data_path`` is a JSON-lines file of
 rows laid out as the_cauldron's (the OCRVQA recipe's source), image paths relative to it:

@@ -10,7 +10,8 @@ import torch.distributed as dist
 from llm_finetune import finetuning
 
 # each case's settings beside the shared ones (tests/test_vision.py fsdp_settings)
-VISION_CASES = {"full": {}, "lora": {"use_peft": True}, "freeze_LLM_only": {"freeze_LLM_only": True},
+VISION_CASES = {"full": {}, "lora": {"use_peft": True},
+                "freeze_LLM_only": {"freeze_LLM_only": True},
                 "vision_lora": {"use_peft": True, "lora_config.vision_encoder": True},
                 "qlora": {"use_peft": True, "quantization": "4bit"}}
 # what a run leaves: the model as transformers weights (FULL_STATE_DICT) and as the same run's
