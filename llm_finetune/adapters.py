@@ -16,6 +16,7 @@ def peft_config(run, num_layers: int, exclude: str | None = None):
     method = run.train.peft_method
     fields = dataclasses.asdict(run.peft)
     if method == "lora":
+        fields.pop("vision_encoder")  # ours, already in ``exclude`` (vision.lora_exclude)
         return LoraConfig(**fields, exclude_modules=exclude)
     if method == "llama_adapter":
         fields["adapter_layers"] = min(fields["adapter_layers"], num_layers)

@@ -9,7 +9,8 @@ GPUs and without a process group.
 checkpoint ``checkpoints/step-N/`` of a full fine-tune) one output shard at a time: no model is
 built and at most one shard of tensors is in memory. ``hf_to_dcp`` goes the other way. ``merge_adapters`` folds a LoRA
 adapter into its base (``peft``'s ``merge_and_unload``). Both write safetensors shards of at
-most 5 GB, the config, generation config and tokenizer.
+most 5 GB, the config, generation config and tokenizer (a vision model's processor: its
+tokenizer, image processor and chat template, so that ``AutoProcessor`` loads the result).
 """
 
 import json
@@ -24,17 +25,25 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig
 
 from llm_finetune.checkpoint_files import MANIFEST
 from llm_finetune.errors import ConfigError
 from llm_finetune.export import TRAIN_PARAMS
-from llm_finetune.model import fit_embeddings_to_tokenizer, load_base_model, resolve_model_path
+from llm_finetune.model import (auto_class, fit_embeddings_to_tokenizer, load_base_model,
+                                resolve_model_path)
+from llm_finetune.vision import is_vision_config
+
+
+def text_side(config, source: str):
+    """What reads a model's text: its tokenizer, or for a vision model its processor (which
+    holds the tokenizer and adds the image processor and chat template)."""
+    return (AutoProcessor if is_vision_config(config) else AutoTokenizer).from_pretrained(source)
 
 
 def _save(model, tokenizer_source: str, output: str) -> str:
     model.save_pretrained(output, max_shard_size="5GB", safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(output)
+    text_side(model.config, tokenizer_source).save_pretrained(output)
     print(f"saved a Hugging Face model to {output}", flush=True)
     return output
 
@@ -97,7 +106,7 @@ def dcp_to_hf(checkpoint: str, model_name: str = "", output: str = "", dtype: st
                          "only its adapter: use merge_adapters)")
     if getattr(config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)  # saved once, as the input embedding
-    config.vocab_size = embedding_rows(config, tensors)
+    config.get_text_config().vocab_size = vocab_size(config, tensors)
     itemsize = torch.empty(0, dtype=out_dtype).element_size()
     sizes = {name: math.prod(meta.size) * itemsize for name, meta in tensors.items()}
     groups = _shard_groups(sorted(tensors), sizes, int(max_shard_gb * 2**30))
@@ -125,7 +134,7 @@ def dcp_to_hf(checkpoint: str, model_name: str = "", output: str = "", dtype: st
         GenerationConfig.from_model_config(config).save_pretrained(output)
     tokenizer = resolve_model_path(tokenizer_name) if tokenizer_name else path
     try:
-        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(output)
+        text_side(config, tokenizer).save_pretrained(output)
     except (OSError, ValueError):
         print(f"note: no tokenizer in {tokenizer}; the model is written without one (pass "
               "--tokenizer_name, the run's tokenizer)", flush=True)
@@ -133,14 +142,19 @@ def dcp_to_hf(checkpoint: str, model_name: str = "", output: str = "", dtype: st
     return output
 
 
-def embedding_rows(config, tensors: dict) -> int:
-    """Rows of the checkpoint's input embedding: more than the base's ``vocab_size`` when the
-    run grew it to a tokenizer with added tokens (``model.fit_embeddings_to_tokenizer``)."""
+def vocab_size(config, tensors: dict) -> int:
+    """The ``vocab_size`` of the checkpoint's model: more than the base's when the run grew the
+    input embedding to a tokenizer with added tokens (``model.fit_embeddings_to_tokenizer``),
+    by as many rows. (Not the rows themselves: Llama 3.2 Vision's text model keeps 8 rows
+    beyond its ``vocab_size`` for image tokens.)"""
+    text_config = config.get_text_config()
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_class(config).from_config(config)
     weight = model.get_input_embeddings().weight
     name = next(n for n, p in model.named_parameters() if p is weight)
-    return tensors[name].size[0] if name in tensors else config.vocab_size
+    if name not in tensors:
+        return text_config.vocab_size
+    return text_config.vocab_size + tensors[name].size[0] - weight.shape[0]
 
 
 def hf_to_dcp(model_name: str, output: str, dtype: str = "bfloat16") -> str:
@@ -148,7 +162,8 @@ def hf_to_dcp(model_name: str, output: str, dtype: str = "bfloat16") -> str:
     (``{"model": state_dict}``): what ``dcp_to_hf`` reads back, and what DCP loads into a model
     sharded over any number of ranks."""
     path = resolve_model_path(model_name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(
+        path, dtype=getattr(torch, dtype))
     dcp.save({"model": model.state_dict()}, checkpoint_id=output, no_dist=True)
     print(f"saved a torch.distributed.checkpoint of {model_name} to {output}", flush=True)
     return output
@@ -163,7 +178,8 @@ def merge_adapters(model_name: str, adapter: str, output: str, dtype: str = "bfl
     tokenizer = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else path
     base = load_base_model(model_name, getattr(torch, dtype), adapter)
     # a run with added tokens grew the embedding, which its adapter then holds
-    fit_embeddings_to_tokenizer(base, AutoTokenizer.from_pretrained(tokenizer), verbose=False)
+    text = text_side(base.config, tokenizer)
+    fit_embeddings_to_tokenizer(base, getattr(text, "tokenizer", text), verbose=False)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     return _save(merged, tokenizer, output)
 

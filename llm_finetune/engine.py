@@ -21,6 +21,7 @@ from llm_finetune.adapters import base_model_of
 from llm_finetune.model import decoder_layer_classes, decoder_layers, text_layers
 from llm_finetune.quantization import is_4bit, pending_4bit_like, quantize_pending
 from llm_finetune.random_init import SeededInit
+from llm_finetune.vision import is_vision_config
 
 
 def mixed_precision_policy(compute_dtype: torch.dtype) -> MixedPrecision | None:
@@ -57,6 +58,12 @@ def enable_activation_checkpointing(model: torch.nn.Module, keep_last: int = 0) 
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if is_vision_config(base.config):
+        # transformers also makes the output of every sub-model's input embedding require grad
+        # (for reentrant checkpointing), the image encoder's patch embedding included: a frozen
+        # encoder (LoRA on the language model) would then keep all its activations and run
+        # backward for nothing. Non-reentrant checkpointing needs none of it
+        base.disable_input_require_grads()
     layers = text_layers(model)  # a vision model's image encoder is not checkpointed
     for layer in layers[len(layers) - keep_last:] if keep_last else []:
         layer.gradient_checkpointing = False  # transformers checks this flag per layer

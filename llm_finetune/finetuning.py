@@ -46,7 +46,8 @@ from llm_finetune.samples import SampleAnswers
 from llm_finetune.trackers import Trackers
 from llm_finetune.train import Trainer
 from llm_finetune.training_checkpoint import Checkpointer
-from llm_finetune.vision import check_vision_settings, freeze_llm_only, vision_parts_pattern
+from llm_finetune.vision import (UNQUANTIZED, check_vision_settings, freeze_llm_only,
+                                 lora_exclude)
 
 
 def main(**kwargs) -> dict:
@@ -185,7 +186,8 @@ def build_model(run, precision, tokenizer, dist_info, phases, vision: bool = Fal
     rank0_loads = run.train.low_cpu_fsdp and not seeded_init
     model = load_model(run.train, precision.weight_dtype,
                        on_meta=seeded_init or (rank0_loads and not dist_info.is_main),
-                       quantization_config=bnb_config(run, precision),
+                       quantization_config=bnb_config(run, precision,
+                                                      keep=UNQUANTIZED if vision else ()),
                        init_device="cpu" if run.train.enable_fsdp else dist_info.device)
     fit_embeddings_to_tokenizer(model, tokenizer, verbose=dist_info.is_main)
     num_layers = len(text_layers(model))
@@ -196,7 +198,7 @@ def build_model(run, precision, tokenizer, dist_info, phases, vision: bool = Fal
         freeze_llm_only(model, decoder_layer_classes(model))
     if run.train.use_peft:
         model = apply_peft(model, run, num_layers, adapter_dtype=precision.trainable_dtype,
-                           exclude=vision_parts_pattern(model) if vision else None)
+                           exclude=lora_exclude(model, run) if vision else None)
     if run.fsdp.fsdp_activation_checkpointing:
         enable_activation_checkpointing(model, keep_last=run.fsdp.no_checkpoint_layers)
     if run.train.torch_compile:

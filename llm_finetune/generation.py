@@ -124,18 +124,29 @@ def encode(tokenizer, texts: list[str], max_padding_length: typing.Optional[int]
 
 @torch.no_grad()
 def generate(model, tokenizer, texts: list[str], options: GenerationOptions,
-             stream: bool = False, add_special_tokens: bool = False) -> list[str]:
+             stream: bool = False, add_special_tokens: bool = False,
+             images: list | None = None) -> list[str]:
     """The answers to rendered prompts (``texts``), generated as one left-padded batch; with
     ``stream`` (one prompt, ``options.can_stream``), also printed as they are generated.
-    ``add_special_tokens``: the tokenizer adds its own (BOS) to text that has none."""
-    batch = encode(tokenizer, texts, options.max_padding_length,
-                   add_special_tokens).to(model.device)
-    streamer = (TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    ``add_special_tokens``: the tokenizer adds its own (BOS) to text that has none.
+    ``images``: the images each text is about (one list per text, the text holding an image
+    token for each); ``tokenizer`` is then the vision model's processor, which makes the
+    model's image inputs (pixels, and for Llama 3.2 Vision the cross-attention mask) as it
+    tokenises, left-padded like text."""
+    if images is None:
+        batch = encode(tokenizer, texts, options.max_padding_length,
+                       add_special_tokens).to(model.device)
+        text_tokenizer = tokenizer
+    else:  # pixels in the model's dtype (bf16 on a GPU)
+        batch = tokenizer(text=texts, images=images, add_special_tokens=add_special_tokens,
+                          padding=True, return_tensors="pt").to(model.device, dtype=model.dtype)
+        text_tokenizer = tokenizer.tokenizer
+    streamer = (TextStreamer(text_tokenizer, skip_prompt=True, skip_special_tokens=True)
                 if stream else None)
     output = model.generate(**batch, **options.generate_kwargs(), streamer=streamer,
-                            pad_token_id=tokenizer.pad_token_id)
+                            pad_token_id=text_tokenizer.pad_token_id)
     new = output[:, batch["input_ids"].shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    return [text_tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
 def read_prompt_list(prompt_file: str) -> list[str]:

@@ -14,6 +14,14 @@ instruction (``--prompt``, each entry of a ``--prompt_list`` file: one per line 
 each line typed interactively) is wrapped in the Alpaca format that ``alpaca_dataset`` and
 ``file_dataset`` train on. ``--chat`` renders either as a user turn of the tokenizer's chat
 template. Generation flags: ``generation.py``; safety checkers: ``safety.py``.
+
+With ``--image_path`` (a vision model: Llama 3.2 Vision, or a base and its ``--peft_model``),
+every prompt, whichever way it comes, is asked about that image as llama-recipes'
+multi_modal_infer.py asks: a user turn of an image and the prompt's text, rendered with the
+processor's chat template, the processor making the image inputs (docs/vision.md).
+
+    python -m llm_finetune.inference --model_name output/model --image_path cat.png \\
+        --prompt "What is in this picture?" --do_sample False
 """
 
 import dataclasses
@@ -24,7 +32,8 @@ from pathlib import Path
 
 import fire
 import torch
-from transformers import AutoTokenizer
+from PIL import Image
+from transformers import AutoProcessor, AutoTokenizer
 
 from llm_finetune.config_utils import (check_choices, default_run_config, llama_recipes_value,
                                        update_run_config)
@@ -34,7 +43,7 @@ from llm_finetune.errors import ConfigError
 from llm_finetune.generation import (GenerationOptions, generate as generate_rendered,
                                      read_prompt_list)
 from llm_finetune.model import (attention_implementation, fit_embeddings_to_tokenizer,
-                                from_pretrained, load_base_model)
+                                from_pretrained, is_vision_model, load_base_model)
 from llm_finetune.quantization import bits_and_bytes, bitsandbytes_problem
 from llm_finetune.safety import LLAMA_GUARD, build_checkers, screen_answer, screen_prompt
 
@@ -50,29 +59,30 @@ class Prompt:
     conversation: list  # what the safety checkers judge: messages ending with the user's
     shown: str  # how it is printed
     add_special_tokens: bool = False  # text as written: the tokenizer adds its BOS
+    image: "Image.Image | None" = None  # what the prompt asks about (a vision model's)
 
 
 def load(model_name: str, peft_model: str = "", quantization: str = "",
          use_fast_kernels: bool = False, settings: quantization_config = None,
-         chat: bool = False, device: str = ""):
+         chat: bool = False, device: str = "", processor: bool = False):
     """The model in eval mode (bf16 on a GPU, spread over the GPUs as llama-recipes' device map
     does; fp32 on the CPU) and its tokenizer, left-padding batches. A ``--quantization`` that
     cannot run here, or with ``chat`` a tokenizer without a chat template, is refused before
-    any weights load. ``device``: where to put it (empty: a GPU when there is one)."""
+    any weights load. ``device``: where to put it (empty: a GPU when there is one).
+    ``processor``: a vision model's processor (tokenizer, image processor and chat template)
+    instead of the tokenizer, from the adapter's directory when a run saved it there."""
     cuda = torch.cuda.is_available() if not device else device.startswith("cuda")
     device = device or ("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     problem = quantization and bitsandbytes_problem(quantization, device)
     if problem:
         raise ConfigError(problem)
-    adapter_tokenizer = peft_model and (Path(peft_model) / "tokenizer_config.json").is_file()
-    tokenizer = from_pretrained(AutoTokenizer, peft_model if adapter_tokenizer else model_name,
-                                "peft_model" if adapter_tokenizer else "model_name",
-                                padding_side="left")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if chat and tokenizer.chat_template is None:
-        raise ConfigError(NO_CHAT_TEMPLATE)
+    if processor:
+        tokenizer = load_processor(model_name, peft_model)
+    else:
+        tokenizer = load_tokenizer(model_name, peft_model)
+        if chat and tokenizer.chat_template is None:
+            raise ConfigError(NO_CHAT_TEMPLATE)
     # without --use_fast_kernels, transformers' own choice, as in llama-recipes
     kwargs = {"attn_implementation": attention_implementation(True)} if use_fast_kernels else {}
     quantized = bits_and_bytes(quantization, settings or quantization_config())
@@ -87,9 +97,63 @@ def load(model_name: str, peft_model: str = "", quantization: str = "",
         from peft import PeftModel
 
         # a run with added tokens grew the embedding, which its adapter then holds
-        fit_embeddings_to_tokenizer(model, tokenizer, verbose=False)
+        fit_embeddings_to_tokenizer(model, getattr(tokenizer, "tokenizer", tokenizer),
+                                    verbose=False)
         model = PeftModel.from_pretrained(model, peft_model)
     return model.eval(), tokenizer
+
+
+def load_tokenizer(model_name: str, peft_model: str):
+    """The tokenizer, left-padding: the adapter's when its run saved one (added tokens)."""
+    adapter_tokenizer = peft_model and (Path(peft_model) / "tokenizer_config.json").is_file()
+    tokenizer = from_pretrained(AutoTokenizer, peft_model if adapter_tokenizer else model_name,
+                                "peft_model" if adapter_tokenizer else "model_name",
+                                padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_processor(model_name: str, peft_model: str):
+    """A vision model's processor, its tokenizer left-padding; the adapter's when its run saved
+    one there (a vision run saves its processor beside the adapter)."""
+    saved = peft_model and any((Path(peft_model) / name).is_file()
+                               for name in ("processor_config.json", "preprocessor_config.json"))
+    processor = from_pretrained(AutoProcessor, peft_model if saved else model_name,
+                                "peft_model" if saved else "model_name")
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or getattr(processor, "image_processor", None) is None:
+        raise ConfigError(f"--model_name {model_name} has no processor with a tokenizer and an "
+                          "image processor to read --image_path with")
+    if getattr(processor, "chat_template", None) is None:
+        raise ConfigError("--image_path asks about the image in a user turn of the processor's "
+                          "chat template, and this processor has none: use a model (or an "
+                          "adapter directory) whose processor has one")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
+
+
+def read_image(image_path: str) -> Image.Image:
+    """``--image_path`` as an RGB image, or one line saying why it cannot be read."""
+    path = Path(image_path)
+    if not path.is_file():
+        raise ConfigError(f"--image_path {image_path}: no such file")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:  # PIL raises several kinds for a file that is not an image
+        raise ConfigError(f"--image_path {image_path} cannot be read as an image "
+                          f"({type(error).__name__}: {error})") from None
+
+
+def check_image_model(model_name: str) -> None:
+    """``--image_path`` needs a vision model (read from its config, before any weights)."""
+    if not is_vision_model(model_name):
+        raise ConfigError(f"--image_path gives the model an image, and --model_name {model_name} "
+                          "is a text-only causal LM (its config has no vision_config): use a "
+                          "vision model (Llama 3.2 Vision: docs/vision.md), or drop --image_path")
 
 
 def quantization_settings(extra: dict, known: list[str]) -> quantization_config:
@@ -139,7 +203,8 @@ def start(flags: dict, extra: dict, chat: bool):
         llamaguard_model_name=flags["llamaguard_model_name"])
     torch.manual_seed(flags["seed"])
     model, tokenizer = load(flags["model_name"], flags["peft_model"] or "", kind,
-                            flags["use_fast_kernels"], settings, chat)
+                            flags["use_fast_kernels"], settings, chat,
+                            processor=bool(flags.get("image_path")))
     return model, tokenizer, checkers, options
 
 
@@ -160,8 +225,10 @@ def answer(model, tokenizer, prompts: list[Prompt], options: GenerationOptions, 
             continue
         texts = [p.text for _, p in passed]
         special = passed[0][1].add_special_tokens
+        images = [[p.image] for _, p in passed] if passed[0][1].image is not None else None
         for (i, p), text in zip(passed, generate_rendered(model, tokenizer, texts, options,
-                                                           stream, add_special_tokens=special)):
+                                                           stream, add_special_tokens=special,
+                                                           images=images)):
             if not checkers:
                 answers[i] = text
                 if not stream:
@@ -196,6 +263,15 @@ def as_written(tokenizer, text: str, chat: bool) -> Prompt:
     return Prompt(text, conversation, text, add_special_tokens=True)
 
 
+def about_image(processor, text: str, image: Image.Image) -> Prompt:
+    """A prompt about an image, as llama-recipes' multi_modal_infer.py asks it: a user turn of
+    the image and the text, rendered with the processor's chat template. The safety checkers
+    judge the text."""
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    rendered = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    return Prompt(rendered, [{"role": "user", "content": text}], text, image=image)
+
+
 def chat_text(tokenizer, conversation: list[dict]) -> str:
     if tokenizer.chat_template is None:
         raise ConfigError(NO_CHAT_TEMPLATE)
@@ -214,10 +290,12 @@ def main(model_name: str, peft_model: str = None, quantization: str = None,
          # ours (docs/llama_recipes.md#inference)
          llamaguard_model_name: str = LLAMA_GUARD, use_auditnlg: bool = False, prompt: str = "",
          prompt_list: bool = False, chat: bool = False, batch_size: int = 8,
-         min_new_tokens: int = 0, num_beams: int = 1, **quantization_flags) -> None:
+         min_new_tokens: int = 0, num_beams: int = 1, image_path: str = "",
+         **quantization_flags) -> None:
     """Answer a prompt file (one prompt, as written), ``--prompt`` or a ``--prompt_list``
     (instructions), piped input (one prompt), or lines typed at the terminal. llama-recipes'
-    flags mean what they mean there; docs/llama_recipes.md#inference lists every difference."""
+    flags mean what they mean there; docs/llama_recipes.md#inference lists every difference.
+    ``image_path``: each prompt is asked about this image (a vision model's; module doc)."""
     flags = {k: v for k, v in locals().items() if k != "quantization_flags"}
     if share_gradio:
         raise ConfigError("--share_gradio shares llama-recipes' gradio web page, which is not "
@@ -231,6 +309,14 @@ def main(model_name: str, peft_model: str = None, quantization: str = None,
         raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
     if prompt_file and not Path(prompt_file).is_file():
         raise ConfigError(f"--prompt_file {prompt_file}: no such file")
+    image = None
+    if image_path:
+        if max_padding_length:
+            raise ConfigError("--max_padding_length pads and cuts text prompts; with "
+                              "--image_path the processor tokenises each prompt whole (a cut "
+                              "could drop its image token): drop --max_padding_length")
+        image = read_image(image_path)
+        check_image_model(model_name)
     piped = None
     if not (prompt or prompt_file) and not sys.stdin.isatty():  # one prompt, as llama-recipes
         piped = sys.stdin.read()
@@ -242,18 +328,23 @@ def main(model_name: str, peft_model: str = None, quantization: str = None,
     def run(prompts: list[Prompt]) -> None:
         answer(model, tokenizer, prompts, options, checkers, batch_size, stream=True)
 
+    # with an image every prompt is a user turn about it; else instructions, or text as written
+    ask = ((lambda text: about_image(tokenizer, text, image)) if image is not None
+           else (lambda text: instruction(tokenizer, text, chat)))
     if prompt:
-        run([instruction(tokenizer, prompt, chat)])
+        run([ask(prompt)])
     elif prompt_list:
-        run([instruction(tokenizer, p, chat) for p in read_prompt_list(prompt_file)])
+        run([ask(p) for p in read_prompt_list(prompt_file)])
     elif prompt_file or piped is not None:
-        run([as_written(tokenizer, Path(prompt_file).read_text() if prompt_file else piped, chat)])
+        text = Path(prompt_file).read_text() if prompt_file else piped
+        run([about_image(tokenizer, text, image) if image is not None
+             else as_written(tokenizer, text, chat)])
     else:
         print("prompt (empty line or Ctrl-D to quit):", flush=True)
         for line in sys.stdin:
             if not line.strip():
                 break
-            run([instruction(tokenizer, line.strip(), chat)])
+            run([ask(line.strip())])
 
 
 def cli(command) -> None:

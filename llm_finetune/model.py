@@ -63,7 +63,8 @@ def has_weights(path: str) -> bool:
 def is_vision_model(model_name: str, local_only: bool = False) -> bool:
     """Whether ``model_name`` is a vision-language model (read from its config; with
     ``local_only``, False for a hub name rather than reach the hub: preflight's question)."""
-    if model_name in SHAPES or (local_only and not Path(resolve_model_path(model_name)).is_dir()):
+    hub_name = model_name not in SHAPES and not Path(resolve_model_path(model_name)).is_dir()
+    if local_only and hub_name:
         return False
     return is_vision_config(model_config(model_name))
 
@@ -77,6 +78,10 @@ def load_processor(train_cfg):
     """A vision model's processor (its tokenizer, image processor and chat template), padding
     on the right as training needs; its tokenizer is ``processor.tokenizer``."""
     name = train_cfg.tokenizer_name or train_cfg.model_name
+    if name in SHAPES:
+        raise ConfigError(f"{name} is a built-in shape without a processor: add "
+                          "--tokenizer_name, a directory or hub name of the model's processor "
+                          "(Llama 3.2 Vision's: meta-llama/Llama-3.2-11B-Vision-Instruct)")
     setting = "tokenizer_name" if train_cfg.tokenizer_name else "model_name"
     processor = from_pretrained(AutoProcessor, name, setting)
     tokenizer = getattr(processor, "tokenizer", None)
@@ -227,21 +232,23 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
     # bitsandbytes quantises onto the device the model will train on
     quantize_on = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     quantize_now = quantization_config is not None and quantized_at_load(train_cfg)
+    # no KV cache in training; a vision model's config keeps the setting in its text config
+    # (its from_pretrained refuses use_cache=False as a keyword)
+    config = model_config(train_cfg.model_name)
+    config.use_cache = False
+    config.get_text_config().use_cache = False
     if on_meta or not weights_on_disk(train_cfg):
-        config = model_config(train_cfg.model_name)
-        config.use_cache = False
-        config.get_text_config().use_cache = False
         model = meta_model(config, dtype, attn)
         if quantization_config is not None:
             to_4bit_layers(model, quantization_config, dtype)
         if not on_meta:  # one process, no adapters to wait for
             random_init(model, train_cfg.seed, init_device)
     else:
-        kwargs = {"dtype": dtype, "attn_implementation": attn, "use_cache": False}
+        kwargs = {"dtype": dtype, "attn_implementation": attn, "config": config}
         if quantize_now:
             kwargs.update(quantization_config=quantization_config, device_map={"": quantize_on})
-        loader = auto_class(model_config(train_cfg.model_name))
-        model = loader.from_pretrained(resolve_model_path(train_cfg.model_name), **kwargs)
+        model = auto_class(config).from_pretrained(resolve_model_path(train_cfg.model_name),
+                                                   **kwargs)
         if quantization_config is not None and not quantize_now:  # rank 0 of low_cpu_fsdp
             to_4bit_layers(model, quantization_config, dtype)
     if quantization_config is not None:

@@ -11,20 +11,25 @@ BITSANDBYTES_MIN_VERSION = "0.46.1"
 from llm_finetune.errors import ConfigError
 
 
-def bnb_config(run, precision):
+def bnb_config(run, precision, keep: tuple[str, ...] = ()):
     """None without ``--quantization``. Under FSDP the packed 4-bit weights are stored in the
-    dtype of the other parameters (``bnb_4bit_quant_storage``) so FSDP can flatten them."""
-    return bits_and_bytes(run.train.quantization, run.quantization, fsdp=run.train.enable_fsdp)
+    dtype of the other parameters (``bnb_4bit_quant_storage``) so FSDP can flatten them.
+    ``keep``: patterns of modules left unquantised besides ``skip_modules`` (a vision model's
+    image encoder and projector)."""
+    return bits_and_bytes(run.train.quantization, run.quantization, fsdp=run.train.enable_fsdp,
+                          keep=keep)
 
 
-def bits_and_bytes(kind: str, q, fsdp: bool = False):
+def bits_and_bytes(kind: str, q, fsdp: bool = False, keep: tuple[str, ...] = ()):
     """``kind`` (``4bit``, ``8bit`` or empty) and a ``quantization_config`` as the
-    ``BitsAndBytesConfig`` transformers loads with; None when ``kind`` is empty."""
+    ``BitsAndBytesConfig`` transformers loads with; None when ``kind`` is empty. Module
+    patterns in ``skip_modules`` and ``keep`` are matched as transformers matches them
+    (``should_convert_module``: a name, a prefix up to a module boundary, or a regex)."""
     if not kind:
         return None
     from transformers import BitsAndBytesConfig
 
-    skip = q.skip_modules if q.skip_modules is not None else ["lm_head"]
+    skip = [*(q.skip_modules if q.skip_modules is not None else ["lm_head"]), *keep]
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     storage = q.quant_storage or ("bfloat16" if fsdp else "uint8")
@@ -95,14 +100,14 @@ def to_4bit_layers(model: torch.nn.Module, quantization_config, dtype: torch.dty
     unit by unit). So no rank ever holds a whole 4-bit model before sharding, and a rank on the
     meta device has the same module tree as the rank that holds the weights."""
     import bitsandbytes as bnb
+    from transformers.quantizers.quantizers_utils import should_convert_module
 
     if not getattr(quantization_config, "load_in_4bit", False):
         raise ValueError("layer-by-layer quantisation is for 4-bit (8-bit needs weights on disk "
                          "and one process)")
-    skip = set(quantization_config.llm_int8_skip_modules or [])
+    skip = list(quantization_config.llm_int8_skip_modules or [])  # as from_pretrained skips
     convert = [(name, module) for name, module in model.named_modules()
-               if type(module) is torch.nn.Linear and name.rsplit(".", 1)[-1] not in skip
-               and name not in skip]
+               if type(module) is torch.nn.Linear and should_convert_module(name, skip)]
     for name, linear in convert:
         packed = bnb.nn.Linear4bit(
             linear.in_features, linear.out_features, bias=linear.bias is not None,

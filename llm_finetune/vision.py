@@ -18,6 +18,9 @@ from llm_finetune.errors import ConfigError
 # transformers' names for a vision-language model's image side: the encoder and the projector
 # into the text model's width
 VISION_PARTS = ("vision_model", "vision_tower", "visual", "multi_modal_projector")
+# what QLoRA leaves unquantised (as llama-recipes' users do): every module inside those parts,
+# as patterns that bitsandbytes' skip list matches (transformers' should_convert_module)
+UNQUANTIZED = tuple(rf"(.*\.)?{part}" for part in VISION_PARTS)
 # the batch fields a vision processor adds to the text's, passed to the model's forward
 VISION_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
                  "cross_attention_mask", "image_sizes", "image_grid_thw")
@@ -63,6 +66,14 @@ def vision_parts_pattern(model: torch.nn.Module) -> str:
     return rf"(.*\.)?({'|'.join(re.escape(n) for n in names)})(\..*)?"
 
 
+def lora_exclude(model: torch.nn.Module, run) -> str | None:
+    """What LoRA leaves alone on a vision model (peft's ``exclude_modules``): the image encoder
+    and projector, whose layers have ``target_modules``' names too (``q_proj``, ``v_proj``);
+    with ``lora_config.vision_encoder`` nothing, so ``target_modules`` are adapted wherever
+    they are, the image encoder's layers included (the projector is named differently)."""
+    return None if run.peft.vision_encoder else vision_parts_pattern(model)
+
+
 def in_vision_parts(model: torch.nn.Module) -> set[int]:
     """ids of every module inside the image encoder or projector."""
     return {id(inner) for part in vision_modules(model) for inner in part.modules()}
@@ -105,12 +116,14 @@ def check_vision_settings(run, vision: bool) -> None:
     if t.freeze_LLM_only and t.freeze_layers:
         raise ConfigError("--freeze_LLM_only and --freeze_layers both choose which weights "
                           "train: drop one of them")
+    if t.use_peft and t.peft_method == "lora" and run.peft.vision_encoder and not vision:
+        raise ConfigError(f"--lora_config.vision_encoder adapts a vision model's image encoder "
+                          f"too, and {t.model_name} is a causal LM, with none: drop it")
     if not vision:
         return
     not_yet = {"--batching_strategy packing": t.batching_strategy == "packing",
-               "--quantization": bool(t.quantization),
+               "--quantization 8bit": t.quantization == "8bit",
                "--method dpo": t.method == "dpo",
-               "--dry_run / --auto_fit (the memory planner)": t.dry_run or t.auto_fit,
                f"--peft_method {t.peft_method}": t.use_peft and t.peft_method != "lora"}
     for setting, asked in not_yet.items():
         if asked:

@@ -147,7 +147,8 @@ def test_meta_load_allocates_nothing(tiny_model_dir):
 
 
 @pytest.mark.parametrize("name,billions", [("llama3.2-1b", 1.236), ("llama3-8b", 8.030),
-                                            ("llama3-70b", 70.554), ("qwen2.5-7b", 7.616)])
+                                            ("llama3-70b", 70.554), ("qwen2.5-7b", 7.616),
+                                            ("llama3.2-11b-vision", 10.670)])
 def test_builtin_shapes_have_the_real_parameter_counts(name, billions):
     run = build_run_config(model_name=name)
     model = load_model(run.train, torch.bfloat16, on_meta=True)

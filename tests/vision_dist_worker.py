@@ -10,7 +10,24 @@ import torch.distributed as dist
 from llm_finetune import finetuning
 
 # each case's settings beside the shared ones (tests/test_vision.py fsdp_settings)
-VISION_CASES = {"full": {}, "lora": {"use_peft": True}, "freeze_LLM_only": {"freeze_LLM_only": True}}
+VISION_CASES = {"full": {}, "lora": {"use_peft": True},
+                "freeze_LLM_only": {"freeze_LLM_only": True},
+                "vision_lora": {"use_peft": True, "lora_config.vision_encoder": True},
+                "qlora": {"use_peft": True, "quantization": "4bit"}}
+# what a run leaves: the model as transformers weights (FULL_STATE_DICT) and as the same run's
+# DCP shards (SHARDED_STATE_DICT, for convert dcp_to_hf); training checkpoints of a LoRA run on
+# the default path (a loader worker, dropout), and that run resumed from its step 2
+CHECKPOINT_CASES = {
+    "full_state_dict": {"save_model": True, "fsdp_config.checkpoint_type": "FULL_STATE_DICT"},
+    "sharded_state_dict": {"save_model": True,
+                           "fsdp_config.checkpoint_type": "SHARDED_STATE_DICT"},
+    "lora_default_path": {"use_peft": True, "num_workers_dataloader": 1,
+                          "lora_config.lora_dropout": 0.05, "gradient_accumulation_steps": 2,
+                          "max_train_step": 8, "run_validation": False, "save_steps": 2},
+}
+CHECKPOINT_CASES["lora_default_path_resumed"] = dict(
+    CHECKPOINT_CASES["lora_default_path"],
+    resume_from_checkpoint="{out}/lora_default_path/checkpoints/step-00000002")
 
 
 def fsdp_settings(rows: str, case: str) -> dict:
@@ -18,15 +35,17 @@ def fsdp_settings(rows: str, case: str) -> dict:
             "file_dataset.data_files": rows, "batch_size_training": 2, "val_batch_size": 2,
             "num_workers_dataloader": 0, "plot_metrics": False, "num_epochs": 1,
             "max_train_step": 4, "max_eval_step": 2, "save_model": False,
-            "lora_config.lora_dropout": 0.0, **VISION_CASES[case]}
+            "lora_config.lora_dropout": 0.0, **{**VISION_CASES, **CHECKPOINT_CASES}[case]}
 
 
 def main(out: str, rows: str) -> None:
     dist.init_process_group("gloo")  # one group for every case: finetuning.main reuses it
     results = {}
-    for case in VISION_CASES:
-        summary = finetuning.main(**fsdp_settings(rows, case), enable_fsdp=True,
-                                  output_dir=f"{out}/{case}")
+    for case in [*VISION_CASES, *CHECKPOINT_CASES]:
+        settings = fsdp_settings(rows, case)
+        if "resume_from_checkpoint" in settings:
+            settings["resume_from_checkpoint"] = settings["resume_from_checkpoint"].format(out=out)
+        summary = finetuning.main(**settings, enable_fsdp=True, output_dir=f"{out}/{case}")
         results[case] = [record["loss"] for record in summary["metrics"] if "loss" in record]
     if dist.get_rank() == 0:
         Path(out, "results.json").write_text(json.dumps(results))

@@ -4,7 +4,9 @@ shapes, each row asking for the colour, so the answer can only be learned from t
     python tools/make_colour_images.py OUT_DIR [ROWS]
 
 writes OUT_DIR/images/N.png and OUT_DIR/rows.jsonl (image paths relative to it), the rows
-docs/vision.md trains tiny-mllama on; tests/test_vision.py uses the same functions.
+docs/vision.md trains tiny-mllama on, and OUT_DIR/texts.jsonl, the same rows in the layout of
+llama-recipes' OCRVQA data (the_cauldron's: images and user/assistant texts), which
+examples/vision_dataset.py reads; tests/test_vision.py uses the same functions.
 """
 
 import json
@@ -29,14 +31,18 @@ def conversation(answer: str | None) -> list[dict]:
 
 
 def write_colour_rows(directory: Path, rows: int = 64, seed: int = 0) -> Path:
-    """``rows`` images of seeded random colours and shapes, and the rows.jsonl naming them."""
+    """``rows`` images of seeded random colours and shapes, and the rows.jsonl naming them (and
+    texts.jsonl, the same rows as llama-recipes' OCRVQA recipe lays them out)."""
     rng = random.Random(seed)
     (directory / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
+    lines, cauldron = [], []
     for i in range(rows):
         name = rng.choice(sorted(COLOURS))
         Image.new("RGB", rng.choice(SIZES), COLOURS[name]).save(directory / f"images/{i}.png")
         lines.append({"images": [f"images/{i}.png"], "messages": conversation(name)})
+        cauldron.append({"images": [f"images/{i}.png"],
+                         "texts": [{"user": QUESTION, "assistant": name}]})
+    (directory / "texts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in cauldron))
     path = directory / "rows.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path

@@ -12,6 +12,9 @@ class lora_config:
     task_type: str = "CAUSAL_LM"
     lora_dropout: float = 0.05
     inference_mode: bool = False
+    # ours: on a vision model, adapt target_modules in the image encoder's layers too (by
+    # default LoRA adapts the language model only; docs/vision.md). Not a peft field
+    vision_encoder: bool = False
 
 
 @dataclass

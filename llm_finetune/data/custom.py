@@ -5,8 +5,12 @@
 dicts, or any sequence of dicts). When the file also defines ``get_data_collator(tokenizer)``
 (llama-recipes passes its processor, for a causal LM the tokenizer), the collator it returns
 makes every batch, train and eval, from whole rows with all their columns: rows may then hold
-anything it reads (raw text, an extra column), and it pads and truncates them. Without one,
-each row needs ``input_ids`` and ``labels``, and the run pads or packs them."""
+anything it reads (raw text, an extra column, images), and it pads and truncates them. Without
+one, each row needs ``input_ids`` and ``labels``, and the run pads or packs them.
+
+On a vision model both functions get the model's processor (tokenizer, image processor, chat
+template) in the tokenizer's place, as llama-recipes' vision recipe has it
+(examples/vision_dataset.py): the collator's batches then carry the image inputs too."""
 
 import importlib.util
 from pathlib import Path

@@ -43,8 +43,9 @@ def read_dataset_split(run, tokenizer, split: str, collated: bool = False, proce
     if t.dataset == "file_dataset":
         return load_files(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed,
                           t.tokenize_num_proc, processor)
-    if t.dataset == "custom_dataset":
-        return load_custom(run.dataset, tokenizer, split, t.context_length, collated)
+    if t.dataset == "custom_dataset":  # a vision model's processor, as llama-recipes passes
+        return load_custom(run.dataset, processor or tokenizer, split, t.context_length,
+                           collated)
     if t.dataset == "grammar_dataset":
         return load_grammar(run.dataset, tokenizer, split, t.context_length, t.bad_rows,
                             t.tokenize_num_proc)
@@ -73,7 +74,8 @@ def load_split(run, tokenizer, split: str, dist_info: DistInfo, collated: bool =
 
 
 def data_collator(run, tokenizer):
-    """A custom data set's own collator (llama-recipes' ``get_data_collator``), or None."""
+    """A custom data set's own collator (llama-recipes' ``get_data_collator``), or None.
+    ``tokenizer``: what the collator is given, a vision model's processor."""
     if run.train.dataset != "custom_dataset" or not defines_collator(run.dataset):
         return None
     if run.train.batching_strategy == "packing":
@@ -87,7 +89,7 @@ def build_dataloaders(run, tokenizer, dist_info: DistInfo, processor=None):
     """(train loader, eval loader or None). ``processor``: a vision model's, which makes the
     batches of rows with images."""
     t = run.train
-    collator = data_collator(run, tokenizer)
+    collator = data_collator(run, processor or tokenizer)
     splits = [run.dataset.train_split] + ([run.dataset.test_split] if t.run_validation else [])
     train, *evals = [load_split(run, tokenizer, split, dist_info, collator is not None,
                                 processor) for split in splits]

@@ -6,6 +6,10 @@ checkpointing), the loss's logits and a fixed workspace; the peak is the larger 
 forward and the end of backward (and, for QLoRA under FSDP, the moment of loading). It also
 names the traps users hit (``notes``), and reads a GPU's memory from ``--gpu_memory`` or the GPU
 present (``parse_bytes``, ``gpu_memory_available``).
+
+A vision-language model adds its image side's activations (``image_activation_bytes``): the
+image encoder's layers over every tile's patches, and the text decoder's cross-attention layers
+over the image tokens, planned for one image of the most tiles per sequence.
 """
 
 import os
@@ -18,7 +22,7 @@ from llm_finetune.config_utils import ConfigError
 from llm_finetune.distributed import hybrid_mesh_shape
 from llm_finetune.loss import CHUNK_TOKENS
 from llm_finetune.model import init_after_adapters, quantized_at_load, weights_on_disk
-from llm_finetune.plan.counts import ModelCounts, count_parameters
+from llm_finetune.plan.counts import ModelCounts, VisionCounts, count_parameters
 from llm_finetune.precision import choose_precision
 
 GIB = 2**30
@@ -99,6 +103,55 @@ def activation_bytes_per_token_per_layer(counts: ModelCounts, compute_bytes: int
     return compute_bytes * vectors * (COMPILED_ACTIVATIONS if compiled else 1.0)
 
 
+def vision_layer_bytes_per_token(vision: VisionCounts, compute_bytes: int,
+                                 frozen_base: bool = False) -> float:
+    """Tensors an image encoder layer (pre-norm attention without rotary or grouped heads, a
+    GELU MLP, tanh gates on the global layers) keeps for backward, per patch: its two norms'
+    inputs and outputs, q, k, v, the attention output, the gated residual branches (about ten
+    hidden vectors) and the MLP's two intermediate ones (fc1 output and GELU). Frozen (LoRA
+    adapters in it), the inputs of the output projection and fc2 go, as in a text layer."""
+    vectors = 10 * vision.hidden + 2 * vision.intermediate
+    if frozen_base:
+        vectors -= vision.hidden + vision.intermediate
+    return compute_bytes * vectors
+
+
+def cross_attention_bytes_per_image_token(counts: ModelCounts, compute_bytes: int) -> float:
+    """What one cross-attention layer keeps per image token: keys and values (their norm's
+    input and output for the keys) and the copies repeated to every query head for masked
+    attention."""
+    return compute_bytes * (4 * counts.kv_dim + 2 * counts.hidden)
+
+
+def image_activation_bytes(run, counts: ModelCounts, compute_bytes: int,
+                           images: int) -> dict[str, float]:
+    """The image side's activations at the end of forward, by part, for ``images`` images of
+    ``counts.vision.tiles`` tiles. The image encoder keeps them only when something on the
+    image side trains (full fine-tuning, ``--freeze_LLM_only``, LoRA with
+    ``lora_config.vision_encoder``), all of its layers (transformers does not checkpoint them),
+    and, when the projector trains, its input; the projector's output
+    feeds every cross-attention layer (kept once), whose keys and values over the image tokens
+    are kept for the layers not checkpointed."""
+    vision, f = counts.vision, run.fsdp
+    parts = {}
+    if vision.trains:
+        projector_input = 0 if run.train.use_peft else vision.output_dim  # its weight's grad
+        parts[f"image encoder activations ({images} images x {vision.encoder_tokens} patches, "
+              f"{vision.layers} layers)"] = (
+            images * vision.encoder_tokens * vision.layers
+            * vision_layer_bytes_per_token(vision, compute_bytes, frozen_base=run.train.use_peft)
+            + images * vision.image_tokens * projector_input * compute_bytes)
+    kept = vision.cross_layers
+    if f.fsdp_activation_checkpointing:  # the last no_checkpoint_layers keep theirs
+        kept = [i for i in kept if i >= counts.num_layers - f.no_checkpoint_layers]
+    image_tokens = images * vision.image_tokens
+    parts[f"cross-attention over {image_tokens} image tokens ({len(kept)} of "
+          f"{len(vision.cross_layers)} layers kept)"] = (
+        image_tokens * counts.hidden * compute_bytes
+        + len(kept) * image_tokens * cross_attention_bytes_per_image_token(counts, compute_bytes))
+    return parts
+
+
 def sequences_per_sample(run) -> int:
     """A DPO sample is a pair: its chosen and rejected sequences go through one forward."""
     return 2 if run.train.method == "dpo" else 1
@@ -176,9 +229,12 @@ def plan_activations(plan: Plan, run, counts: ModelCounts, compute_bytes: int,
     """What forward keeps for backward (all layers, or checkpointed layers' inputs) and the
     loss's buffers: both exist at the end of forward only."""
     t, f = run.train, run.fsdp
-    # DPO's reference forward keeps nothing (no_grad) and ends before the policy's begins
+    # DPO's reference forward keeps nothing (no_grad) and ends before the policy's begins.
+    # --freeze_LLM_only freezes the self-attention layers (4 in 5; the cross-attention ones
+    # train, a few percent more each): planned as a frozen base
     per_layer = tokens * activation_bytes_per_token_per_layer(
-        counts, compute_bytes, frozen_base=t.use_peft, compiled=t.torch_compile)
+        counts, compute_bytes, frozen_base=t.use_peft or t.freeze_LLM_only,
+        compiled=t.torch_compile)
     if f.fsdp_activation_checkpointing:
         kept = min(f.no_checkpoint_layers, counts.num_layers)
         checkpointed = counts.num_layers - kept
@@ -209,6 +265,14 @@ def plan_activations(plan: Plan, run, counts: ModelCounts, compute_bytes: int,
         plan.gpu[loss] = tokens * counts.vocab * (compute_bytes + 10)
     plan.forward_only |= {activations, loss}
     plan.backward_activations = per_layer
+    if counts.vision is not None:  # one image per sequence
+        image_side = image_activation_bytes(run, counts, compute_bytes, t.batch_size_training)
+        plan.gpu.update(image_side)
+        plan.forward_only |= set(image_side)
+        # a recomputed cross-attention layer's keys and values over the image tokens
+        plan.backward_activations += (t.batch_size_training * counts.vision.image_tokens
+                                      * cross_attention_bytes_per_image_token(counts,
+                                                                              compute_bytes))
 
 
 def plan_cpu_loading(plan: Plan, t, full_model: float) -> None:
@@ -248,6 +312,9 @@ def notes(plan: Plan, run, counts: ModelCounts, world_size: int, local_world_siz
     if t.batching_strategy == "padding":
         plan.notes.append("padding batches are planned at the full context_length; shorter "
                           "batches need less")
+    if counts.vision is not None:
+        plan.notes.append(f"planned for one image of {counts.vision.tiles} tiles per sequence; "
+                          "rows with more images need that much more for the image parts")
 
 
 def parse_bytes(text) -> float:
