@@ -59,7 +59,8 @@ def fastest_for_gpu(run, world_size: int) -> tuple:
     the planner cannot plan, or that it finds no setting for, keeps its own setting: the
     default must never stop a run the user's settings would start."""
     if is_vision_model(run.train.model_name):
-        return run, "the run's own micro-batch and checkpointing (vision models are not planned)"
+        return run, ("the run's own micro-batch and checkpointing (the planner's vision plans "
+                     "are not yet checked on a GPU: --auto_fit asks for them)")
     gpu_memory = gpu_memory_available(run.train.gpu_memory)
     try:
         counts = count_parameters(run)
