@@ -1,12 +1,12 @@
 """The planner's step-time model (llm_finetune/plan/cost.py) against measured step times:
 prints predicted and measured tokens/s for each run in ``--points`` (benchmarks/results/
 step_times.json: what benchmarks/peers.py and benchmarks/cost_points.py measured, with the
-date, GPU and command), and the error. ``--fit``: the rates fitted to the runs marked ``fit``
+date, GPU and command), and the error. ``--fit_rates``: the rates fitted to the runs marked ``fit``
 (least squares on log step time; needs scipy), printed, then the table with them: the runs not
 marked ``fit`` check the model on data it did not see.
 
     python benchmarks/cost_model_check.py
-    python benchmarks/cost_model_check.py --fit True
+    python benchmarks/cost_model_check.py --fit_rates True
 """
 
 import dataclasses

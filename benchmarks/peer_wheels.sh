@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The wheels benchmarks/compare.py --peers needs on the GPU machine, trimmed to fit its 64 MiB
+# The wheels benchmarks/peers.py needs on the GPU machine (../shared/tools/device-wheels.sh, the
+# workplace's wheel fetcher, for ours), trimmed to fit its 64 MiB
 # carry: ours (.whl: bitsandbytes with the CUDA 13.0 library only, datasets, fire, liger-kernel)
 # and Unsloth's (.whl-peers: Unsloth without its web UI and the versions it pins, installed
 # apart, since it refuses datasets 5).

@@ -3,8 +3,9 @@
 
 A packed block holds several samples that must not see each other. SDPA can only be told so
 with a dense block-diagonal mask, which rules out its flash kernel; flex attention takes the
-mask as a sparse block mask but is slower than flash-attention. The varlen kernel is
-flash-attention itself, given where each sample starts: the collator computes those offsets
+mask as a sparse block mask, but compiles its kernel at the first batch (a first step of tens
+of seconds: docs/performance.md). The varlen kernel is flash-attention itself, ready at once, given
+where each sample starts: the collator computes those offsets
 (``data.batching.sample_starts``, on the loader's CPU side: no GPU sync) and the loss passes
 them to the model (``packed_attention_inputs``), as transformers' flash-attention-2 kwargs
 ``cu_seq_lens_q/k`` and ``max_length_q/k``. No ``flash_attn`` package is needed.
@@ -30,6 +31,21 @@ def varlen_available() -> bool:
             and importlib.util.find_spec("torch.nn.attention.varlen") is not None)
 
 
+def supports(config) -> bool:
+    """Whether the kernel computes this model's attention as transformers would: causal
+    softmax attention over the whole sample, without a sliding window, logit soft-capping
+    (Gemma 2), attention sinks (gpt-oss) or attention dropout. Other models keep flex
+    attention, which transformers gives all of these."""
+    text = config.get_text_config()
+    return not (getattr(text, "sliding_window", None)
+                or getattr(text, "attn_logit_softcapping", None)
+                or getattr(text, "attention_dropout", 0.0)
+                or getattr(text, "model_type", "") in SINK_MODELS)
+
+
+SINK_MODELS = ("gpt_oss",)
+
+
 def register() -> None:
     """Make ``PACKED_ATTENTION`` an ``attn_implementation`` transformers knows, with
     flash-attention's mask rule (no mask unless a row has padding)."""
@@ -37,6 +53,8 @@ def register() -> None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     global _VARLEN
+    if _VARLEN is not None:
+        return
     _VARLEN = _varlen_call()  # here, not in the compiled layers' trace
     AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
     AttentionMaskInterface.register(PACKED_ATTENTION,
@@ -45,8 +63,9 @@ def register() -> None:
 
 def packed_attention_inputs(model, starts: torch.Tensor | None, length: int) -> dict:
     """The model's keyword arguments for a packed batch of rows of ``length`` tokens whose
-    samples start at ``starts`` (over the flattened batch, and its end), when ``model``
-    computes attention with ``PACKED_ATTENTION``; nothing otherwise."""
+    samples start at ``starts`` (over the flattened batch, and its end), when ``model`` (the
+    Hugging Face or PEFT model, outside any FSDP or DDP wrapper) computes attention with
+    ``PACKED_ATTENTION``; nothing otherwise."""
     config = getattr(model, "config", None)
     if starts is None or getattr(config, "_attn_implementation", None) != PACKED_ATTENTION:
         return {}
@@ -85,7 +104,15 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     and ``value`` with the KV heads; returns (batch, length, heads, head_dim) and no weights."""
     offsets = kwargs.get("cu_seq_lens_q")
     batch, heads, length, head_dim = query.shape
+    unsupported = [name for name in ("sliding_window", "softcap", "s_aux")
+                   if kwargs.get(name) is not None] + (["dropout"] if dropout else [])
+    if unsupported:  # supports() keeps such models on flex attention; never compute them wrong
+        raise NotImplementedError(f"{PACKED_ATTENTION} does not compute {unsupported}")
     if offsets is None:
+        if module.training:  # a packed training batch without its sample starts would let
+            # samples attend to each other: a wrapper hid the model's config from the loss
+            raise RuntimeError(f"{PACKED_ATTENTION}: a training forward without the batch's "
+                               "sample starts (loss.model_inputs passes them)")
         return sdpa_fallback(query, key, value, attention_mask, scaling), None
     dtype = compute_dtype(query, value)
     if dtype not in (torch.float16, torch.bfloat16):  # flash-attention has no fp32 kernel

@@ -91,8 +91,8 @@ class RunConfig:
     datasets: dict
     # what the built-in model's recipe set, for the settings not given (configs/recipes.py)
     recipe: dict = dataclasses.field(default_factory=dict)
-    # the settings the user gave (file or flags), as config.field: what recipes and a GPU's
-    # fast defaults (plan/gpu_defaults.py) leave alone
+    # the settings the user gave (file or flags) or the built-in model's recipe set, as
+    # config.field: what a GPU's fast defaults (plan/gpu_defaults.py) leave alone
     given: set = dataclasses.field(default_factory=set)
 
     @property
@@ -294,7 +294,7 @@ def build_run_config(**kwargs) -> RunConfig:
     given = update_run_config(run, from_file)
     given |= update_run_config(run, kwargs)
     run.recipe = apply_recipe(run, given)
-    run.given = given
+    run.given = given | {name for key in run.recipe for name in _qualified(run, key)}
     apply_hsdp(run.fsdp, strategy_given="fsdp_config.sharding_strategy" in given)
     apply_method_batching(run.train, strategy_given="train_config.batching_strategy" in given)
     check_choices(run)

@@ -169,8 +169,10 @@ def configure(kwargs: dict, world_size: int, cuda: bool, verbose: bool):
     validate(run, world_size, cuda)
     if run.train.deterministic:  # before CUDA does any work, and before the model is built
         make_deterministic()
-    # on a GPU, what was not given takes its fastest value (printed); --auto_fit asks for it
-    run = apply_gpu_defaults(run, world_size, cuda, verbose)
+    # on a GPU, what was not given takes its fastest value (printed); --auto_fit asks for it.
+    # A dry run that plans for a stated GPU plans what that GPU would run
+    planned_gpu = cuda or (run.train.dry_run and bool(run.train.gpu_memory))
+    run = apply_gpu_defaults(run, world_size, planned_gpu, verbose)
     if run.train.auto_fit:  # the fastest micro-batch and checkpointing this GPU holds
         run = fit_to_gpu(run, world_size, cuda)
     return run

@@ -38,7 +38,7 @@ def model_inputs(model, batch: dict) -> dict:
     """What ``model`` is called with: the batch's model inputs, and for packed batches under
     the varlen attention where its samples start (attention.py)."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    return inputs | packed_attention_inputs(model, batch.get(SAMPLE_STARTS),
+    return inputs | packed_attention_inputs(unwrap(model), batch.get(SAMPLE_STARTS),
                                             batch["input_ids"].shape[1])
 
 

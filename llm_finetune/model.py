@@ -18,6 +18,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
 
 from llm_finetune.adapters import base_model_of
 from llm_finetune.attention import PACKED_ATTENTION, varlen_available
+from llm_finetune.attention import supports as supports_packed
 from llm_finetune.attention import register as register_packed_attention
 from llm_finetune.errors import ConfigError
 from llm_finetune.quantization import to_4bit_layers
@@ -107,17 +108,20 @@ def load_tokenizer(train_cfg):
     return tokenizer
 
 
-def attention_implementation(use_fast_kernels: bool, packing: bool = False) -> str:
+def attention_implementation(use_fast_kernels: bool, packing: bool = False,
+                             config=None) -> str:
     """With ``use_fast_kernels`` on a GPU: flash-attention 2 when installed; else, for packed
     batches, PyTorch's own flash-attention varlen kernel (``attention.PACKED_ATTENTION``: the
-    samples kept apart by where they start) or, on a PyTorch without it, flex attention (the
-    samples-apart mask as a sparse kernel). Both are faster than SDPA, which gets that mask as
-    a dense tensor and cannot use its flash kernel (docs/performance.md). Otherwise PyTorch
-    SDPA, which picks its own flash / memory-efficient kernels."""
+    samples kept apart by where they start) where it computes the model's attention
+    (``config``; ``attention.supports``), else flex attention (the samples-apart mask as a
+    sparse kernel). Both keep samples apart without SDPA's dense mask, which rules out its
+    flash kernel; the varlen kernel starts at once where flex first compiles its kernel
+    (docs/performance.md). Otherwise PyTorch SDPA, which picks its own flash /
+    memory-efficient kernels."""
     if use_fast_kernels and torch.cuda.is_available():
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-        if packing and varlen_available():
+        if packing and varlen_available() and (config is None or supports_packed(config)):
             register_packed_attention()
             return PACKED_ATTENTION
         if packing:
@@ -227,14 +231,15 @@ def load_model(train_cfg, dtype: torch.dtype, on_meta: bool, quantization_config
     ``from_pretrained`` returns a model in eval mode, where transformers skips gradient
     checkpointing and dropout; training code must not inherit that, so we switch to train mode.
     """
-    attn = attention_implementation(train_cfg.use_fast_kernels,
-                                    packing=train_cfg.batching_strategy == "packing")
     # bitsandbytes quantises onto the device the model will train on
     quantize_on = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     quantize_now = quantization_config is not None and quantized_at_load(train_cfg)
     # no KV cache in training; a vision model's config keeps the setting in its text config
     # (its from_pretrained refuses use_cache=False as a keyword)
     config = model_config(train_cfg.model_name)
+    attn = attention_implementation(train_cfg.use_fast_kernels,
+                                    packing=train_cfg.batching_strategy == "packing",
+                                    config=config)
     config.use_cache = False
     config.get_text_config().use_cache = False
     if on_meta or not weights_on_disk(train_cfg):

@@ -45,6 +45,7 @@ def packed_model(monkeypatch, request):
         return reference_varlen(*args)
 
     monkeypatch.setattr(attention, "_varlen_call", lambda: counted)
+    monkeypatch.setattr(attention, "_VARLEN", None)
     attention.register()
 
     def config():
@@ -112,8 +113,9 @@ def test_generation_without_sample_starts_equals_sdpa(packed_model):
     sdpa, packed, _ = packed_model
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    outputs = [model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
-                              do_sample=False, pad_token_id=0) for model in (sdpa, packed)]
+    outputs = [model.eval().generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                                     do_sample=False, pad_token_id=0)
+               for model in (sdpa, packed)]
     assert torch.equal(outputs[0], outputs[1])
 
 
@@ -140,3 +142,33 @@ def test_fp32_weights_under_autocast_run_the_kernel_in_autocast_s_dtype(packed_m
         expected, _ = loss.token_loss_sum(sdpa, batch)
         got, _ = loss.token_loss_sum(packed, batch)
     assert kernel_calls and torch.allclose(got, expected, rtol=1e-2)
+
+
+def test_a_ddp_wrapped_model_still_gets_its_sample_starts(packed_model, tmp_path):
+    """DDP hides the model's config: the loss looks inside the wrapper, or packed samples
+    would see each other (found in review: every packed DDP run on a GPU)."""
+    _, packed, _ = packed_model
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous",
+                                         rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(packed)
+        assert "cu_seq_lens_q" in loss.model_inputs(wrapped, packed_batch([30, 20]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_training_forward_without_sample_starts_is_refused(packed_model):
+    _, packed, _ = packed_model
+    batch = packed_batch([30, 20])
+    with pytest.raises(RuntimeError, match="sample starts"):
+        packed.train()(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+
+
+@pytest.mark.parametrize("setting", [{"sliding_window": 512}, {"attn_logit_softcapping": 50.0},
+                                     {"attention_dropout": 0.1}])
+def test_models_the_kernel_would_compute_wrong_keep_flex_attention(setting):
+    config = AutoConfig.from_pretrained(BUILTIN_MODELS["tiny-llama"])
+    assert attention.supports(config)
+    for name, value in setting.items():
+        setattr(config, name, value)
+    assert not attention.supports(config)

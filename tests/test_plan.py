@@ -285,22 +285,21 @@ def test_fp16_loss_scaling_and_8bit_matmuls_are_planned():
 
 
 def test_the_step_time_model_ranks_the_settings_measured_on_an_h200():
-    """The rankings the step-time model exists for (benchmarks/results/step_times.json):
-    Llama-3.2-1B is faster with 4 sequences per forward than with 1 even without recompute,
-    and 8B QLoRA is faster eager with 4 per forward than compiled with 1 and 10 layers
-    recomputed; its error on the runs it was fitted to stays small."""
+    """The rankings the step-time model exists for, as measured
+    (benchmarks/results/step_times.json): Llama-3.2-1B compiled is faster with 4 sequences
+    per forward than with 1 even without recompute, and 8B QLoRA eager with 4 per forward is
+    faster than compiled with 1 and 10 layers recomputed. And on the runs it was not fitted
+    to (other sessions, flex attention, an H100) it stays within 12%."""
     points = json.loads(POINTS.read_text())
     cache = {}
 
     def predicted(**match):
         (point,) = [p for p in points if p["fit"] and match.items() <= p.items()]
-        return predicted_tokens_per_s(point, cost.HOPPER, cache), point["tokens_per_s"]
+        return predicted_tokens_per_s(point, cost.HOPPER, cache)
 
-    mb4, mb1 = (predicted(shape="llama3.2-1b", compiled=True, micro_batch=m) for m in (4, 1))
-    assert mb4[0] > mb1[0] and mb4[1] > mb1[1]
-    eager, compiled = (predicted(mode="qlora", compiled=c) for c in (False, True))
-    assert eager[0] > compiled[0] and eager[1] > compiled[1]
+    assert (predicted(shape="llama3.2-1b", compiled=True, micro_batch=4)
+            > predicted(shape="llama3.2-1b", compiled=True, micro_batch=1))
+    assert predicted(mode="qlora", compiled=False) > predicted(mode="qlora", compiled=True)
     for point in points:
-        if point["fit"]:
-            assert abs(predicted_tokens_per_s(point, cost.HOPPER, cache)
-                       / point["tokens_per_s"] - 1) < 0.06
+        error = predicted_tokens_per_s(point, cost.HOPPER, cache) / point["tokens_per_s"] - 1
+        assert abs(error) < (0.06 if point["fit"] else 0.12), point

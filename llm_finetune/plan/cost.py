@@ -2,11 +2,10 @@
 eager layers): what ``--auto_fit`` and the GPU defaults minimise.
 
 Counting compute per token alone picks one sequence per forward whenever that frees room to
-recompute fewer layers, and measured on an H200 that is sometimes the slowest choice: a
-Llama-3.2-1B micro-batch of 2,048 tokens is too small to keep the GPU busy (the host launching
-kernels is the limit: 43,839 tokens/s against 76,506 with 4 sequences per forward), and under
-compiled layers each 4-bit linear layer splits the compiled graph (QLoRA, 8B, one sequence per
-forward: 11,607 against 14,284 eager with 4). So a micro-batch costs the larger of
+recompute fewer layers, and measured that is sometimes the slowest choice: a small model's
+micro-batch of one sequence is too small to keep the GPU busy (the host launching kernels is
+the limit), and under compiled layers each 4-bit linear layer splits the compiled graph
+(docs/performance.md has the runs). So a micro-batch costs the larger of
 
 - the GPU's work: model FLOPs of the tokens, times forward + backward + recompute
   (``compute_per_token``), at the rate eager or compiled layers reach, plus reading the 4-bit
