@@ -130,7 +130,6 @@ def check_vision_settings(run, vision: bool) -> None:
         return
     not_yet = {"--batching_strategy packing": t.batching_strategy == "packing",
                "--quantization 8bit": t.quantization == "8bit",
-               "--method dpo": t.method == "dpo",
                f"--peft_method {t.peft_method}": t.use_peft and t.peft_method != "lora"}
     for setting, asked in not_yet.items():
         if asked:

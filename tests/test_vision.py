@@ -1,7 +1,10 @@
 """Vision fine-tuning (issue #18) on the built-in tiny-mllama: solid-colour images captioned with
 their colour's name, so the captions can only be learned by looking at the images."""
 
+import copy
 import json
+import math
+import random
 import runpy
 import subprocess
 import sys
@@ -570,3 +573,108 @@ def test_custom_dataset_file_trains_tiny_mllama(colour_rows, tmp_path):
     processor = AutoProcessor.from_pretrained(tmp_path / "model")
     assert answers(model, processor) == {name: name for name in COLOURS}
 
+
+# --- DPO with images ---------------------------------------------------------------------------
+
+def write_colour_pairs(directory, rows: int = 64, seed: int = 1):
+    """Preference pairs about the colour images: the right colour chosen, another rejected."""
+    write_colour_rows(directory, rows=rows)
+    rng = random.Random(seed)
+    pairs = []
+    for line in (directory / "rows.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        right = row["messages"][1]["content"][0]["text"]
+        wrong = rng.choice(sorted(set(COLOURS) - {right}))
+        pairs.append({"images": row["images"], "prompt": conversation(None),
+                      "chosen": conversation(right)[1:], "rejected": conversation(wrong)[1:]})
+    path = directory / "pairs.jsonl"
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def open_gated_base(tmp_path_factory):
+    """tiny-mllama saved with its cross-attention gates open (random-init ones are zero, so
+    nothing of the image would reach the text) and its processor: a base for LoRA on which
+    the answer can depend on the image."""
+    out = tmp_path_factory.mktemp("open_gates")
+    run = build_run_config(model_name="tiny-mllama")
+    model = load_model(run.train, torch.float32, on_meta=False)
+    open_gates(model)
+    model.save_pretrained(out)
+    load_processor(run.train).save_pretrained(out)
+    return out
+
+
+def test_dpo_with_images_prefers_the_right_colour(open_gated_base, tmp_path):
+    """--method dpo --use_peft on pairs with images: each sequence gets its pair's image, the
+    reference is the model with its LoRA off (the first step's loss is log 2), the loss falls,
+    and on held-out images the right colour gets the larger reward."""
+    pairs = write_colour_pairs(tmp_path)
+    summary = finetuning.main(**{
+        **RECIPES["tiny-mllama"], "model_name": str(open_gated_base), "method": "dpo",
+        "use_peft": True, "dataset": "file_dataset", "file_dataset.data_files": str(pairs),
+        "file_dataset.val_split": 0.25, "batch_size_training": 4, "val_batch_size": 4,
+        "num_workers_dataloader": 0, "num_epochs": 3, "lr": 3e-2, "dpo_beta": 0.5,
+        "save_model": False, "plot_metrics": False, "output_dir": str(tmp_path / "out")})
+    steps = [record for record in summary["metrics"] if "loss" in record]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference
+    third = len(steps) // 3
+    first, last = steps[:third], steps[-third:]
+    assert sum(s["loss"] for s in last) < 0.6 * sum(s["loss"] for s in first)
+    # 16 held-out pairs: which colour is right can only be read from the image
+    assert summary["eval_reward_accuracy"][-1] >= 0.9, summary["eval_reward_accuracy"]
+    assert summary["eval_loss"][-1] < math.log(2) - 0.3, summary["eval_loss"]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ("missing", "image gone.png: no such file"),
+    ("text_prompt", "a pair with images is conversational"),
+    ("count", "prompt \\+ 'chosen' hold 1 image part"),
+])
+def test_a_bad_image_pair_is_named_by_file_and_line(bad, reason, tmp_path):
+    pairs = write_colour_pairs(tmp_path, rows=8)
+    row = json.loads(pairs.read_text().splitlines()[0])
+    row.update({"missing": {"images": ["gone.png"]},
+                "text_prompt": {"prompt": "What colour is this?"},
+                "count": {"images": ["images/0.png", "images/1.png"]}}[bad])
+    lines = pairs.read_text().splitlines()
+    lines.insert(4, json.dumps(row))  # line 5
+    pairs.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"pairs.jsonl line 5: {reason}"):
+        finetuning.main(**settings(pairs, method="dpo", use_peft=True,
+                                   output_dir=str(tmp_path / "out"),
+                                   **{"file_dataset.val_split": 0.25}))
+
+
+def test_image_pairs_need_a_vision_model(tmp_path):
+    pairs = write_colour_pairs(tmp_path, rows=8)
+    with pytest.raises(DataError, match="preference pairs with 'images' need a vision model"):
+        finetuning.main(**settings(pairs, model_name="tiny-llama", method="dpo", use_peft=True,
+                                   output_dir=str(tmp_path / "out")))
+
+
+def test_the_plan_of_image_pairs_counts_both_sequences_images():
+    """A DPO pair is two sequences through one forward, each with the pair's image."""
+    def image_rows(**flags):
+        run = build_run_config(model_name="tiny-mllama", batch_size_training=2,
+                               **{"lora_config.vision_encoder": True}, use_peft=True, **flags)
+        return [k for k in plan.estimate(run, 1).gpu if k.startswith(("image", "cross"))]
+
+    assert image_rows() == ["image encoder activations (2 images x 48 patches, checkpointed: "
+                            "3 layer inputs)", "cross-attention over 68 image tokens (0 of 2 "
+                            "layers kept)"]
+    assert image_rows(method="dpo") == [
+        "image encoder activations (4 images x 48 patches, checkpointed: 3 layer inputs)",
+        "cross-attention over 136 image tokens (0 of 2 layers kept)"]
+
+
+def test_a_deep_copy_recomputes_its_own_encoder_layers():
+    """Full fine-tuning DPO's reference is a deep copy of the model: each copied encoder layer's
+    checkpointed forward is bound to the copy, not to the layer it was copied from (which
+    trains on)."""
+    processor = load_processor(build_run_config(model_name="tiny-mllama").train)
+    model = built_model(processor, two_image_batch(processor))
+    copied = copy.deepcopy(model)
+    for original, layer in zip(image_encoder_layers(model), image_encoder_layers(copied)):
+        assert original.forward.args[0] is original and layer.forward.args[0] is layer

@@ -288,8 +288,8 @@ def plan_activations(plan: Plan, run, counts: ModelCounts, compute_bytes: int,
         plan.gpu[loss] = tokens * counts.vocab * (compute_bytes + 10)
     plan.forward_only |= {activations, loss}
     plan.backward_activations = per_layer
-    if counts.vision is not None:  # one image per sequence
-        images = t.batch_size_training
+    if counts.vision is not None:  # one image per sequence (a DPO pair's on both sides)
+        images = t.batch_size_training * sequences_per_sample(run)
         image_side = image_activation_bytes(run, counts, compute_bytes, images)
         plan.gpu.update(image_side)
         plan.forward_only |= set(image_side)
