@@ -4,7 +4,6 @@ their colour's name, so the captions can only be learned by looking at the image
 import copy
 import json
 import math
-import random
 import runpy
 import subprocess
 import sys
@@ -576,20 +575,10 @@ def test_custom_dataset_file_trains_tiny_mllama(colour_rows, tmp_path):
 
 # --- DPO with images ---------------------------------------------------------------------------
 
-def write_colour_pairs(directory, rows: int = 64, seed: int = 1):
-    """Preference pairs about the colour images: the right colour chosen, another rejected."""
-    write_colour_rows(directory, rows=rows)
-    rng = random.Random(seed)
-    pairs = []
-    for line in (directory / "rows.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        right = row["messages"][1]["content"][0]["text"]
-        wrong = rng.choice(sorted(set(COLOURS) - {right}))
-        pairs.append({"images": row["images"], "prompt": conversation(None),
-                      "chosen": conversation(right)[1:], "rejected": conversation(wrong)[1:]})
-    path = directory / "pairs.jsonl"
-    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
-    return path
+def write_colour_pairs(directory, rows: int = 64):
+    """tools/make_colour_images.py's preference pairs: the right colour chosen, another
+    rejected."""
+    return write_colour_rows(directory, rows=rows).parent / "pairs.jsonl"
 
 
 @pytest.fixture(scope="module")
