@@ -6,9 +6,11 @@ engine can be added beside it.
 """
 
 import functools
+import inspect
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (BackwardPrefetch, CPUOffload, FullyShardedDataParallel,
                                     MixedPrecision, ShardingStrategy)
@@ -18,10 +20,11 @@ from torch.distributed.fsdp.wrap import (_or_policy, lambda_auto_wrap_policy,
 from llm_finetune.distributed import DistInfo, hybrid_mesh_shape
 from llm_finetune.errors import ConfigError
 from llm_finetune.adapters import base_model_of
-from llm_finetune.model import decoder_layer_classes, decoder_layers, text_layers
+from llm_finetune.model import (decoder_layer_classes, decoder_layers, image_encoder_layers,
+                                text_layers)
 from llm_finetune.quantization import is_4bit, pending_4bit_like, quantize_pending
 from llm_finetune.random_init import SeededInit
-from llm_finetune.vision import is_vision_config
+from llm_finetune.vision import image_side_trains, is_vision_config
 
 
 def mixed_precision_policy(compute_dtype: torch.dtype) -> MixedPrecision | None:
@@ -39,8 +42,10 @@ def mixed_precision_policy(compute_dtype: torch.dtype) -> MixedPrecision | None:
 
 
 def enable_activation_checkpointing(model: torch.nn.Module, keep_last: int = 0) -> None:
-    """Recompute each decoder layer in backward, through transformers' own layer hooks; the
-    last ``keep_last`` layers keep their activations instead (selective checkpointing: each
+    """Recompute each decoder layer in backward, through transformers' own layer hooks, and a
+    vision model's image encoder layers, which transformers does not checkpoint, when the
+    image side trains (``checkpoint_forward``); the last ``keep_last`` text decoder layers keep
+    their activations instead (selective checkpointing: each
     layer left out saves its share of the recompute, about a third of its step time, for a
     layer's worth of activation memory; ``python -m llm_finetune.plan`` says how many fit).
 
@@ -64,9 +69,38 @@ def enable_activation_checkpointing(model: torch.nn.Module, keep_last: int = 0) 
         # encoder (LoRA on the language model) would then keep all its activations and run
         # backward for nothing. Non-reentrant checkpointing needs none of it
         base.disable_input_require_grads()
-    layers = text_layers(model)  # a vision model's image encoder is not checkpointed
+        if image_side_trains(model):  # a frozen encoder keeps nothing: nothing to recompute
+            for layer in image_encoder_layers(model):
+                checkpoint_forward(layer)
+    layers = text_layers(model)  # keep_last counts the text decoder's layers only
     for layer in layers[len(layers) - keep_last:] if keep_last else []:
         layer.gradient_checkpointing = False  # transformers checks this flag per layer
+
+
+def checkpoint_forward(layer: torch.nn.Module) -> None:
+    """Recompute ``layer`` in backward, for layers transformers does not checkpoint itself
+    (mllama's image encoder layers are plain modules, not its ``GradientCheckpointingLayer``).
+
+    The layer's own ``forward`` is replaced on the instance, as transformers' layers do it on
+    their class: no module is renamed (``checkpoint_wrapper`` would nest it, and peft would
+    save an empty adapter), the state dict is the same, and FSDP's unit around the layer
+    gathers its weights outside the checkpoint, so the recompute does not gather them twice.
+    The function holds the layer as a ``partial`` argument, so a deep copy of the model (DPO's
+    frozen reference) recomputes its own copy of the layer, not this one."""
+    layer.forward = functools.partial(checkpointed_forward, layer)
+
+
+def checkpointed_forward(layer: torch.nn.Module, *args, **kwargs):
+    """``layer``'s class forward under non-reentrant checkpointing when it trains (in eval mode
+    and under ``no_grad`` nothing is kept, so it runs as it is). Keyword arguments are bound to
+    the positions they have, so the checkpoint saves its tensor inputs as inputs (the image
+    encoder calls its layers with ``hidden_states=`` as a keyword)."""
+    forward = functools.partial(type(layer).forward, layer)
+    if not (layer.training and torch.is_grad_enabled()):
+        return forward(*args, **kwargs)
+    bound = inspect.signature(forward).bind(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *bound.args, use_reentrant=False,
+                                             **bound.kwargs)
 
 
 def compile_layers(model: torch.nn.Module) -> None:

@@ -318,6 +318,16 @@ def text_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [layer for layer in decoder_layers(model) if id(layer) not in vision]
 
 
+def image_encoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """A vision model's image encoder layers: the decoder layers (``_no_split_modules``) inside
+    its image side; none for a causal LM."""
+    config = getattr(base_model_of(model), "config", None)
+    if not is_vision_config(config):
+        return []
+    vision = in_vision_parts(model)
+    return [layer for layer in decoder_layers(model) if id(layer) in vision]
+
+
 def freeze_layers(model: torch.nn.Module, num_layers: int) -> None:
     """Freeze the first ``num_layers`` decoder layers of the language model (partial full
     fine-tuning)."""

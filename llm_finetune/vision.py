@@ -49,6 +49,13 @@ def vision_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
             if name.rpartition(".")[2] in VISION_PARTS]
 
 
+def image_side_trains(model: torch.nn.Module) -> bool:
+    """Whether any weight of the image encoder or projector trains (full fine-tuning,
+    ``--freeze_LLM_only``, LoRA with ``lora_config.vision_encoder``): only then does the image
+    side keep activations for backward, and only then is it worth checkpointing."""
+    return any(p.requires_grad for part in vision_modules(model) for p in part.parameters())
+
+
 def check_vision_model(model: torch.nn.Module) -> None:
     """A vision-language model trains here only where both its halves are found."""
     language_model(model)
@@ -123,7 +130,6 @@ def check_vision_settings(run, vision: bool) -> None:
         return
     not_yet = {"--batching_strategy packing": t.batching_strategy == "packing",
                "--quantization 8bit": t.quantization == "8bit",
-               "--method dpo": t.method == "dpo",
                f"--peft_method {t.peft_method}": t.use_peft and t.peft_method != "lora"}
     for setting, asked in not_yet.items():
         if asked:

@@ -1,7 +1,9 @@
 """Vision fine-tuning (issue #18) on the built-in tiny-mllama: solid-colour images captioned with
 their colour's name, so the captions can only be learned by looking at the images."""
 
+import copy
 import json
+import math
 import runpy
 import subprocess
 import sys
@@ -20,7 +22,8 @@ from llm_finetune.configs.recipes import RECIPES
 from llm_finetune.data.rows import DataError
 from llm_finetune.distributed import DistInfo
 from llm_finetune.metrics import PhaseTimer
-from llm_finetune.model import load_base_model, load_model, load_processor
+from llm_finetune.model import (image_encoder_layers, load_base_model, load_model,
+                                load_processor)
 from llm_finetune.precision import choose_precision
 from llm_finetune.preflight import validate
 from tests.helpers import REPO, torchrun
@@ -370,6 +373,90 @@ def test_merged_adapter_loads_without_peft(colour_adapter, tmp_path):
     assert answers(merged, processor) == answers(peft_model, processor)
 
 
+# --- activation checkpointing of the image encoder ----------------------------------------------
+
+METHODS = {"full": {}, "lora": {"use_peft": True}, "freeze_LLM_only": {"freeze_LLM_only": True},
+           "vision_lora": {"use_peft": True, "lora_config.vision_encoder": True}}
+
+
+def two_image_batch(processor) -> dict:
+    """Two rows, each asking about a two-tile image, labelled on every token but the image's."""
+    prompt = processor.apply_chat_template(conversation("red"))
+    images = [[Image.new("RGB", (48, 24), COLOURS[name])] for name in ("red", "blue")]
+    batch = dict(processor(text=[prompt] * 2, images=images, add_special_tokens=False,
+                           return_tensors="pt"))
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["input_ids"] == image_token, -100)
+    return batch
+
+
+def built_model(processor, batch, **flags):
+    """tiny-mllama as a run builds it, in fp32 on CPU, for micro-batches like ``batch``."""
+    run = build_run_config(model_name="tiny-mllama", batch_size_training=2,
+                           context_length=batch["input_ids"].shape[1], mixed_precision=False,
+                           **flags)
+    model, _, _ = finetuning.build_model(run, choose_precision(run, cuda=False),
+                                         processor.tokenizer,
+                                         DistInfo(0, 0, 1, torch.device("cpu")),
+                                         PhaseTimer(verbose=False), vision=True)
+    return model
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_image_encoder_is_recomputed_only_when_it_trains(method):
+    """With checkpointing on, each image encoder layer runs again in backward (its first norm
+    is called twice per step; the recompute stops once it has what backward needs) when the
+    image side trains, and once when it is frozen (LoRA on the language model: it keeps
+    nothing, so there is nothing to recompute)."""
+    processor = load_processor(build_run_config(model_name="tiny-mllama").train)
+    batch = two_image_batch(processor)
+    model = built_model(processor, batch, **METHODS[method])
+    encoder = image_encoder_layers(model)
+    assert len(encoder) == 3  # tiny-mllama's 2 local and 1 global layers
+    calls = {id(layer): 0 for layer in encoder}
+    for layer in encoder:
+        layer.input_layernorm.register_forward_hook(
+            lambda *_, key=id(layer): calls.__setitem__(key, calls[key] + 1))
+    model(**batch).loss.backward()
+    trains = method != "lora"
+    assert set(calls.values()) == {2 if trains else 1}, calls
+
+
+def open_gates(model) -> None:
+    """Cross-attention gates start at zero in a random-init mllama, so no gradient would reach
+    the image side: open them, so the encoder's gradients are not all zero."""
+    for name, param in model.named_parameters():
+        if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+            param.data.fill_(0.5)
+
+
+@pytest.mark.parametrize("method", ["full", "vision_lora"])
+def test_a_checkpointed_image_encoder_gives_the_same_loss_and_gradients(method):
+    """fp32 on CPU: the loss and every gradient, the image encoder's included (not zero), are
+    those of the same model trained without checkpointing."""
+    processor = load_processor(build_run_config(model_name="tiny-mllama").train)
+    batch = two_image_batch(processor)
+    results = []
+    for checkpointing in (False, True):
+        model = built_model(processor, batch, **METHODS[method],
+                            **{"fsdp_config.fsdp_activation_checkpointing": checkpointing})
+        open_gates(model)
+        torch.manual_seed(0)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()
+                                        if p.requires_grad}))
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = results
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
+    assert grads.keys() == checkpointed_grads.keys()
+    encoder = [n for n in grads if ".vision_model." in n and grads[n].abs().sum() > 0]
+    assert any(".transformer.layers." in n for n in encoder)
+    assert any(".global_transformer.layers." in n for n in encoder)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-6, atol=1e-7,
+                                   msg=name)
+
+
 # --- the memory planner ------------------------------------------------------------------------
 
 def saved_for_backward(model, batch) -> int:
@@ -428,9 +515,17 @@ def test_the_11b_vision_shape_is_planned():
                     enable_fsdp=True, batch_size_training=2, context_length=2048)
     text = plan.main(world_size=4, gpu_memory="80GiB", freeze_LLM_only=True, **settings)
     assert "llama3.2-11b-vision, 10.67B parameters" in text
-    assert "image encoder activations (2 images x 6432 patches, 40 layers)" in text
+    assert ("image encoder activations (2 images x 6432 patches, checkpointed: 40 layer "
+            "inputs)") in text
     assert "cross-attention over 12808 image tokens (0 of 8 layers kept)" in text
     assert "fits:" in text and "one image of 4 tiles per sequence" in text
+    # checkpointing covers the image encoder: its 40 layers keep their inputs, not all they hold
+    plans = {checkpointing: plan.estimate(build_run_config(
+        freeze_LLM_only=True, **{"fsdp_config.fsdp_activation_checkpointing": checkpointing},
+        **settings), 4) for checkpointing in (True, False)}
+    encoder = {checkpointing: sum(v for k, v in p.gpu.items() if k.startswith("image encoder"))
+               for checkpointing, p in plans.items()}
+    assert encoder[True] < encoder[False] / 10, encoder
     lora = plan.estimate(build_run_config(use_peft=True, **settings), 4)
     assert not any(k.startswith("image encoder") for k in lora.gpu)
     assert plan.count_parameters(build_run_config(**settings)).num_layers == 40  # text layers
@@ -476,3 +571,99 @@ def test_custom_dataset_file_trains_tiny_mllama(colour_rows, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "model").eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "model")
     assert answers(model, processor) == {name: name for name in COLOURS}
+
+
+# --- DPO with images ---------------------------------------------------------------------------
+
+def write_colour_pairs(directory, rows: int = 64):
+    """tools/make_colour_images.py's preference pairs: the right colour chosen, another
+    rejected."""
+    return write_colour_rows(directory, rows=rows).parent / "pairs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def open_gated_base(tmp_path_factory):
+    """tiny-mllama saved with its cross-attention gates open (random-init ones are zero, so
+    nothing of the image would reach the text) and its processor: a base for LoRA on which
+    the answer can depend on the image."""
+    out = tmp_path_factory.mktemp("open_gates")
+    run = build_run_config(model_name="tiny-mllama")
+    model = load_model(run.train, torch.float32, on_meta=False)
+    open_gates(model)
+    model.save_pretrained(out)
+    load_processor(run.train).save_pretrained(out)
+    return out
+
+
+def test_dpo_with_images_prefers_the_right_colour(open_gated_base, tmp_path):
+    """--method dpo --use_peft on pairs with images: each sequence gets its pair's image, the
+    reference is the model with its LoRA off (the first step's loss is log 2), the loss falls,
+    and on held-out images the right colour gets the larger reward."""
+    pairs = write_colour_pairs(tmp_path)
+    summary = finetuning.main(**{
+        **RECIPES["tiny-mllama"], "model_name": str(open_gated_base), "method": "dpo",
+        "use_peft": True, "dataset": "file_dataset", "file_dataset.data_files": str(pairs),
+        "file_dataset.val_split": 0.25, "batch_size_training": 4, "val_batch_size": 4,
+        "num_workers_dataloader": 0, "num_epochs": 3, "lr": 3e-2, "dpo_beta": 0.5,
+        "save_model": False, "plot_metrics": False, "output_dir": str(tmp_path / "out")})
+    steps = [record for record in summary["metrics"] if "loss" in record]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference
+    third = len(steps) // 3
+    first, last = steps[:third], steps[-third:]
+    assert sum(s["loss"] for s in last) < 0.6 * sum(s["loss"] for s in first)
+    # 16 held-out pairs: which colour is right can only be read from the image
+    assert summary["eval_reward_accuracy"][-1] >= 0.9, summary["eval_reward_accuracy"]
+    assert summary["eval_loss"][-1] < math.log(2) - 0.3, summary["eval_loss"]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ("missing", "image gone.png: no such file"),
+    ("text_prompt", "a pair with images is conversational"),
+    ("count", "prompt \\+ 'chosen' hold 1 image part"),
+])
+def test_a_bad_image_pair_is_named_by_file_and_line(bad, reason, tmp_path):
+    pairs = write_colour_pairs(tmp_path, rows=8)
+    row = json.loads(pairs.read_text().splitlines()[0])
+    row.update({"missing": {"images": ["gone.png"]},
+                "text_prompt": {"prompt": "What colour is this?"},
+                "count": {"images": ["images/0.png", "images/1.png"]}}[bad])
+    lines = pairs.read_text().splitlines()
+    lines.insert(4, json.dumps(row))  # line 5
+    pairs.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"pairs.jsonl line 5: {reason}"):
+        finetuning.main(**settings(pairs, method="dpo", use_peft=True,
+                                   output_dir=str(tmp_path / "out"),
+                                   **{"file_dataset.val_split": 0.25}))
+
+
+def test_image_pairs_need_a_vision_model(tmp_path):
+    pairs = write_colour_pairs(tmp_path, rows=8)
+    with pytest.raises(DataError, match="preference pairs with 'images' need a vision model"):
+        finetuning.main(**settings(pairs, model_name="tiny-llama", method="dpo", use_peft=True,
+                                   output_dir=str(tmp_path / "out")))
+
+
+def test_the_plan_of_image_pairs_counts_both_sequences_images():
+    """A DPO pair is two sequences through one forward, each with the pair's image."""
+    def image_rows(**flags):
+        run = build_run_config(model_name="tiny-mllama", batch_size_training=2,
+                               **{"lora_config.vision_encoder": True}, use_peft=True, **flags)
+        return [k for k in plan.estimate(run, 1).gpu if k.startswith(("image", "cross"))]
+
+    assert image_rows() == ["image encoder activations (2 images x 48 patches, checkpointed: "
+                            "3 layer inputs)", "cross-attention over 68 image tokens (0 of 2 "
+                            "layers kept)"]
+    assert image_rows(method="dpo") == [
+        "image encoder activations (4 images x 48 patches, checkpointed: 3 layer inputs)",
+        "cross-attention over 136 image tokens (0 of 2 layers kept)"]
+
+
+def test_a_deep_copy_recomputes_its_own_encoder_layers():
+    """Full fine-tuning DPO's reference is a deep copy of the model: each copied encoder layer's
+    checkpointed forward is bound to the copy, not to the layer it was copied from (which
+    trains on)."""
+    processor = load_processor(build_run_config(model_name="tiny-mllama").train)
+    model = built_model(processor, two_image_batch(processor))
+    copied = copy.deepcopy(model)
+    for original, layer in zip(image_encoder_layers(model), image_encoder_layers(copied)):
+        assert original.forward.args[0] is original and layer.forward.args[0] is layer

@@ -13,7 +13,10 @@ from llm_finetune import finetuning
 VISION_CASES = {"full": {}, "lora": {"use_peft": True},
                 "freeze_LLM_only": {"freeze_LLM_only": True},
                 "vision_lora": {"use_peft": True, "lora_config.vision_encoder": True},
-                "qlora": {"use_peft": True, "quantization": "4bit"}}
+                "qlora": {"use_peft": True, "quantization": "4bit"},
+                # preference pairs about the same images (tools/make_colour_images.py)
+                "dpo_lora": {"use_peft": True, "method": "dpo",
+                             "file_dataset.data_files": "{rows_dir}/pairs.jsonl"}}
 # what a run leaves: the model as transformers weights (FULL_STATE_DICT) and as the same run's
 # DCP shards (SHARDED_STATE_DICT, for convert dcp_to_hf); training checkpoints of a LoRA run on
 # the default path (a loader worker, dropout), and that run resumed from its step 2
@@ -31,11 +34,14 @@ CHECKPOINT_CASES["lora_default_path_resumed"] = dict(
 
 
 def fsdp_settings(rows: str, case: str) -> dict:
-    return {"model_name": "tiny-mllama", "dataset": "file_dataset",
-            "file_dataset.data_files": rows, "batch_size_training": 2, "val_batch_size": 2,
-            "num_workers_dataloader": 0, "plot_metrics": False, "num_epochs": 1,
-            "max_train_step": 4, "max_eval_step": 2, "save_model": False,
-            "lora_config.lora_dropout": 0.0, **{**VISION_CASES, **CHECKPOINT_CASES}[case]}
+    settings = {"model_name": "tiny-mllama", "dataset": "file_dataset",
+                "file_dataset.data_files": rows, "batch_size_training": 2, "val_batch_size": 2,
+                "num_workers_dataloader": 0, "plot_metrics": False, "num_epochs": 1,
+                "max_train_step": 4, "max_eval_step": 2, "save_model": False,
+                "lora_config.lora_dropout": 0.0, **{**VISION_CASES, **CHECKPOINT_CASES}[case]}
+    files = settings["file_dataset.data_files"]
+    settings["file_dataset.data_files"] = files.format(rows_dir=Path(rows).parent)
+    return settings
 
 
 def main(out: str, rows: str) -> None:

@@ -14,8 +14,8 @@ from llm_finetune.data.images import IMAGES_COLUMN, image_collate
 from llm_finetune.data.grammar import load_grammar
 from llm_finetune.data.guard_rows import check_guard_settings, load_llama_guard
 from llm_finetune.data.read import BUILDERS
-from llm_finetune.data.pairs import (PAIR_COLUMNS, load_pairs, pair_collate, pair_lengths,
-                                     pair_tokens)
+from llm_finetune.data.pairs import (IMAGE_PAIR_COLUMNS, PAIR_COLUMNS, load_pairs,
+                                     pair_collate, pair_lengths, pair_tokens)
 from llm_finetune.data.rows import DataError, check_labels
 from llm_finetune.data.templated import load_templated
 from llm_finetune.data.toxicchat import load_toxicchat
@@ -31,7 +31,7 @@ def load_dataset_split(run, tokenizer, split: str, collated: bool = False, proce
     t = run.train
     if t.method == "dpo":
         return load_pairs(run.dataset, tokenizer, split, t.context_length, t.bad_rows, t.seed,
-                          t.tokenize_num_proc)
+                          t.tokenize_num_proc, processor)
     samples = read_dataset_split(run, tokenizer, split, collated, processor)
     if "labels" in samples.column_names:
         check_labels(samples, f"{t.dataset} {split}", t.context_length)
@@ -109,6 +109,10 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
     pairs = t.method == "dpo"  # padding only (preference.check_preference_settings)
     if collator is not None:
         samples, collate = data, collator
+    elif pairs:
+        with_images = IMAGES_COLUMN in data.column_names
+        samples = token_columns(data, IMAGE_PAIR_COLUMNS if with_images else PAIR_COLUMNS)
+        collate = pair_collate(tokenizer.pad_token_id, processor if with_images else None)
     elif IMAGES_COLUMN in data.column_names:
         if t.batching_strategy == "packing":
             raise DataError("rows with images are batched whole, with their images: use "
@@ -118,9 +122,6 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
     elif t.batching_strategy == "packing":
         samples = pack_samples(token_columns(data), t.context_length, tokenizer.pad_token_id)
         collate = packed_collate
-    elif pairs:
-        samples = token_columns(data, PAIR_COLUMNS)
-        collate = pair_collate(tokenizer.pad_token_id)
     else:
         samples, collate = token_columns(data), pad_collate(tokenizer.pad_token_id)
     lengths = pair_lengths(samples) if pairs else sample_lengths(samples)

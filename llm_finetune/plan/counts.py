@@ -19,8 +19,8 @@ import torch
 
 from llm_finetune.adapters import apply_peft
 from llm_finetune.model import decoder_layers, meta_model, model_config, text_layers
-from llm_finetune.vision import (freeze_llm_only, in_vision_parts, is_vision_config,
-                                 lora_exclude, vision_modules)
+from llm_finetune.vision import (freeze_llm_only, image_side_trains, in_vision_parts,
+                                 is_vision_config, lora_exclude)
 
 
 @dataclass
@@ -34,6 +34,7 @@ class VisionCounts:
     tiles: int  # tiles per image, at most
     encoder_tokens: int  # per image in the encoder: tiles x (patches + class token), padded
     image_tokens: int  # per image in the cross-attention layers: tiles x (patches + 1)
+    pixels: int  # per image: tiles x channels x tile height x width
     cross_layers: tuple[int, ...]  # indices of the text decoder's cross-attention layers
     trains: bool  # whether any weight of the encoder or projector trains
 
@@ -67,8 +68,9 @@ def vision_counts(config, model, layers: list) -> VisionCounts:
         output_dim=v.vision_output_dim, tiles=v.max_num_tiles,
         encoder_tokens=v.max_num_tiles * math.ceil(per_tile / 8) * 8,
         image_tokens=v.max_num_tiles * per_tile,
+        pixels=v.max_num_tiles * v.num_channels * v.image_size ** 2,
         cross_layers=tuple(config.get_text_config().cross_attention_layers),
-        trains=any(p.requires_grad for part in vision_modules(model) for p in part.parameters()))
+        trains=image_side_trains(model))
 
 
 def count_parameters(run) -> ModelCounts:

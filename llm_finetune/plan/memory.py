@@ -123,24 +123,47 @@ def cross_attention_bytes_per_image_token(counts: ModelCounts, compute_bytes: in
     return compute_bytes * (4 * counts.kv_dim + 2 * counts.hidden)
 
 
+def image_encoder_bytes(run, vision: VisionCounts, compute_bytes: int,
+                        images: int) -> tuple[float, float]:
+    """What the image encoder's layers keep for backward when the image side trains, for
+    ``images`` images: (at the end of forward, one layer recomputed in backward). Under
+    activation checkpointing each layer keeps its input only (one hidden vector per patch;
+    ``engine.checkpoint_forward``, since transformers does not checkpoint these layers) and
+    backward recomputes one layer at a time; otherwise every layer keeps all of its own."""
+    patches = images * vision.encoder_tokens
+    frozen_base = run.train.use_peft
+    layer = patches * vision_layer_bytes_per_token(vision, compute_bytes, frozen_base)
+    # beside the layers: the attention mask over each image's patches, one tensor all layers
+    # keep; the norms and gated embeddings around the layers (about three hidden vectors per
+    # patch, one when only adapters inside the layers train); and the pixels, the patch
+    # embedding's input, kept for its weight's gradient when it trains
+    around = images * vision.encoder_tokens ** 2 * compute_bytes + (
+        patches * vision.hidden * compute_bytes if frozen_base
+        else 3 * patches * vision.hidden * compute_bytes + images * vision.pixels * compute_bytes)
+    if run.fsdp.fsdp_activation_checkpointing:
+        return around + vision.layers * patches * vision.hidden * compute_bytes, layer
+    return around + vision.layers * layer, 0.0
+
+
 def image_activation_bytes(run, counts: ModelCounts, compute_bytes: int,
                            images: int) -> dict[str, float]:
     """The image side's activations at the end of forward, by part, for ``images`` images of
     ``counts.vision.tiles`` tiles. The image encoder keeps them only when something on the
     image side trains (full fine-tuning, ``--freeze_LLM_only``, LoRA with
-    ``lora_config.vision_encoder``), all of its layers (transformers does not checkpoint them),
-    and, when the projector trains, its input; the projector's output
-    feeds every cross-attention layer (kept once), whose keys and values over the image tokens
-    are kept for the layers not checkpointed."""
+    ``lora_config.vision_encoder``): its layers' (``image_encoder_bytes``), and, when the
+    projector trains, the projector's input; the projector's output feeds every
+    cross-attention layer (kept once), whose keys and values over the image tokens are kept
+    for the layers not checkpointed."""
     vision, f = counts.vision, run.fsdp
     parts = {}
     if vision.trains:
         projector_input = 0 if run.train.use_peft else vision.output_dim  # its weight's grad
+        kept, _ = image_encoder_bytes(run, vision, compute_bytes, images)
+        layers = (f"checkpointed: {vision.layers} layer inputs" if f.fsdp_activation_checkpointing
+                  else f"{vision.layers} layers")
         parts[f"image encoder activations ({images} images x {vision.encoder_tokens} patches, "
-              f"{vision.layers} layers)"] = (
-            images * vision.encoder_tokens * vision.layers
-            * vision_layer_bytes_per_token(vision, compute_bytes, frozen_base=run.train.use_peft)
-            + images * vision.image_tokens * projector_input * compute_bytes)
+              f"{layers})"] = (
+            kept + images * vision.image_tokens * projector_input * compute_bytes)
     kept = vision.cross_layers
     if f.fsdp_activation_checkpointing:  # the last no_checkpoint_layers keep theirs
         kept = [i for i in kept if i >= counts.num_layers - f.no_checkpoint_layers]
@@ -265,14 +288,20 @@ def plan_activations(plan: Plan, run, counts: ModelCounts, compute_bytes: int,
         plan.gpu[loss] = tokens * counts.vocab * (compute_bytes + 10)
     plan.forward_only |= {activations, loss}
     plan.backward_activations = per_layer
-    if counts.vision is not None:  # one image per sequence
-        image_side = image_activation_bytes(run, counts, compute_bytes, t.batch_size_training)
+    if counts.vision is not None:  # one image per sequence (a DPO pair's on both sides)
+        images = t.batch_size_training * sequences_per_sample(run)
+        image_side = image_activation_bytes(run, counts, compute_bytes, images)
         plan.gpu.update(image_side)
         plan.forward_only |= set(image_side)
         # a recomputed cross-attention layer's keys and values over the image tokens
-        plan.backward_activations += (t.batch_size_training * counts.vision.image_tokens
+        plan.backward_activations += (images * counts.vision.image_tokens
                                       * cross_attention_bytes_per_image_token(counts,
                                                                               compute_bytes))
+        if counts.vision.trains:
+            # the image encoder's backward comes last, the text's activations gone, its own
+            # still there (all of them, or the layer inputs and one recomputed layer)
+            kept, recomputed = image_encoder_bytes(run, counts.vision, compute_bytes, images)
+            plan.backward_activations = max(plan.backward_activations, kept + recomputed)
 
 
 def plan_cpu_loading(plan: Plan, t, full_model: float) -> None:
