@@ -88,7 +88,8 @@ COMPILED_ACTIVATIONS = 0.73
 
 def activation_bytes_per_token_per_layer(counts: ModelCounts, compute_bytes: int,
                                          frozen_base: bool = False,
-                                         compiled: bool = False) -> float:
+                                         compiled: bool = False,
+                                         flash_copies: bool = False) -> float:
     """Tensors a Llama-style decoder layer keeps for backward, per token: about ten hidden-size
     vectors (norm inputs and outputs, q and its rotated copy, attention output, residuals), four
     of the key/value width (k, v and their rotated or repeated copies) and four of the MLP width
@@ -96,10 +97,15 @@ def activation_bytes_per_token_per_layer(counts: ModelCounts, compute_bytes: int
     with a frozen base (LoRA, QLoRA) the inputs of the output and down projections go: one
     hidden and one MLP vector fewer. Measured on Llama-3-8B in bf16
     (benchmarks/layer_activations.py): 201 KB per token and layer for full fine-tuning, 164 KB
-    for LoRA; this gives 205 and 168."""
+    for LoRA; this gives 205 and 168. ``flash_copies``: eager layers whose packed batches go
+    through a flash-attention kernel (varlen or flash-attention 2) keep q and k once more, in
+    the kernel's token-major layout (measured on the same model at 4 x 2048 tokens: 3 GiB
+    above flex attention, which takes them as they are; docs/performance.md)."""
     vectors = 10 * counts.hidden + 4 * counts.kv_dim + 4 * counts.intermediate
     if frozen_base:
         vectors -= counts.hidden + counts.intermediate
+    if flash_copies and not compiled:
+        vectors += counts.hidden + counts.kv_dim
     return compute_bytes * vectors * (COMPILED_ACTIVATIONS if compiled else 1.0)
 
 
@@ -257,7 +263,8 @@ def plan_activations(plan: Plan, run, counts: ModelCounts, compute_bytes: int,
     # train, a few percent more each): planned as a frozen base
     per_layer = tokens * activation_bytes_per_token_per_layer(
         counts, compute_bytes, frozen_base=t.use_peft or t.freeze_LLM_only,
-        compiled=t.torch_compile)
+        compiled=t.torch_compile,
+        flash_copies=t.use_fast_kernels and t.batching_strategy == "packing")
     if f.fsdp_activation_checkpointing:
         kept = min(f.no_checkpoint_layers, counts.num_layers)
         checkpointed = counts.num_layers - kept
