@@ -26,6 +26,7 @@ import fire
 
 from benchmarks.compare import LAYERS_HIDDEN, MEASURED_PEAK, PARAMS, run_json, write_checkpoint
 from llm_finetune.metrics import flops_per_token, read_metrics, steady_tokens_per_s
+from llm_finetune.plan import AUTO_FIT_SHARE
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH, SEQ = 4, 2048
@@ -47,8 +48,8 @@ SCENARIOS = {
 
 
 def budget_flags(peak_gib: float) -> list[str]:
-    """Ours planned within ``peak_gib``: ``--auto_fit`` plans for 90% of ``--gpu_memory``."""
-    return ["--auto_fit", "True", "--gpu_memory", f"{peak_gib / 0.9:.2f}GiB"]
+    """Ours planned within ``peak_gib``: ``--auto_fit`` plans for a share of ``--gpu_memory``."""
+    return ["--auto_fit", "True", "--gpu_memory", f"{peak_gib / AUTO_FIT_SHARE:.2f}GiB"]
 
 
 def ours(model: str, flags: list[str], steps: int, out: Path, env: dict,

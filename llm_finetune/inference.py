@@ -33,7 +33,7 @@ from pathlib import Path
 import fire
 import torch
 from PIL import Image
-from transformers import AutoProcessor, AutoTokenizer
+from transformers import AutoTokenizer
 
 from llm_finetune.config_utils import (check_choices, default_run_config, llama_recipes_value,
                                        update_run_config)
@@ -43,7 +43,8 @@ from llm_finetune.errors import ConfigError
 from llm_finetune.generation import (GenerationOptions, generate as generate_rendered,
                                      read_prompt_list)
 from llm_finetune.model import (attention_implementation, fit_embeddings_to_tokenizer,
-                                from_pretrained, is_vision_model, load_base_model)
+                                from_pretrained, is_vision_model, load_base_model,
+                                vision_processor)
 from llm_finetune.quantization import bits_and_bytes, bitsandbytes_problem
 from llm_finetune.safety import LLAMA_GUARD, build_checkers, screen_answer, screen_prompt
 
@@ -119,19 +120,12 @@ def load_processor(model_name: str, peft_model: str):
     one there (a vision run saves its processor beside the adapter)."""
     saved = peft_model and any((Path(peft_model) / name).is_file()
                                for name in ("processor_config.json", "preprocessor_config.json"))
-    processor = from_pretrained(AutoProcessor, peft_model if saved else model_name,
-                                "peft_model" if saved else "model_name")
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is None or getattr(processor, "image_processor", None) is None:
-        raise ConfigError(f"--model_name {model_name} has no processor with a tokenizer and an "
-                          "image processor to read --image_path with")
+    processor = vision_processor(peft_model if saved else model_name,
+                                 "peft_model" if saved else "model_name", padding_side="left")
     if getattr(processor, "chat_template", None) is None:
         raise ConfigError("--image_path asks about the image in a user turn of the processor's "
                           "chat template, and this processor has none: use a model (or an "
                           "adapter directory) whose processor has one")
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return processor
 
 

@@ -84,13 +84,19 @@ def load_processor(train_cfg):
                           "--tokenizer_name, a directory or hub name of the model's processor "
                           "(Llama 3.2 Vision's: meta-llama/Llama-3.2-11B-Vision-Instruct)")
     setting = "tokenizer_name" if train_cfg.tokenizer_name else "model_name"
+    return vision_processor(name, setting, padding_side="right")
+
+
+def vision_processor(name: str, setting: str, padding_side: str):
+    """The processor at ``name`` (given as ``--setting``), checked to have a tokenizer and an
+    image processor, its tokenizer padding on ``padding_side`` with a pad token."""
     processor = from_pretrained(AutoProcessor, name, setting)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or getattr(processor, "image_processor", None) is None:
         raise ConfigError(f"--{setting} {name}: a vision model needs a processor with a "
                           "tokenizer and an image processor (processor_config.json or "
                           "preprocessor_config.json beside the tokenizer)")
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = padding_side
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return processor

@@ -26,9 +26,9 @@ import torch
 from llm_finetune.config_utils import ConfigError
 from llm_finetune.model import is_vision_model
 from llm_finetune.plan.counts import count_parameters
-from llm_finetune.plan.memory import GIB, estimate, gpu_memory_available
-from llm_finetune.plan.search import (current_setting, fastest_setting, setting_flags,
-                                      setting_seconds, with_setting)
+from llm_finetune.plan.memory import GIB, gpu_memory_available
+from llm_finetune.plan.search import (apply_setting, current_setting, fastest_setting,
+                                      setting_seconds)
 from llm_finetune.preflight import validate
 
 ATTENTION_PIN = "train_config.use_fast_kernels"
@@ -93,7 +93,5 @@ def fastest_for_gpu(run, world_size: int) -> tuple:
     if best == now or (setting_seconds(run, best, counts)
                        > (1 - LEAST_GAIN) * setting_seconds(run, now, counts)):
         return run, "the run's own micro-batch and checkpointing, the planner's fastest"
-    fitted = with_setting(run, best, counts.num_layers)
-    peak = estimate(fitted, world_size, counts).gpu_peak
-    return fitted, (f"{setting_flags(run, best, counts)}, the planner's fastest: planned "
-                    f"{peak / GIB:.1f} of {budget / GIB:.1f} GiB")
+    fitted, change = apply_setting(run, best, counts, world_size, budget)
+    return fitted, f"{change} (the planner's fastest)"

@@ -239,11 +239,18 @@ def auto_fit(run, world_size: int, gpu_memory: float, verbose: bool = True):
             f"({AUTO_FIT_SHARE:.0%} of {gpu_memory / GIB:.1f}) even with {smallest} every layer "
             "recomputed; python -m llm_finetune.plan with the same settings lists the changes "
             "that fit (4-bit, more GPUs, CPU offload, a shorter context)")
-    fitted = with_setting(run, best, counts.num_layers)
+    fitted, change = apply_setting(run, best, counts, world_size, gpu_memory)
     if verbose:
-        change = ("the run's own micro-batch and checkpointing"
-                  if best == current_setting(run, counts) else setting_flags(run, best, counts))
-        peak = estimate(fitted, world_size, counts).gpu_peak
-        print(f"auto_fit: {change}, planned {peak / GIB:.1f} of {gpu_memory / GIB:.1f} GiB",
-              flush=True)
+        print(f"auto_fit: {change}", flush=True)
     return fitted
+
+
+def apply_setting(run, setting: Setting, counts: ModelCounts, world_size: int,
+                  gpu_memory: float) -> tuple:
+    """(``run`` at ``setting``, what that changes and its planned peak out of ``gpu_memory``):
+    what ``--auto_fit`` and a GPU's defaults print."""
+    fitted = with_setting(run, setting, counts.num_layers)
+    change = ("the run's own micro-batch and checkpointing"
+              if setting == current_setting(run, counts) else setting_flags(run, setting, counts))
+    peak = estimate(fitted, world_size, counts).gpu_peak
+    return fitted, f"{change}, planned {peak / GIB:.1f} of {gpu_memory / GIB:.1f} GiB"
