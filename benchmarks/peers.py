@@ -137,10 +137,7 @@ def peer_rows(name: str, scenario: PeerScenario, steps: int, work: Path, env: di
         # the best peer's LoRA: Unsloth's fused LoRA kernels need dropout 0
         same_lora = (["--lora_config.lora_dropout", "0"]
                      if scenario.mode != "full" and any(best_peer is r for r in unsloth) else [])
-        tuned = [*scenario.our_flags, *same_lora, *budget_flags(cap), "--torch_compile", "True"]
-        add("llm_finetune, tuned", ours(model, tuned, steps, work / f"{name}-tuned", env),
-            f"compiled layers{', LoRA dropout 0' if same_lora else ''}, --auto_fit within the "
-            f"best peer's {cap:.1f} GiB")
+        add(*ours_tuned(name, scenario, model, cap, same_lora, steps, work, env))
     if best_peer and liger_lever:
         add("llm_finetune + liger kernels (lever)",
             ours(model, [*scenario.our_flags, *same_lora, *budget_flags(cap)], steps,
@@ -148,6 +145,41 @@ def peer_rows(name: str, scenario: PeerScenario, steps: int, work: Path, env: di
                  launcher=[sys.executable, "benchmarks/with_liger.py"]),
             f"eager layers with liger's RMSNorm/SwiGLU/RoPE, --auto_fit within {cap:.1f} GiB")
     return finish(rows, scenario, best_peer, beginner)
+
+
+def ours_tuned(name: str, scenario: PeerScenario, model: str, cap: float, same_lora: list,
+               steps: int, work: Path, env: dict) -> tuple[str, dict | None, str]:
+    """Ours with compiled layers, ``--auto_fit`` within the best peer's ``cap`` GiB."""
+    tuned = [*scenario.our_flags, *same_lora, *budget_flags(cap), "--torch_compile", "True"]
+    return ("llm_finetune, tuned", ours(model, tuned, steps, work / f"{name}-tuned", env),
+            f"compiled layers{', LoRA dropout 0' if same_lora else ''}, --auto_fit within the "
+            f"best peer's {cap:.1f} GiB")
+
+
+def against_recorded(names: list[str], recorded: str, steps: int, work: Path,
+                     env: dict) -> list[dict]:
+    """Ours tuned only, against best peers measured in an earlier call (``recorded``:
+    ``full_1b=58432@16.9,...``, tokens/s at peak GiB, for a planner change that moves only
+    ours); the peers' own rows are not re-run."""
+    peers = {}
+    for item in recorded.split(","):
+        key, _, value = item.partition("=")
+        speed, _, peak = value.partition("@")
+        peers[key] = {"tokens_per_s": float(speed), "peak_gpu_mem_gib": float(peak)}
+    rows = []
+    for name in names:
+        scenario, peer = SCENARIOS[name], peers[name]
+        model = scenario.shape
+        if scenario.mode == "qlora":  # 4-bit weights quantise as they load from disk
+            model = str(work / f"{scenario.shape}-random")
+            write_checkpoint(Path(model), env, scenario.shape)
+        same_lora = ["--lora_config.lora_dropout", "0"] if scenario.mode != "full" else []
+        runner, result, setting = ours_tuned(name, scenario, model, peer["peak_gpu_mem_gib"],
+                                             same_lora, steps, work, env)
+        rows.append({"scenario": name, "runner": runner, "setting": setting, **(result or {})})
+        finish(rows[-1:], scenario, peer, None)
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def unsloth_settings(text) -> list[tuple[bool, int]]:
@@ -194,15 +226,21 @@ def print_table(rows: list[dict]) -> None:
 
 def main(only: str = "lora_8b,qlora_8b,full_1b", steps: int = 6, out: str = "peers.json",
          workdir: str = "/tmp/peers", unsloth_site: str = "", unsloth: str = "ac4,noac1",
-         liger_lever: bool = True) -> list[dict]:
+         liger_lever: bool = True, recorded_peers: str = "") -> list[dict]:
     """``unsloth``: Unsloth's settings to run, ``ac4`` (its checkpointing, 4 sequences per
     forward) and ``noacN`` (no checkpointing, N per forward); ``liger_lever``: also ours with
-    liger's kernels in place of compiled layers."""
+    liger's kernels in place of compiled layers; ``recorded_peers``: run ours tuned only,
+    against these earlier best peers (``against_recorded``)."""
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     names = only.split(",") if isinstance(only, str) else list(only)
+    if recorded_peers:
+        rows = against_recorded(names, recorded_peers, steps, work, env)
+        print_table(rows)
+        Path(out).write_text(json.dumps(rows, indent=1))
+        return rows
     rows = []
     for name in names:
         rows += peer_rows(name, SCENARIOS[name], steps, work, env, unsloth_site,

@@ -1,6 +1,6 @@
 """The memory planner against measured runs: for each finished run directory, the planner's
 predicted peak GPU memory (from the run's own run_config.json) beside the peak the run measured
-(``torch.cuda.max_memory_allocated``, last step of metrics.jsonl).
+(``torch.cuda.max_memory_allocated``, last step of metrics.jsonl), and its steady tokens/s.
 
     python benchmarks/planner_accuracy.py RUN_DIR:WORLD_SIZE [RUN_DIR:WORLD_SIZE ...]
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from llm_finetune.config_utils import build_run_config
-from llm_finetune.metrics import read_metrics
+from llm_finetune.metrics import read_metrics, steady_tokens_per_s
 from llm_finetune.plan import GIB, estimate
 
 
@@ -26,15 +26,17 @@ def settings_of(run_dir: Path) -> dict:
     return settings
 
 
-def measured_peak(run_dir: Path) -> float:
+def measured(run_dir: Path) -> tuple[float, float]:
+    """(peak GiB, steady tokens/s)."""
     steps, _ = read_metrics(run_dir)
-    return steps[-1]["peak_gpu_mem_gib"]
+    return steps[-1]["peak_gpu_mem_gib"], steady_tokens_per_s(steps)
 
 
 def describe(run) -> str:
     t, f = run.train, run.fsdp
     kind = (f"QLoRA ({t.quantization})" if t.quantization else
-            ("LoRA" if t.peft_method == "lora" else t.peft_method) if t.use_peft else "full")
+            ("LoRA" if t.peft_method == "lora" else t.peft_method) if t.use_peft else
+            "freeze_LLM_only" if t.freeze_LLM_only else "full")
     parts = [t.model_name.rsplit("/", 1)[-1], kind, f"batch {t.batch_size_training} x "
              f"{t.context_length}", "AC" if f.fsdp_activation_checkpointing else "no AC"]
     if t.enable_fsdp:
@@ -47,15 +49,15 @@ def describe(run) -> str:
 
 
 def main(*specs: str) -> None:
-    print("| run | GPUs | predicted GiB | measured GiB | error |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| run | GPUs | predicted GiB | measured GiB | error | tokens/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for spec in specs:
         directory, _, world = spec.rpartition(":")
         run = build_run_config(**settings_of(Path(directory)))
         predicted = estimate(run, int(world)).gpu_peak / GIB
-        measured = measured_peak(Path(directory))
-        print(f"| {describe(run)} | {world} | {predicted:.1f} | {measured:.1f} | "
-              f"{(predicted - measured) / measured:+.1%} |", flush=True)
+        peak, tokens_per_s = measured(Path(directory))
+        print(f"| {describe(run)} | {world} | {predicted:.1f} | {peak:.1f} | "
+              f"{(predicted - peak) / peak:+.1%} | {tokens_per_s:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ engine can be added beside it.
 """
 
 import functools
-import inspect
 
 import torch
 import torch.distributed as dist
@@ -92,15 +91,24 @@ def checkpoint_forward(layer: torch.nn.Module) -> None:
 
 def checkpointed_forward(layer: torch.nn.Module, *args, **kwargs):
     """``layer``'s class forward under non-reentrant checkpointing when it trains (in eval mode
-    and under ``no_grad`` nothing is kept, so it runs as it is). Keyword arguments are bound to
-    the positions they have, so the checkpoint saves its tensor inputs as inputs (the image
-    encoder calls its layers with ``hidden_states=`` as a keyword)."""
+    and under ``no_grad`` nothing is kept, so it runs as it is). Tensors given as keywords
+    (the image encoder calls its layers with ``hidden_state=``) become the checkpoint's
+    inputs, which it saves for backward where saved-tensor hooks see them (a keyword argument
+    it would only hold), and reach the forward under the keyword they were given: transformers
+    renames deprecated keywords in the forward's own decorator (5.17 calls the layers with
+    ``hidden_state=``, a name their signature no longer has)."""
     forward = functools.partial(type(layer).forward, layer)
     if not (layer.training and torch.is_grad_enabled()):
         return forward(*args, **kwargs)
-    bound = inspect.signature(forward).bind(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, *bound.args, use_reentrant=False,
-                                             **bound.kwargs)
+    tensor_keys = [key for key, value in kwargs.items() if isinstance(value, torch.Tensor)]
+    others = {key: value for key, value in kwargs.items() if key not in tensor_keys}
+
+    def run(*inputs):
+        keyword_tensors = dict(zip(tensor_keys, inputs[len(args):]))
+        return forward(*inputs[:len(args)], **keyword_tensors, **others)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, *(kwargs[key] for key in tensor_keys),
+                                             use_reentrant=False)
 
 
 def compile_layers(model: torch.nn.Module) -> None:

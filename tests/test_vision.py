@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.utils.deprecation import deprecate_kwarg
 
 from llm_finetune import finetuning, inference, plan
 from llm_finetune.adapters import base_model_of
@@ -21,6 +22,7 @@ from llm_finetune.config_utils import ConfigError, build_run_config
 from llm_finetune.configs.recipes import RECIPES
 from llm_finetune.data.rows import DataError
 from llm_finetune.distributed import DistInfo
+from llm_finetune.engine import checkpoint_forward
 from llm_finetune.metrics import PhaseTimer
 from llm_finetune.model import (image_encoder_layers, load_base_model, load_model,
                                 load_processor)
@@ -456,6 +458,33 @@ def test_a_checkpointed_image_encoder_gives_the_same_loss_and_gradients(method):
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-6, atol=1e-7,
                                    msg=name)
 
+
+
+class RenamedKeywordLayer(torch.nn.Module):
+    """A layer whose input keyword was renamed, as transformers 5.17 has mllama's image encoder
+    layers (called with ``hidden_state=``, the signature says ``hidden_states``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    @deprecate_kwarg("hidden_state", new_name="hidden_states", version="v99")
+    def forward(self, hidden_states, attention_mask=None):
+        return torch.tanh(self.linear(hidden_states))
+
+
+def test_a_checkpointed_layer_takes_the_keywords_its_caller_gives():
+    """The GPU run of --freeze_LLM_only on transformers 5.17 failed in the first forward: the
+    checkpointed forward bound its arguments to the signature, which had no ``hidden_state``."""
+    layer = RenamedKeywordLayer()
+    inputs = torch.randn(3, 4, requires_grad=True)
+    expected = layer(hidden_state=inputs)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), inputs)
+    checkpoint_forward(layer)
+    output = layer(hidden_state=inputs)
+    (grad,) = torch.autograd.grad(output.sum(), inputs)
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
 
 # --- the memory planner ------------------------------------------------------------------------
 
