@@ -14,7 +14,7 @@ otherwise, takes
 A setting the user gave, or the built-in model's recipe set, is pinned (``PINS``):
 ``--use_fast_kernels False`` keeps SDPA, and any micro-batch, accumulation or checkpointing
 setting (or ``--auto_fit`` either way) keeps the run's own. Vision models keep their attention
-and micro-batch (mllama has no flash-attention 2; their plans are not yet checked on a GPU).
+(mllama has no flash-attention 2, and their batches are padded) and take the planned setting.
 The choice is printed at start. CPU runs are left as they are. docs/performance.md ("Fast by
 default") has the measurements.
 """
@@ -46,10 +46,11 @@ LEAST_GAIN = 0.01
 def apply_gpu_defaults(run, world_size: int, cuda: bool, verbose: bool):
     """``run`` with the fast values of the settings not pinned, when it runs on a GPU (or plans
     for one: ``cuda``); ``run`` itself otherwise. Prints what was chosen when ``verbose``."""
-    if not cuda or is_vision_model(run.train.model_name):
+    if not cuda:
         return run
     chosen = []
-    if ATTENTION_PIN not in run.given and not run.train.use_fast_kernels:
+    if (ATTENTION_PIN not in run.given and not run.train.use_fast_kernels
+            and not is_vision_model(run.train.model_name)):
         run = dataclasses.replace(run, train=dataclasses.replace(run.train, use_fast_kernels=True))
         chosen.append("--use_fast_kernels True (flash-attention: PyTorch's varlen kernel for "
                       "packed batches, flash-attention 2 where installed)")
