@@ -243,6 +243,14 @@ def test_fsdp_on_two_ranks_matches_one_process(case, fsdp_losses, colour_rows, t
     assert fsdp_losses[case] == pytest.approx(single, rel=1e-3 if case == "qlora" else 1e-5)
 
 
+def test_low_cpu_fsdp_loads_a_vision_model_on_rank_0_only(fsdp_losses):
+    """--low_cpu_fsdp with tiny-mllama's weights on disk: rank 0 reads them, rank 1 builds on
+    the meta device and receives its shards; every step's loss equals the run that initialised
+    the same weights from the seed on each rank (the "full" case)."""
+    assert len(fsdp_losses["low_cpu_fsdp"]) == 4
+    assert fsdp_losses["low_cpu_fsdp"] == pytest.approx(fsdp_losses["full"], rel=1e-6)
+
+
 def colour_image(directory, name: str, size=(32, 32)):
     path = directory / f"{name}.png"
     Image.new("RGB", size, COLOURS[name]).save(path)

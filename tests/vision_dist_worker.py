@@ -5,9 +5,13 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from llm_finetune import finetuning
+from llm_finetune.config_utils import build_run_config
+from llm_finetune.configs.recipes import RECIPES
+from llm_finetune.model import load_model, load_processor
 
 # each case's settings beside the shared ones (tests/test_vision.py fsdp_settings)
 VISION_CASES = {"full": {}, "lora": {"use_peft": True},
@@ -31,6 +35,23 @@ CHECKPOINT_CASES = {
 CHECKPOINT_CASES["lora_default_path_resumed"] = dict(
     CHECKPOINT_CASES["lora_default_path"],
     resume_from_checkpoint="{out}/lora_default_path/checkpoints/step-00000002")
+# llama-recipes' --low_cpu_fsdp: rank 0 reads the weights, the other ranks build the model on
+# the meta device and receive theirs; the weights are tiny-mllama's seeded ones saved to disk
+# (write_weights), so the losses equal the "full" case's
+# (a directory brings no recipe: tiny-mllama's is given where the shared settings leave it)
+LOADING_CASES = {"low_cpu_fsdp": {
+    "low_cpu_fsdp": True, "model_name": "{out}/weights",
+    **{key: RECIPES["tiny-mllama"][key] for key in ("batching_strategy", "context_length", "lr")}}}
+
+
+def write_weights(out: str) -> None:
+    """tiny-mllama's seeded random weights and its processor in OUT/weights, by rank 0."""
+    if dist.get_rank() == 0:
+        run = build_run_config(model_name="tiny-mllama")
+        model = load_model(run.train, torch.float32, on_meta=False)
+        model.save_pretrained(f"{out}/weights")
+        load_processor(run.train).save_pretrained(f"{out}/weights")
+    dist.barrier()
 
 
 def fsdp_settings(rows: str, case: str) -> dict:
@@ -38,7 +59,8 @@ def fsdp_settings(rows: str, case: str) -> dict:
                 "file_dataset.data_files": rows, "batch_size_training": 2, "val_batch_size": 2,
                 "num_workers_dataloader": 0, "plot_metrics": False, "num_epochs": 1,
                 "max_train_step": 4, "max_eval_step": 2, "save_model": False,
-                "lora_config.lora_dropout": 0.0, **{**VISION_CASES, **CHECKPOINT_CASES}[case]}
+                "lora_config.lora_dropout": 0.0,
+                **{**VISION_CASES, **CHECKPOINT_CASES, **LOADING_CASES}[case]}
     files = settings["file_dataset.data_files"]
     settings["file_dataset.data_files"] = files.format(rows_dir=Path(rows).parent)
     return settings
@@ -46,11 +68,13 @@ def fsdp_settings(rows: str, case: str) -> dict:
 
 def main(out: str, rows: str) -> None:
     dist.init_process_group("gloo")  # one group for every case: finetuning.main reuses it
+    write_weights(out)
     results = {}
-    for case in [*VISION_CASES, *CHECKPOINT_CASES]:
+    for case in [*VISION_CASES, *CHECKPOINT_CASES, *LOADING_CASES]:
         settings = fsdp_settings(rows, case)
-        if "resume_from_checkpoint" in settings:
-            settings["resume_from_checkpoint"] = settings["resume_from_checkpoint"].format(out=out)
+        for key in ("resume_from_checkpoint", "model_name"):
+            settings[key] = settings[key].format(out=out) if key in settings else None
+        settings = {key: value for key, value in settings.items() if value is not None}
         summary = finetuning.main(**settings, enable_fsdp=True, output_dir=f"{out}/{case}")
         results[case] = [record["loss"] for record in summary["metrics"] if "loss" in record]
     if dist.get_rank() == 0:
