@@ -1,5 +1,6 @@
-"""Run under ``torchrun --nproc_per_node 2`` by tests/test_vision.py: tiny-mllama under FSDP,
-one run per case in one launch; rank 0 writes each case's per-step losses to OUT/results.json."""
+"""Run under ``torchrun --nproc_per_node 2`` by tests/test_vision.py: tiny-mllama (and a tiny
+LLaVA) under FSDP, one run per case in one launch; rank 0 writes each case's per-step losses to
+OUT/results.json."""
 
 import json
 import sys
@@ -16,7 +17,11 @@ VISION_CASES = {"full": {}, "lora": {"use_peft": True},
                 "qlora": {"use_peft": True, "quantization": "4bit"},
                 # preference pairs about the same images (tools/make_colour_images.py)
                 "dpo_lora": {"use_peft": True, "method": "dpo",
-                             "file_dataset.data_files": "{rows_dir}/pairs.jsonl"}}
+                             "file_dataset.data_files": "{rows_dir}/pairs.jsonl"},
+                # tools/make_tiny_vlms.py's LLaVA beside the rows (a CLIP encoder's layers and a
+                # Llama decoder's as units); a directory brings no recipe: tiny-mllama's settings
+                "llava": {"model_name": "{rows_dir}/tiny-llava", "batching_strategy": "padding",
+                          "context_length": 512, "lr": 1e-3}}
 # what a run leaves: the model as transformers weights (FULL_STATE_DICT) and as the same run's
 # DCP shards (SHARDED_STATE_DICT, for convert dcp_to_hf); training checkpoints of a LoRA run on
 # the default path (a loader worker, dropout), and that run resumed from its step 2
@@ -39,8 +44,8 @@ def fsdp_settings(rows: str, case: str) -> dict:
                 "num_workers_dataloader": 0, "plot_metrics": False, "num_epochs": 1,
                 "max_train_step": 4, "max_eval_step": 2, "save_model": False,
                 "lora_config.lora_dropout": 0.0, **{**VISION_CASES, **CHECKPOINT_CASES}[case]}
-    files = settings["file_dataset.data_files"]
-    settings["file_dataset.data_files"] = files.format(rows_dir=Path(rows).parent)
+    for key in ("file_dataset.data_files", "model_name"):
+        settings[key] = settings[key].format(rows_dir=Path(rows).parent)
     return settings
 
 
