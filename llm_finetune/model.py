@@ -13,8 +13,11 @@ import os
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                           AutoProcessor, AutoTokenizer)
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+from transformers.utils import is_torchvision_available
 
 from llm_finetune.adapters import base_model_of
 from llm_finetune.attention import PACKED_ATTENTION, varlen_available
@@ -87,9 +90,36 @@ def load_processor(train_cfg):
     return vision_processor(name, setting, padding_side="right")
 
 
+def processor_class_name(name: str) -> str | None:
+    """The processor class ``AutoProcessor`` builds for ``name``: the one its
+    processor_config.json names, else its model type's; None when neither can be read."""
+    saved = Path(resolve_model_path(name)) / "processor_config.json"
+    if saved.is_file():
+        return json.loads(saved.read_text()).get("processor_class")
+    try:
+        return PROCESSOR_MAPPING_NAMES.get(model_config(name).model_type)
+    except ConfigError:
+        return None
+
+
+def check_processor_backend(name: str, setting: str) -> None:
+    """Processors that take videos too (Qwen2-VL's) are built by transformers with a video
+    processor, which needs torchvision even for images: without it ``AutoProcessor`` fails
+    with a message about a missing video_preprocessor_config.json. Say what is missing."""
+    cls = getattr(transformers, processor_class_name(name) or "", None)
+    if is_torchvision_available() or cls is None or not hasattr(cls, "get_attributes"):
+        return
+    if "video_processor" in cls.get_attributes():
+        raise ConfigError(f"--{setting} {name}: {cls.__name__} has a video processor, which "
+                          "transformers builds with torchvision even for images, and torchvision "
+                          "is not installed: install the torchvision build that matches torch "
+                          f"{torch.__version__} (pip install torchvision)")
+
+
 def vision_processor(name: str, setting: str, padding_side: str):
     """The processor at ``name`` (given as ``--setting``), checked to have a tokenizer and an
     image processor, its tokenizer padding on ``padding_side`` with a pad token."""
+    check_processor_backend(name, setting)
     processor = from_pretrained(AutoProcessor, name, setting)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or getattr(processor, "image_processor", None) is None:

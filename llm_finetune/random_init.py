@@ -7,8 +7,10 @@ the tensor's name, so each FSDP rank can build its units directly on its own GPU
 (``SeededInit`` as FSDP's ``param_init_fn``), and a model initialised whole in one process
 holds exactly the same weights (tested).
 
-Each module is initialised by the model's own ``_init_weights`` (the scheme transformers uses
-for that architecture, rotary tables included) under a generator seeded from the name of the
+Each module is initialised by the ``_init_weights`` of the innermost transformers model that
+holds it (the scheme transformers uses for that architecture, rotary tables and position-id
+buffers included; a LLaVA's CLIP image encoder is initialised by CLIP's, as transformers'
+``initialize_weights`` dispatches) under a generator seeded from the name of the
 module's first tensor; LoRA layers are then reset by peft's own ``reset_lora_parameters``
 (A random, B zero), so a fresh adapter leaves the model's outputs unchanged.
 """
@@ -17,6 +19,7 @@ import contextlib
 import zlib
 
 import torch
+from transformers import PreTrainedModel
 
 from llm_finetune.adapters import base_model_of
 from llm_finetune.quantization import (is_4bit, is_4bit_linear, pending_4bit_like,
@@ -28,6 +31,21 @@ def _own_tensors(module: torch.nn.Module):
         for name, tensor in table.items():
             if tensor is not None:
                 yield table, name, tensor
+
+
+def init_functions(base: torch.nn.Module) -> dict:
+    """id(module) -> the ``_init_weights`` of the innermost ``PreTrainedModel`` holding it (or
+    being it): a composite model's own scheme does not know its sub-models' modules."""
+    owners = {}
+
+    def visit(module: torch.nn.Module, init) -> None:
+        init = module._init_weights if isinstance(module, PreTrainedModel) else init
+        owners[id(module)] = init
+        for child in module.children():
+            visit(child, init)
+
+    visit(base, base._init_weights)
+    return owners
 
 
 class SeededInit:
@@ -42,7 +60,7 @@ class SeededInit:
         self.seed = seed
         self.device = torch.device(device)
         base = base_model_of(model)
-        self.init_weights = base._init_weights  # the architecture's own init scheme
+        self.init_weights = init_functions(base)  # the architectures' own init schemes
         self.lora_init = {name: getattr(cfg, "init_lora_weights", True)
                           for name, cfg in getattr(model, "peft_config", {}).items()}
         # a tensor's canonical name: the first it has in the base model, without the
@@ -111,7 +129,7 @@ class SeededInit:
         lora_layers = {}
         for module, meta in fresh:
             with self._seeded(self.tensor_names[id(meta)]), torch.no_grad():
-                self.init_weights(module)
+                self.init_weights[id(module)](module)
             quantize_pending(module)
             if id(module) in self.lora_pair:
                 layer, adapter, _ = self.lora_pair[id(module)]

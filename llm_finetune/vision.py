@@ -23,7 +23,8 @@ VISION_PARTS = ("vision_model", "vision_tower", "visual", "multi_modal_projector
 UNQUANTIZED = tuple(rf"(.*\.)?{part}" for part in VISION_PARTS)
 # the batch fields a vision processor adds to the text's, passed to the model's forward
 VISION_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
-                 "cross_attention_mask", "image_sizes", "image_grid_thw")
+                 "cross_attention_mask", "image_sizes", "image_grid_thw",
+                 "mm_token_type_ids")  # Qwen2-VL: which tokens are image tokens (its positions)
 
 
 def is_vision_config(config) -> bool:

@@ -35,6 +35,7 @@ from tests.vision_dist_worker import VISION_CASES, fsdp_settings
 COLOUR_TOOL = runpy.run_path(str(REPO / "tools" / "make_colour_images.py"))
 COLOURS, conversation = COLOUR_TOOL["COLOURS"], COLOUR_TOOL["conversation"]
 write_colour_rows = COLOUR_TOOL["write_colour_rows"]
+TINY_VLMS = runpy.run_path(str(REPO / "tools" / "make_tiny_vlms.py"))
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +221,7 @@ def fsdp_runs(colour_rows, tmp_path_factory):
     """Every case of tests/vision_dist_worker.py in one torchrun launch: (each case's per-step
     losses, the directory holding each case's output_dir)."""
     out = tmp_path_factory.mktemp("vision_fsdp")
+    TINY_VLMS["tiny_llava"](colour_rows.parent / "tiny-llava")  # the "llava" case's model
     torchrun(REPO / "tests" / "vision_dist_worker.py", str(out), str(colour_rows))
     return json.loads((out / "results.json").read_text()), out
 

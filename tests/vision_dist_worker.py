@@ -1,5 +1,6 @@
-"""Run under ``torchrun --nproc_per_node 2`` by tests/test_vision.py: tiny-mllama under FSDP,
-one run per case in one launch; rank 0 writes each case's per-step losses to OUT/results.json."""
+"""Run under ``torchrun --nproc_per_node 2`` by tests/test_vision.py: tiny-mllama (and a tiny
+LLaVA) under FSDP, one run per case in one launch; rank 0 writes each case's per-step losses to
+OUT/results.json."""
 
 import json
 import sys
@@ -20,7 +21,11 @@ VISION_CASES = {"full": {}, "lora": {"use_peft": True},
                 "qlora": {"use_peft": True, "quantization": "4bit"},
                 # preference pairs about the same images (tools/make_colour_images.py)
                 "dpo_lora": {"use_peft": True, "method": "dpo",
-                             "file_dataset.data_files": "{rows_dir}/pairs.jsonl"}}
+                             "file_dataset.data_files": "{rows_dir}/pairs.jsonl"},
+                # tools/make_tiny_vlms.py's LLaVA beside the rows (a CLIP encoder's layers and a
+                # Llama decoder's as units); a directory brings no recipe: tiny-mllama's settings
+                "llava": {"model_name": "{rows_dir}/tiny-llava", "batching_strategy": "padding",
+                          "context_length": 512, "lr": 1e-3}}
 # what a run leaves: the model as transformers weights (FULL_STATE_DICT) and as the same run's
 # DCP shards (SHARDED_STATE_DICT, for convert dcp_to_hf); training checkpoints of a LoRA run on
 # the default path (a loader worker, dropout), and that run resumed from its step 2
@@ -37,8 +42,8 @@ CHECKPOINT_CASES["lora_default_path_resumed"] = dict(
     resume_from_checkpoint="{out}/lora_default_path/checkpoints/step-00000002")
 # llama-recipes' --low_cpu_fsdp: rank 0 reads the weights, the other ranks build the model on
 # the meta device and receive theirs; the weights are tiny-mllama's seeded ones saved to disk
-# (write_weights), so the losses equal the "full" case's
-# (a directory brings no recipe: tiny-mllama's is given where the shared settings leave it)
+# (write_weights), so the losses equal the "full" case's; a directory brings no recipe:
+# tiny-mllama's is given where the shared settings leave it
 LOADING_CASES = {"low_cpu_fsdp": {
     "low_cpu_fsdp": True, "model_name": "{out}/weights",
     **{key: RECIPES["tiny-mllama"][key] for key in ("batching_strategy", "context_length", "lr")}}}
@@ -54,15 +59,17 @@ def write_weights(out: str) -> None:
     dist.barrier()
 
 
-def fsdp_settings(rows: str, case: str) -> dict:
+def fsdp_settings(rows: str, case: str, out: str = "") -> dict:
+    """A case's settings: paths are the rows' directory and the launch's output directory."""
     settings = {"model_name": "tiny-mllama", "dataset": "file_dataset",
                 "file_dataset.data_files": rows, "batch_size_training": 2, "val_batch_size": 2,
                 "num_workers_dataloader": 0, "plot_metrics": False, "num_epochs": 1,
                 "max_train_step": 4, "max_eval_step": 2, "save_model": False,
                 "lora_config.lora_dropout": 0.0,
                 **{**VISION_CASES, **CHECKPOINT_CASES, **LOADING_CASES}[case]}
-    files = settings["file_dataset.data_files"]
-    settings["file_dataset.data_files"] = files.format(rows_dir=Path(rows).parent)
+    for key in ("file_dataset.data_files", "model_name", "resume_from_checkpoint"):
+        if key in settings:
+            settings[key] = settings[key].format(rows_dir=Path(rows).parent, out=out)
     return settings
 
 
@@ -71,10 +78,7 @@ def main(out: str, rows: str) -> None:
     write_weights(out)
     results = {}
     for case in [*VISION_CASES, *CHECKPOINT_CASES, *LOADING_CASES]:
-        settings = fsdp_settings(rows, case)
-        for key in ("resume_from_checkpoint", "model_name"):
-            settings[key] = settings[key].format(out=out) if key in settings else None
-        settings = {key: value for key, value in settings.items() if value is not None}
+        settings = fsdp_settings(rows, case, out)
         summary = finetuning.main(**settings, enable_fsdp=True, output_dir=f"{out}/{case}")
         results[case] = [record["loss"] for record in summary["metrics"] if "loss" in record]
     if dist.get_rank() == 0:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from llm_finetune.adapters import apply_peft
+from llm_finetune.errors import ConfigError
 from llm_finetune.model import decoder_layers, meta_model, model_config, text_layers
 from llm_finetune.vision import (freeze_llm_only, image_side_trains, in_vision_parts,
                                  is_vision_config, lora_exclude)
@@ -56,6 +57,27 @@ class ModelCounts:
     vision: VisionCounts | None = None  # a vision-language model's image side
 
 
+# what the activation model reads of an image side: Llama 3.2 Vision's tiles and projector width
+# (vision_config) and its cross-attention layers (text config)
+PLANNED_VISION_FIELDS = ("image_size", "patch_size", "vision_output_dim", "max_num_tiles")
+
+
+def check_planned_vision(config) -> None:
+    """The planner models Llama 3.2 Vision's image side (tiles, cross-attention over image
+    tokens); another family's (LLaVA's image tokens in the text, Qwen2-VL's merged patches) is
+    refused naming what its config lacks, instead of a plan that counts the wrong thing."""
+    missing = [f"vision_config.{field}" for field in PLANNED_VISION_FIELDS
+               if not hasattr(config.vision_config, field)]
+    if not hasattr(config.get_text_config(), "cross_attention_layers"):
+        missing.append("cross_attention_layers")
+    if missing:
+        raise ConfigError(
+            f"the memory planner models Llama 3.2 Vision's (mllama) image side, and "
+            f"{config.model_type}'s config has no {', '.join(missing)}: its memory is not planned "
+            "yet (issue #18). Train it without --dry_run and --auto_fit, choosing "
+            "--batch_size_training and --context_length by hand")
+
+
 def vision_counts(config, model, layers: list) -> VisionCounts:
     """Llama 3.2 Vision's image side from its config: each tile is cut into patches plus a
     class token, which the encoder pads to a multiple of 8 and the projector drops again."""
@@ -77,8 +99,10 @@ def count_parameters(run) -> ModelCounts:
     """Exact counts from the model built on the meta device, with the run's adapters (the
     run's own printout, ``metrics.report_parameter_counts``, scales a rank's shard)."""
     config = model_config(run.train.model_name)
-    model = meta_model(config, torch.float32, "sdpa")
     vision = is_vision_config(config)
+    if vision:
+        check_planned_vision(config)
+    model = meta_model(config, torch.float32, "sdpa")
     layers = decoder_layers(model)  # every FSDP unit: an image encoder's layers too
     text = text_layers(model)
     supports_checkpointing = model.supports_gradient_checkpointing
