@@ -18,10 +18,13 @@ template. Generation flags: ``generation.py``; safety checkers: ``safety.py``.
 With ``--image_path`` (a vision model: Llama 3.2 Vision, or a base and its ``--peft_model``),
 every prompt, whichever way it comes, is asked about that image as llama-recipes'
 multi_modal_infer.py asks: a user turn of an image and the prompt's text, rendered with the
-processor's chat template, the processor making the image inputs (docs/vision.md).
+processor's chat template, the processor making the image inputs (docs/vision.md). Several
+images, comma-separated, are several image parts of that turn, in their order.
 
     python -m llm_finetune.inference --model_name output/model --image_path cat.png \\
         --prompt "What is in this picture?" --do_sample False
+    python -m llm_finetune.inference --model_name output/model --image_path a.png,b.png \\
+        --prompt "Which of the two is larger?"
 """
 
 import dataclasses
@@ -60,7 +63,7 @@ class Prompt:
     conversation: list  # what the safety checkers judge: messages ending with the user's
     shown: str  # how it is printed
     add_special_tokens: bool = False  # text as written: the tokenizer adds its BOS
-    image: "Image.Image | None" = None  # what the prompt asks about (a vision model's)
+    images: list | None = None  # the images the prompt asks about (a vision model's)
 
 
 def load(model_name: str, peft_model: str = "", quantization: str = "",
@@ -129,8 +132,15 @@ def load_processor(model_name: str, peft_model: str):
     return processor
 
 
+def image_paths(image_path) -> list[str]:
+    """``--image_path``: one path or several, comma-separated (fire hands ``a,b`` over as a
+    tuple; Python callers may give a list)."""
+    given = image_path.split(",") if isinstance(image_path, str) else map(str, image_path)
+    return [path.strip() for path in given if path.strip()]
+
+
 def read_image(image_path: str) -> Image.Image:
-    """``--image_path`` as an RGB image, or one line saying why it cannot be read."""
+    """One ``--image_path`` as an RGB image, or one line saying why it cannot be read."""
     path = Path(image_path)
     if not path.is_file():
         raise ConfigError(f"--image_path {image_path}: no such file")
@@ -219,7 +229,7 @@ def answer(model, tokenizer, prompts: list[Prompt], options: GenerationOptions, 
             continue
         texts = [p.text for _, p in passed]
         special = passed[0][1].add_special_tokens
-        images = [[p.image] for _, p in passed] if passed[0][1].image is not None else None
+        images = [p.images for _, p in passed] if passed[0][1].images else None
         for (i, p), text in zip(passed, generate_rendered(model, tokenizer, texts, options,
                                                            stream, add_special_tokens=special,
                                                            images=images)):
@@ -257,13 +267,14 @@ def as_written(tokenizer, text: str, chat: bool) -> Prompt:
     return Prompt(text, conversation, text, add_special_tokens=True)
 
 
-def about_image(processor, text: str, image: Image.Image) -> Prompt:
-    """A prompt about an image, as llama-recipes' multi_modal_infer.py asks it: a user turn of
-    the image and the text, rendered with the processor's chat template. The safety checkers
-    judge the text."""
-    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+def about_images(processor, text: str, images: list) -> Prompt:
+    """A prompt about images, as llama-recipes' multi_modal_infer.py asks about one: a user turn
+    of an image part per image, then the text, rendered with the processor's chat template.
+    The safety checkers judge the text."""
+    parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    turn = [{"role": "user", "content": parts}]
     rendered = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
-    return Prompt(rendered, [{"role": "user", "content": text}], text, image=image)
+    return Prompt(rendered, [{"role": "user", "content": text}], text, images=images)
 
 
 def chat_text(tokenizer, conversation: list[dict]) -> str:
@@ -289,7 +300,8 @@ def main(model_name: str, peft_model: str = None, quantization: str = None,
     """Answer a prompt file (one prompt, as written), ``--prompt`` or a ``--prompt_list``
     (instructions), piped input (one prompt), or lines typed at the terminal. llama-recipes'
     flags mean what they mean there; docs/llama_recipes.md#inference lists every difference.
-    ``image_path``: each prompt is asked about this image (a vision model's; module doc)."""
+    ``image_path``: each prompt is asked about this image, or these comma-separated images
+    (a vision model's; module doc)."""
     flags = {k: v for k, v in locals().items() if k != "quantization_flags"}
     if share_gradio:
         raise ConfigError("--share_gradio shares llama-recipes' gradio web page, which is not "
@@ -303,13 +315,17 @@ def main(model_name: str, peft_model: str = None, quantization: str = None,
         raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
     if prompt_file and not Path(prompt_file).is_file():
         raise ConfigError(f"--prompt_file {prompt_file}: no such file")
-    image = None
+    images = None
     if image_path:
         if max_padding_length:
             raise ConfigError("--max_padding_length pads and cuts text prompts; with "
                               "--image_path the processor tokenises each prompt whole (a cut "
                               "could drop its image token): drop --max_padding_length")
-        image = read_image(image_path)
+        paths = image_paths(image_path)
+        if not paths:
+            raise ConfigError(f"--image_path {image_path!r} names no image: give a path, or "
+                              "several comma-separated")
+        images = [read_image(path) for path in paths]
         check_image_model(model_name)
     piped = None
     if not (prompt or prompt_file) and not sys.stdin.isatty():  # one prompt, as llama-recipes
@@ -322,8 +338,8 @@ def main(model_name: str, peft_model: str = None, quantization: str = None,
     def run(prompts: list[Prompt]) -> None:
         answer(model, tokenizer, prompts, options, checkers, batch_size, stream=True)
 
-    # with an image every prompt is a user turn about it; else instructions, or text as written
-    ask = ((lambda text: about_image(tokenizer, text, image)) if image is not None
+    # with images every prompt is a user turn about them; else instructions, or text as written
+    ask = ((lambda text: about_images(tokenizer, text, images)) if images
            else (lambda text: instruction(tokenizer, text, chat)))
     if prompt:
         run([ask(prompt)])
@@ -331,7 +347,7 @@ def main(model_name: str, peft_model: str = None, quantization: str = None,
         run([ask(p) for p in read_prompt_list(prompt_file)])
     elif prompt_file or piped is not None:
         text = Path(prompt_file).read_text() if prompt_file else piped
-        run([about_image(tokenizer, text, image) if image is not None
+        run([about_images(tokenizer, text, images) if images
              else as_written(tokenizer, text, chat)])
     else:
         print("prompt (empty line or Ctrl-D to quit):", flush=True)

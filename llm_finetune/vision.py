@@ -127,6 +127,12 @@ def check_vision_settings(run, vision: bool) -> None:
     if t.use_peft and t.peft_method == "lora" and run.peft.vision_encoder and not vision:
         raise ConfigError(f"--lora_config.vision_encoder adapts a vision model's image encoder "
                           f"too, and {t.model_name} is a causal LM, with none: drop it")
+    if t.images_per_sample < 1:
+        raise ConfigError(f"--images_per_sample {t.images_per_sample}: the memory plan's images "
+                          "per row must be at least 1")
+    if t.images_per_sample != 1 and not vision:
+        raise ConfigError(f"--images_per_sample plans a vision model's images, and "
+                          f"{t.model_name} is a causal LM, with none: drop it")
     if not vision:
         return
     not_yet = {"--batching_strategy packing": t.batching_strategy == "packing",

@@ -2,12 +2,17 @@
 their colour's name, so the captions can only be learned by looking at the images."""
 
 import copy
+import io
 import json
 import math
+import random
 import runpy
 import subprocess
 import sys
 
+import datasets
+import pyarrow
+import pyarrow.parquet
 import pytest
 import torch
 from peft import PeftModel
@@ -20,7 +25,9 @@ from llm_finetune.adapters import base_model_of
 from llm_finetune.convert import dcp_to_hf, merge_adapters
 from llm_finetune.config_utils import ConfigError, build_run_config
 from llm_finetune.configs.recipes import RECIPES
-from llm_finetune.data.rows import DataError
+from llm_finetune.data.files import load_files
+from llm_finetune.data.images import image_collate
+from llm_finetune.data.rows import DataError, turn_tokens
 from llm_finetune.distributed import DistInfo
 from llm_finetune.engine import checkpoint_forward
 from llm_finetune.metrics import PhaseTimer
@@ -706,3 +713,156 @@ def test_a_deep_copy_recomputes_its_own_encoder_layers():
     copied = copy.deepcopy(model)
     for original, layer in zip(image_encoder_layers(model), image_encoder_layers(copied)):
         assert original.forward.args[0] is original and layer.forward.args[0] is layer
+
+
+# --- image data in the rows, and several images per row ------------------------------------------
+
+SECOND = "What colour is the second image?"
+
+
+def two_image_conversation(answer: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                         {"type": "text", "text": SECOND}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+def png_bytes(name: str, size=(32, 32)) -> bytes:
+    data = io.BytesIO()
+    Image.new("RGB", size, COLOURS[name]).save(data, format="PNG")
+    return data.getvalue()
+
+
+def write_image_data_parquet(path, rows: int, seed: int = 0):
+    """Rows of two images each, as ``datasets`` writes its ``Image`` feature to Parquet (the
+    images' bytes in the file), asking for the second image's colour."""
+    rng = random.Random(seed)
+    names = [(rng.choice(sorted(COLOURS)), rng.choice(sorted(COLOURS))) for _ in range(rows)]
+    features = datasets.Features({"images": datasets.List(datasets.Image()),
+                                  "messages": datasets.List({
+                                      "role": datasets.Value("string"),
+                                      "content": datasets.List({
+                                          "type": datasets.Value("string"),
+                                          "text": datasets.Value("string")})})})
+    datasets.Dataset.from_list(
+        [{"images": [{"bytes": png_bytes(first), "path": None},
+                     {"bytes": png_bytes(second, (48, 24)), "path": f"{second}.png"}],
+          "messages": two_image_conversation(second)} for first, second in names],
+        features=features).to_parquet(str(path))
+    return path
+
+
+def test_parquet_rows_of_image_data_with_two_images_train(tmp_path, capsys):
+    """A Parquet file of datasets' Image feature (bytes, no files), two images per row: the
+    run trains on it (the loss falls) and says the plan counted one image per row."""
+    rows = write_image_data_parquet(tmp_path / "rows.parquet", 32)
+    summary = finetuning.main(**settings(rows, num_epochs=3, run_validation=False,
+                                         save_model=False, output_dir=str(tmp_path / "out")))
+    losses = [record["loss"] for record in summary["metrics"] if "loss" in record]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert "rows hold up to 2 images" in capsys.readouterr().out
+
+
+def test_a_batch_of_one_and_two_image_rows(colour_rows):
+    """The collator on rows of two images and of one (bytes and a file): each row's images in
+    its order, a row's text attending to both of its images after their tokens and the
+    one-image row to no second image, labels on the answers only."""
+    processor = load_processor(build_run_config(model_name="tiny-mllama").train)
+    collate = image_collate(processor)
+    rows = [(two_image_conversation("blue"), [{"bytes": png_bytes("red"), "path": ""},
+                                              {"bytes": png_bytes("blue", (48, 24)), "path": ""}]),
+            (conversation("green"), [{"bytes": b"", "path": str(colour_image(colour_rows.parent,
+                                                                             "green"))}])]
+    samples = []
+    for messages, images in rows:
+        ids, labels, text = turn_tokens(processor.tokenizer, messages,
+                                        processor.apply_chat_template)
+        samples.append({"input_ids": ids, "labels": labels, "text": text, "images": images})
+    batch = collate(samples)
+    assert batch["pixel_values"].shape[:2] == (2, 2)  # rows x images (the second row padded)
+    red, blue = (batch["pixel_values"][0, i, 0].mean((1, 2)) for i in range(2))
+    assert red[0] > red[2] and blue[2] > blue[0]  # in the row's order: red, then blue
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    mask = batch["cross_attention_mask"]
+    first, second = (batch["input_ids"][0] == image_token).nonzero().flatten().tolist()
+    last = int(batch["attention_mask"][0].sum()) - 1
+    assert mask[0, last, 0].sum() == 1 and mask[0, last, 1].sum() == 2  # 1 tile, then 2 tiles
+    assert mask[0, :first].sum() == 0 and mask[0, :second, 1].sum() == 0
+    assert mask[1, :, 1].sum() == 0  # the one-image row has no second image
+    for row, answer in enumerate(("blue", "green")):
+        learned = batch["labels"][row][batch["labels"][row] != -100]
+        assert answer in processor.tokenizer.decode(learned)
+        assert SECOND not in processor.tokenizer.decode(learned)
+
+
+def test_image_data_rows_are_read_and_bad_ones_named(tmp_path):
+    """Images as raw bytes (a Parquet binary column, no datasets metadata) and as datasets'
+    ``{"bytes": None, "path"}`` in JSON lines (the path relative to the file): both tokenise,
+    keeping bytes or the file's path (never pixels); undecodable bytes are a bad row named by
+    file and row, which --bad_rows skip drops."""
+    processor = load_processor(build_run_config(model_name="tiny-mllama").train)
+
+    def load(rows, bad_rows="fail"):
+        config = build_run_config(**settings(rows, **{"file_dataset.eval_files": str(rows)}))
+        return load_files(config.dataset, processor.tokenizer, "train", 512, bad_rows, 0,
+                          processor=processor)
+
+    raw = tmp_path / "raw.parquet"
+    images = [[png_bytes(name)] for name in ("red", "blue", "green")]
+    images[2] = [b"not an image"]
+    pyarrow.parquet.write_table(pyarrow.table({
+        "images": images, "messages": [conversation(name) for name in ("red", "blue", "green")]}),
+        raw)
+    with pytest.raises(DataError, match=r"raw.parquet row 2: image data \(12 bytes\) cannot be "
+                                        "read"):
+        load(raw)
+    kept = load(raw, bad_rows="skip")
+    assert len(kept) == 2 and kept[0]["images"] == [{"bytes": images[0][0], "path": ""}]
+    lines = tmp_path / "sub" / "rows.jsonl"
+    lines.parent.mkdir()
+    lines.write_text(json.dumps({"images": [{"bytes": None, "path": "../red.png"}],
+                                 "messages": conversation("red")}) + "\n")
+    red = colour_image(tmp_path, "red")
+    (sample,) = load(lines)
+    assert sample["images"] == [{"bytes": b"", "path": str(red.resolve())}]
+
+
+def test_the_plan_counts_images_per_sample():
+    """--images_per_sample N: the image encoder's and the cross-attention parts grow N-fold
+    (every image goes through the encoder and is attended to), the text's parts stay; it is
+    refused on a text-only model."""
+    def plan_of(n):
+        run = build_run_config(model_name="tiny-mllama", batch_size_training=2,
+                               images_per_sample=n)
+        validate(run, 1, False)
+        return plan.estimate(run, 1)
+
+    one, three = plan_of(1), plan_of(3)
+
+    def image_parts(p):
+        return sum(v for k, v in p.gpu.items() if k.startswith(("image encoder", "cross")))
+
+    assert image_parts(three) == pytest.approx(3 * image_parts(one))
+    assert any(k.startswith("image encoder activations (6 images") for k in three.gpu)
+    text = {k: v for k, v in one.gpu.items() if k.startswith(("activations", "logits", "weights"))}
+    assert text and all(three.gpu[k] == v for k, v in text.items())
+    assert any("planned for 3 images" in note for note in three.notes)
+    with pytest.raises(ConfigError, match="--images_per_sample plans a vision model's images"):
+        validate(build_run_config(model_name="tiny-llama", images_per_sample=2), 1, False)
+
+
+def test_inference_asks_about_several_images(colour_model, tmp_path, monkeypatch, capsys):
+    """``--image_path red.png,blue.png``: one user turn with an image part per image, in their
+    order, through the processor to the trained model, which answers; fire hands ``a,b`` over
+    as a tuple, read the same way."""
+    asked = []
+    real_generate = inference.generate_rendered
+    monkeypatch.setattr(inference, "generate_rendered",
+                        lambda *a, **k: asked.append((a[2], k["images"])) or real_generate(*a, **k))
+    paths = [str(colour_image(tmp_path, name)) for name in ("red", "blue")]
+    inference.main(str(colour_model[1] / "model"), image_path=",".join(paths),
+                   prompt=SECOND, do_sample=False, max_new_tokens=4)
+    ((texts, images),) = asked
+    assert texts[0].count("<|image|>") == 2 and SECOND in texts[0]
+    assert [image.getpixel((0, 0)) for image in images[0]] == [COLOURS["red"], COLOURS["blue"]]
+    assert capsys.readouterr().out.strip()  # an answer was generated and printed
+    assert inference.image_paths(("a.png", "b.png")) == inference.image_paths("a.png, b.png")

@@ -94,6 +94,8 @@ class train_config:
     # Observability
     dry_run: bool = False  # print the memory plan (python -m llm_finetune.plan) and exit
     gpu_memory: str = ""  # for --dry_run and --auto_fit, e.g. 80GiB ("": the GPU here)
+    # for --dry_run and --auto_fit on a vision model: images per row (a DPO pair's on each side)
+    images_per_sample: int = 1
     # the planner's fastest micro-batch and activation checkpointing that fit in 90% of the
     # GPU (same tokens per optimizer step; the micro-batch changes in one process only)
     auto_fit: bool = False

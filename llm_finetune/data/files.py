@@ -4,7 +4,8 @@
   Alpaca prompt format, loss on the output;
 - chat rows: ``{"messages": [{"role", "content"}, ...]}``, rendered with the tokenizer's chat
   template, loss on the assistant turns only;
-- chat rows with images (``{"images": [...], "messages": ...}``) for a vision model
+- chat rows with images (``{"images": [...], "messages": ...}``, each image a path, its bytes,
+  or a Parquet column of ``datasets``' ``Image`` feature) for a vision model
   (``data/images.py``).
 
 The eval split is ``eval_files`` if given, else a seeded ``val_split`` fraction of the rows.

@@ -1,19 +1,25 @@
 """``file_dataset`` rows with images, for a vision-language model:
 
-    {"images": ["a.png"], "messages": [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]},
+    {"images": ["a.png", "b.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", ...}]},
         {"role": "assistant", "content": [{"type": "text", "text": "..."}]}]}
 
-Image paths are relative to the file that names them. Rows are tokenised once, as chat rows
-are (the processor's chat template, turn by turn, loss on the assistant turns only), and each
-image is opened then, so a missing or unreadable one is a bad row reported with its file and
-line. Pixels are made per batch: the collator runs the processor on the rendered text and the
-images, which gives the model its image inputs (for Llama 3.2 Vision: pixel values, aspect
-ratio ids and mask, and the cross-attention mask of the text tokens over the image tiles).
+An image is a path (relative to the file that names it), image data (the encoded file's bytes,
+as a Parquet binary column holds them) or ``{"bytes", "path"}``, the form ``datasets`` gives its
+``Image`` feature (bytes None when the path is given). Rows are tokenised once, as chat rows are
+(the processor's chat template, turn by turn, loss on the assistant turns only), and each image
+is opened then, so a missing or unreadable one is a bad row reported with its file and line.
+The tokenised samples keep each image as ``datasets`` stores one, its encoded bytes or its
+file's path, never pixels. Pixels are made per batch: the collator decodes the images and runs
+the processor on the rendered text and the images, which gives the model its image inputs (for
+Llama 3.2 Vision: pixel values, aspect ratio ids and mask, and the cross-attention mask of the
+text tokens over each image's tiles).
 """
 
+import io
 from pathlib import Path
 
+import pyarrow.compute
 import torch
 from PIL import Image
 
@@ -24,25 +30,59 @@ IMAGES_COLUMN = "images"
 IGNORE = -100
 
 
-def image_paths(row: dict, column: str, directory: Path) -> list[str]:
-    """The row's images as paths, each an image file that opens."""
-    names = row.get(column)
-    if not isinstance(names, list) or not names:
-        raise BadRow(f"{column!r} must be a non-empty list of image paths")
-    paths = []
-    for name in names:
-        if not isinstance(name, str) or not name.strip():
-            raise BadRow(f"{column!r} holds {name!r}, not an image path")
-        path = directory / name
-        if not path.is_file():
-            raise BadRow(f"image {name}: no such file ({path})")
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as error:  # PIL raises several kinds for a broken file
-            raise BadRow(f"image {name} cannot be read ({type(error).__name__}: {error})")
-        paths.append(str(path.resolve()))
-    return paths
+def row_images(row: dict, column: str, directory: Path) -> list[dict]:
+    """The row's images, each checked to open, as ``{"bytes", "path"}``: its encoded bytes,
+    or the resolved path of its file. The unused field is empty, not None, so the samples'
+    column has one Arrow type whichever rows come first."""
+    given = row.get(column)
+    if not isinstance(given, list) or not given:
+        raise BadRow(f"{column!r} must be a non-empty list of images (paths or image data)")
+    return [stored_image(image, column, directory) for image in given]
+
+
+def stored_image(image, column: str, directory: Path) -> dict:
+    """One image of a row: a path, bytes, or ``datasets``' ``{"bytes", "path"}`` (its bytes,
+    when there are any, are the image; its path then only names it)."""
+    given, name = image, None
+    if isinstance(image, dict):
+        data, name = image.get("bytes"), image.get("path")
+        if data is not None and not isinstance(data, bytes):
+            raise BadRow(f"an image's 'bytes' in {column!r} holds {type(data).__name__}, not "
+                         "image data")
+        image = data or name
+    if isinstance(image, bytes):
+        label = f"image {name or f'data ({len(image)} bytes)'}"
+        check_opens(io.BytesIO(image), label)
+        return {"bytes": image, "path": ""}
+    if not isinstance(image, str) or not image.strip():
+        raise BadRow(f"{column!r} holds {repr(given)[:80]}, not an image path or image data")
+    path = directory / image
+    if not path.is_file():
+        raise BadRow(f"image {image}: no such file ({path})")
+    check_opens(path, f"image {image}")
+    return {"bytes": b"", "path": str(path.resolve())}
+
+
+def check_opens(source, label: str) -> None:
+    try:
+        with Image.open(source) as image:
+            image.verify()
+    except Exception as error:  # PIL raises several kinds for a broken file
+        reason = str(error).replace(repr(source), "(given as bytes)")  # not "<_io.BytesIO ...>"
+        raise BadRow(f"{label} cannot be read ({type(error).__name__}: {reason})") from None
+
+
+def open_image(image: dict) -> Image.Image:
+    """A stored image (``row_images``) decoded, in RGB."""
+    with Image.open(io.BytesIO(image["bytes"]) if image["bytes"] else image["path"]) as opened:
+        return opened.convert("RGB")
+
+
+def most_images(samples) -> int:
+    """The most images a sample of ``samples`` has, from the Arrow column's list lengths (the
+    images themselves are not read; rows a filter hid, dropped bad rows, hold none)."""
+    lengths = pyarrow.compute.list_value_length(samples.data.column(IMAGES_COLUMN))
+    return pyarrow.compute.max(lengths).as_py() or 0
 
 
 def check_messages(messages) -> int:
@@ -74,19 +114,20 @@ def check_messages(messages) -> int:
 
 
 def image_sample(processor, row: dict, config, directory: Path, max_length: int) -> dict:
-    """One row as input ids, labels (assistant turns), the rendered text and image paths."""
-    paths = image_paths(row, IMAGES_COLUMN, directory)
+    """One row as input ids, labels (assistant turns), the rendered text and its images
+    (``row_images``)."""
+    images = row_images(row, IMAGES_COLUMN, directory)
     parts = check_messages(row.get(config.messages_column))
-    if parts != len(paths):
+    if parts != len(images):
         raise BadRow(f"the messages hold {parts} image part(s) and {IMAGES_COLUMN!r} names "
-                     f"{len(paths)} image(s): one {{'type': 'image'}} part per image")
+                     f"{len(images)} image(s): one {{'type': 'image'}} part per image")
     messages = row[config.messages_column]
     input_ids, labels, text = turn_tokens(processor.tokenizer, messages,
                                           processor.apply_chat_template)
     if len(input_ids) > max_length:  # the processor makes the batch from the whole text
         raise BadRow(f"{len(input_ids)} tokens, more than --context_length {max_length}: rows "
                      "with images are not truncated. Raise --context_length")
-    return {"input_ids": input_ids, "labels": labels, "text": text, IMAGES_COLUMN: paths,
+    return {"input_ids": input_ids, "labels": labels, "text": text, IMAGES_COLUMN: images,
             "truncated": False}
 
 
@@ -119,18 +160,14 @@ def align_labels(ids: list[int], labels: list[int], processed: list[int],
 
 def image_collate(processor):
     """Batches of rows with images: the processor makes the model's inputs from the rendered
-    text and the images (right-padded), and each row's labels are set on its tokens."""
+    text and the images, decoded here (right-padded; a row with fewer images than another has
+    no tiles in the cross-attention mask for the ones it lacks), and each row's labels are set
+    on its tokens."""
     tokenizer = processor.tokenizer
     image_token = tokenizer.convert_tokens_to_ids(processor.image_token)
 
     def collate(samples: list[dict]) -> dict:
-        images = []
-        for sample in samples:
-            row_images = []
-            for path in sample[IMAGES_COLUMN]:
-                with Image.open(path) as image:
-                    row_images.append(image.convert("RGB"))
-            images.append(row_images)
+        images = [[open_image(image) for image in sample[IMAGES_COLUMN]] for sample in samples]
         batch = dict(processor(text=[s["text"] for s in samples], images=images,
                                add_special_tokens=False, padding=True, return_tensors="pt"))
         labels = torch.full_like(batch["input_ids"], IGNORE)

@@ -10,7 +10,7 @@ from llm_finetune.data.alpaca import load_alpaca
 from llm_finetune.data.batching import GlobalBatchSampler, pack_samples, pad_collate, packed_collate
 from llm_finetune.data.custom import custom_collator, defines_collator, load_custom
 from llm_finetune.data.files import load_files
-from llm_finetune.data.images import IMAGES_COLUMN, image_collate
+from llm_finetune.data.images import IMAGES_COLUMN, image_collate, most_images
 from llm_finetune.data.grammar import load_grammar
 from llm_finetune.data.guard_rows import check_guard_settings, load_llama_guard
 from llm_finetune.data.read import BUILDERS
@@ -132,6 +132,7 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
                                  group_by_length=t.batching_strategy == "padding",
                                  accumulation=accumulation)
     if dist_info.is_main and shuffle and collator is None:
+        note_unplanned_images(data, t.images_per_sample)
         padding = padding_fraction(samples, sampler, t, pair_tokens(samples) if pairs else None)
         print(f"{t.batching_strategy}: {padding:.1%} of the tokens in training batches are "
               "padding", flush=True)
@@ -145,6 +146,16 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
     return DataLoader(samples, batch_sampler=sampler, collate_fn=collate, generator=generator,
                       num_workers=t.num_workers_dataloader, pin_memory=dist_info.device.type == "cuda",
                       persistent_workers=False)
+
+
+def note_unplanned_images(data, planned: int) -> None:
+    """Rows with more images than the memory plan counted (``--images_per_sample``, which the
+    planner cannot read from the data): say so, and what to plan with."""
+    most = most_images(data) if IMAGES_COLUMN in data.column_names else 0
+    if most > planned:
+        print(f"note: rows hold up to {most} images, and the memory plan (--dry_run, --auto_fit) "
+              f"counts --images_per_sample {planned}: plan with --images_per_sample {most}",
+              flush=True)
 
 
 def sample_lengths(samples) -> list[int]:

@@ -15,8 +15,8 @@ scores both (``preference.PreferenceLoss``).
 
 On a vision model a pair may carry images, ``{"images": [...], "prompt": [...], "chosen":
 [...], "rejected": [...]}`` in the conversational form, the prompt's messages holding one
-``{"type": "image"}`` part per image (paths relative to the file), as rows with images do
-(``data/images.py``): each side is rendered with the processor's chat template, the images
+``{"type": "image"}`` part per image (paths relative to the file, or image data), as rows with
+images have (``data/images.py``): each side is rendered with the processor's chat template, the images
 are opened when the rows are tokenised (a missing one is a bad row with its file and line),
 a side longer than ``context_length`` is refused rather than cut, and the processor makes each
 batch's image inputs, the pair's images given to both of its sequences.
@@ -28,7 +28,7 @@ import datasets
 
 from llm_finetune.data.batching import pad_collate
 from llm_finetune.data.files import held_out_part, read_files
-from llm_finetune.data.images import IMAGES_COLUMN, check_messages, image_collate, image_paths
+from llm_finetune.data.images import IMAGES_COLUMN, check_messages, image_collate, row_images
 from llm_finetune.data.read import ROW_COLUMN
 from llm_finetune.data.rows import (BadRow, DataError, chat_sample, prompt_response_sample,
                                     require_text, tokenize_rows, turn_tokens)
@@ -37,7 +37,7 @@ SIDES = ("chosen", "rejected")
 COLUMNS = ("prompt", *SIDES)
 PAIR_COLUMNS = tuple(f"{side}_{key}" for side in SIDES for key in ("input_ids", "labels"))
 # a pair with images also keeps each side's rendered text (the processor tokenises it again
-# with the images) and the image paths
+# with the images) and the images (their bytes or paths)
 IMAGE_PAIR_COLUMNS = (*PAIR_COLUMNS, *(f"{side}_text" for side in SIDES), IMAGES_COLUMN)
 
 
@@ -76,22 +76,22 @@ def pair_sample(tokenizer, row: dict, max_length: int) -> dict:
 
 def image_pair_sample(processor, row: dict, directory: Path, max_length: int) -> dict:
     """A pair with images: each side's ids, labels (the response only) and rendered text,
-    and the images' paths, which the prompt's image parts must match one for one."""
-    paths = image_paths(row, IMAGES_COLUMN, directory)
+    and its images (``row_images``), which the prompt's image parts must match one for one."""
+    images = row_images(row, IMAGES_COLUMN, directory)
     if not isinstance(row.get("prompt"), list) or not row["prompt"]:
         raise BadRow("a pair with images is conversational: 'prompt' must be a non-empty list "
                      "of messages, one {'type': 'image'} part in them per image")
     prompt = row["prompt"]
-    sample = {IMAGES_COLUMN: paths, "truncated": False}
+    sample = {IMAGES_COLUMN: images, "truncated": False}
     for side in SIDES:
         messages = prompt + require_messages(row, side)
         try:
             parts = check_messages(messages)
         except BadRow as error:
             raise BadRow(f"prompt + {side!r}: {error}") from None
-        if parts != len(paths):
+        if parts != len(images):
             raise BadRow(f"prompt + {side!r} hold {parts} image part(s) and {IMAGES_COLUMN!r} "
-                         f"names {len(paths)} image(s): one {{'type': 'image'}} part per image")
+                         f"names {len(images)} image(s): one {{'type': 'image'}} part per image")
         input_ids, labels, text = turn_tokens(processor.tokenizer, messages,
                                               processor.apply_chat_template, len(prompt))
         if len(input_ids) > max_length:

@@ -4,12 +4,17 @@
 position 48" of some buffer; when a file cannot be read we parse it ourselves to say which
 file, which line and what is wrong there. Each row keeps its place in its file (``ROW_COLUMN``),
 so a bad row found after shuffling and splitting is still reported as file and line.
+
+Images that ``datasets`` wrote into a Parquet file (its ``Image`` feature, recorded in the file's
+metadata) are read undecoded, as ``{"bytes", "path"}``: a broken one is then a bad row with its
+place, not a crash while reading, and the pixels are made per batch (data/images.py).
 """
 
 import json
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet
 
 from llm_finetune.data.rows import DataError
 
@@ -86,9 +91,37 @@ def json_problem(file: str) -> str | None:
     return None
 
 
-def read_one(kind: str, file: str, setting: str) -> datasets.Dataset:
+def undecoded(feature):
+    """``feature`` with every ``Image`` in it left undecoded (``{"bytes", "path"}``)."""
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, dict):
+        return type(feature)({name: undecoded(inner) for name, inner in feature.items()})
+    if isinstance(feature, datasets.LargeList):
+        return datasets.LargeList(undecoded(feature.feature))
+    if isinstance(feature, datasets.List):
+        return datasets.List(undecoded(feature.feature), length=feature.length)
+    return feature
+
+
+def parquet_features(file: str) -> datasets.Features | None:
+    """The features ``datasets`` recorded in a Parquet file, its images undecoded; None when
+    it recorded no images (then the file is read as it always is)."""
     try:
-        return datasets.load_dataset(kind, data_files=[file], split="train")
+        schema = pyarrow.parquet.read_schema(file)
+    except Exception:  # not Parquet: load_dataset says so with the file's name
+        return None
+    if b"huggingface" not in (schema.metadata or {}):
+        return None
+    recorded = datasets.Features.from_arrow_schema(schema)
+    features = undecoded(recorded)
+    return features if features != recorded else None
+
+
+def read_one(kind: str, file: str, setting: str) -> datasets.Dataset:
+    features = parquet_features(file) if kind == "parquet" else None
+    try:
+        return datasets.load_dataset(kind, data_files=[file], split="train", features=features)
     except Exception as error:  # datasets wraps the reader's error, or raises StopIteration
         problem = json_problem(file) if kind == "json" else None
         if problem is None:

@@ -26,8 +26,8 @@ from llm_finetune.vision import (freeze_llm_only, image_side_trains, in_vision_p
 
 @dataclass
 class VisionCounts:
-    """The image side of a vision-language model (Llama 3.2 Vision's ``vision_config``),
-    planned for one image of the most tiles per sequence."""
+    """The image side of a vision-language model (Llama 3.2 Vision's ``vision_config``), per
+    image of the most tiles (the plan counts ``--images_per_sample`` per sequence)."""
     layers: int  # image encoder layers (local and global)
     hidden: int
     intermediate: int

@@ -9,7 +9,8 @@ present (``parse_bytes``, ``gpu_memory_available``).
 
 A vision-language model adds its image side's activations (``image_activation_bytes``): the
 image encoder's layers over every tile's patches, and the text decoder's cross-attention layers
-over the image tokens, planned for one image of the most tiles per sequence.
+over the image tokens, planned for ``--images_per_sample`` images (default one) of the most
+tiles per sequence.
 """
 
 import os
@@ -295,8 +296,8 @@ def plan_activations(plan: Plan, run, counts: ModelCounts, compute_bytes: int,
         plan.gpu[loss] = tokens * counts.vocab * (compute_bytes + 10)
     plan.forward_only |= {activations, loss}
     plan.backward_activations = per_layer
-    if counts.vision is not None:  # one image per sequence (a DPO pair's on both sides)
-        images = t.batch_size_training * sequences_per_sample(run)
+    if counts.vision is not None:  # a DPO pair's images on both sides
+        images = t.batch_size_training * sequences_per_sample(run) * t.images_per_sample
         image_side = image_activation_bytes(run, counts, compute_bytes, images)
         plan.gpu.update(image_side)
         plan.forward_only |= set(image_side)
@@ -349,8 +350,10 @@ def notes(plan: Plan, run, counts: ModelCounts, world_size: int, local_world_siz
         plan.notes.append("padding batches are planned at the full context_length; shorter "
                           "batches need less")
     if counts.vision is not None:
-        plan.notes.append(f"planned for one image of {counts.vision.tiles} tiles per sequence; "
-                          "rows with more images need that much more for the image parts")
+        n = t.images_per_sample
+        plan.notes.append(f"planned for {'one image' if n == 1 else f'{n} images'} of "
+                          f"{counts.vision.tiles} tiles per sequence (--images_per_sample); rows "
+                          "with more images need more for the image parts")
 
 
 def parse_bytes(text) -> float:
