@@ -64,7 +64,7 @@ def test_llava_labels_skip_the_expanded_image_tokens(family_dir):
     processor = AutoProcessor.from_pretrained(family_dir / "tiny-llava")
     ids, labels, text = turn_tokens(processor.tokenizer, conversation("green"),
                                     processor.apply_chat_template)
-    image = str(family_dir / "colours" / "images" / "0.png")
+    image = {"bytes": b"", "path": str(family_dir / "colours" / "images" / "0.png")}  # as stored
     batch = image_collate(processor)([{"input_ids": ids, "labels": labels, "text": text,
                                        "images": [image]}])
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
