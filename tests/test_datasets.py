@@ -77,6 +77,17 @@ def test_bad_rows_fail_with_the_row_or_are_skipped(tmp_path):
     assert len(load_dataset_split(run, load_tokenizer(run.train), "train")) == 20
 
 
+def test_skipping_a_first_thousand_bad_rows_keeps_the_good_ones_after(tmp_path):
+    """Rows are tokenised and written in batches of 1000, typed by the first batch: a first
+    batch of nothing but bad rows (empty placeholders) could not take the good rows after it."""
+    rows = [{"instruction": "x", "output": ""}] * 1000 + ROWS[:5]
+    path = write_jsonl(tmp_path / "late.jsonl", rows)
+    run = build_run_config(dataset="file_dataset", bad_rows="skip",
+                           **{"file_dataset.data_files": str(path), "file_dataset.eval_files": str(path)})
+    samples = load_dataset_split(run, load_tokenizer(run.train), "train")
+    assert len(samples) == 5 and all(len(ids) > 0 for ids in samples["input_ids"])
+
+
 @pytest.mark.parametrize("files,expected", [
     ("nope.jsonl", "no such file"), ("data.txt", "unknown format"), ("a.jsonl,b.csv", "mixes formats")])
 def test_file_errors(files, expected, tmp_path):

@@ -49,7 +49,8 @@ def tokenize_rows(rows: datasets.Dataset, to_sample, name: str, policy: str,
         return {**sample, "error": "", "position": position}
 
     samples = rows.map(convert, remove_columns=rows.column_names, desc=f"tokenize {name}",
-                       with_indices=True, num_proc=num_proc if num_proc > 1 else None)
+                       with_indices=True, num_proc=num_proc if num_proc > 1 else None,
+                       features=sample_features(rows, to_sample))
     errors = [(i, e) for i, e in enumerate(samples["error"]) if e]
     if errors:
         first, reason = errors[0]
@@ -66,6 +67,20 @@ def tokenize_rows(rows: datasets.Dataset, to_sample, name: str, policy: str,
         print(f"{name}: {truncated} of {len(samples)} samples truncated to the context length",
               flush=True)
     return samples.remove_columns(["error", "truncated", "position"])
+
+
+def sample_features(rows: datasets.Dataset, to_sample):
+    """The columns' types of the first row that converts: the map writes rows in batches and
+    takes its types from the first, where a batch of nothing but bad rows (empty placeholder
+    lists) would give types that the good rows after it cannot be cast to. None when no row
+    converts (every row is bad: the policy decides)."""
+    for row in rows:
+        try:
+            sample = to_sample(row)
+        except BadRow:
+            continue
+        return datasets.Dataset.from_list([{**sample, "error": "", "position": 0}]).features
+    return None
 
 
 def check_labels(samples, name: str, context_length: int) -> None:
