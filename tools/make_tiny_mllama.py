@@ -8,10 +8,11 @@ Images are tiled into 32-pixel tiles, at most 2 per image. Run ``python tools/ma
 after ``tools/make_tiny_assets.py``; the output is deterministic.
 """
 
-import json
 from pathlib import Path
 
 from transformers import (AutoTokenizer, MllamaConfig, MllamaImageProcessorPil, MllamaProcessor)
+
+from make_tiny_vlms import save_config  # this folder's script: the same tokenizer clean-up
 
 ASSETS = Path(__file__).resolve().parent.parent / "llm_finetune" / "assets"
 IMAGE_TOKEN = "<|image|>"
@@ -50,13 +51,7 @@ def main() -> None:
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id)
     model_dir = ASSETS / "tiny-mllama"
     processor.save_pretrained(model_dir)
-    config.save_pretrained(model_dir)
-    # where save_pretrained wrote it, not what the model is: drop the loading-time keys
-    tokenizer_config = model_dir / "tokenizer_config.json"
-    fields = json.loads(tokenizer_config.read_text())
-    for key in ("is_local", "local_files_only"):
-        fields.pop(key, None)
-    tokenizer_config.write_text(json.dumps(fields, indent=2) + "\n")
+    save_config(config, model_dir)
     print(f"tiny-mllama: text vocabulary {text_vocab}, image token {image_token_id}, "
           f"written under {model_dir}")
 
