@@ -64,12 +64,13 @@ def has_weights(path: str) -> bool:
     return any(any(directory.glob(pattern)) for pattern in WEIGHT_FILES)
 
 
-def is_vision_model(model_name: str, local_only: bool = False) -> bool:
+def is_vision_model(model_name: str, local_only: bool = False) -> bool | None:
     """Whether ``model_name`` is a vision-language model (read from its config; with
-    ``local_only``, False for a hub name rather than reach the hub: preflight's question)."""
+    ``local_only``, None for a hub name rather than reach the hub: preflight's question, which
+    the run asks again once it has read the config)."""
     hub_name = model_name not in SHAPES and not Path(resolve_model_path(model_name)).is_dir()
     if local_only and hub_name:
-        return False
+        return None
     return is_vision_config(model_config(model_name))
 
 

@@ -112,11 +112,13 @@ FREEZE_LLM_ONLY_TEXT = (
     "LM's first N layers")
 
 
-def check_vision_settings(run, vision: bool) -> None:
-    """What a vision-language model cannot run with yet, and ``--freeze_LLM_only`` on a model
-    that has no vision parts. ``vision``: whether ``--model_name`` is a vision model."""
+def check_vision_settings(run, vision: bool | None) -> None:
+    """What a vision-language model cannot run with yet, and vision settings on a model that
+    has no vision parts. ``vision``: whether ``--model_name`` is a vision model, None when not
+    known yet (a hub name before its config is read: each side's checks wait for it)."""
     t = run.train
-    if t.freeze_LLM_only and not vision:
+    causal = vision is False
+    if t.freeze_LLM_only and causal:
         raise ConfigError(FREEZE_LLM_ONLY_TEXT.format(model=t.model_name))
     if t.freeze_LLM_only and t.use_peft:
         raise ConfigError("--freeze_LLM_only chooses which of the model's own weights train; "
@@ -124,13 +126,13 @@ def check_vision_settings(run, vision: bool) -> None:
     if t.freeze_LLM_only and t.freeze_layers:
         raise ConfigError("--freeze_LLM_only and --freeze_layers both choose which weights "
                           "train: drop one of them")
-    if t.use_peft and t.peft_method == "lora" and run.peft.vision_encoder and not vision:
+    if t.use_peft and t.peft_method == "lora" and run.peft.vision_encoder and causal:
         raise ConfigError(f"--lora_config.vision_encoder adapts a vision model's image encoder "
                           f"too, and {t.model_name} is a causal LM, with none: drop it")
     if t.images_per_sample < 1:
         raise ConfigError(f"--images_per_sample {t.images_per_sample}: the memory plan's images "
                           "per row must be at least 1")
-    if t.images_per_sample != 1 and not vision:
+    if t.images_per_sample != 1 and causal:
         raise ConfigError(f"--images_per_sample plans a vision model's images, and "
                           f"{t.model_name} is a causal LM, with none: drop it")
     if not vision:

@@ -189,6 +189,18 @@ def test_freeze_llm_only_is_refused_with_adapters():
                                   use_peft=True), 1, False)
 
 
+def test_vision_settings_wait_for_a_hub_model_s_config():
+    """Preflight does not reach the hub: a hub name's vision settings are not refused as if it
+    were a causal LM (the run checks them once it has read the config); a local causal LM's
+    are refused at once."""
+    hub = dict(model_name="meta-llama/Llama-3.2-11B-Vision-Instruct", batching_strategy="padding")
+    validate(build_run_config(**hub, freeze_LLM_only=True, images_per_sample=2), 1, False)
+    validate(build_run_config(**hub, use_peft=True, **{"lora_config.vision_encoder": True}), 1,
+             False)
+    with pytest.raises(ConfigError, match="causal LM"):
+        validate(build_run_config(model_name="tiny-llama", images_per_sample=2), 1, False)
+
+
 def test_packing_is_refused_for_a_vision_model_with_the_fix(colour_rows):
     with pytest.raises(ConfigError, match="--batching_strategy padding"):
         validate(build_run_config(**settings(colour_rows, batching_strategy="packing")), 1,
