@@ -14,7 +14,7 @@ setup(
         "transformers>=5.0",
         "peft>=0.17",
         "bitsandbytes>=0.45",
-        "datasets>=3.0",
+        "datasets>=4.0",
         "fire>=0.6",
         "tqdm",
         "pyyaml",

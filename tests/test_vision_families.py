@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_torchvision_available
 
 from llm_finetune import finetuning, plan
+from llm_finetune.plan import apply_gpu_defaults
 from llm_finetune.config_utils import ConfigError, build_run_config
 from llm_finetune.data.images import IGNORE, image_collate
 from llm_finetune.data.rows import turn_tokens
@@ -109,8 +110,22 @@ def test_llava_freeze_llm_only_trains_the_image_side(family_dir, tmp_path):
 
 def test_planner_refuses_a_family_it_does_not_model(family_dir):
     with pytest.raises(ConfigError, match="llava's config has no vision_config.vision_output_dim"
-                                          ".*without --dry_run and --auto_fit"):
+                                          ".*--dry_run and --auto_fit cannot plan it"):
         plan.main(**llava_settings(family_dir), world_size=1, gpu_memory="80GiB")
+
+
+def test_gpu_defaults_leave_an_unplanned_family_its_own_setting(family_dir, capsys):
+    """On a GPU the defaults would plan the micro-batch and checkpointing: for a family the
+    planner does not model, the run keeps its own and says why (it still starts)."""
+    settings = llava_settings(family_dir)
+    settings.pop("batch_size_training")  # nothing pinned: the defaults would choose
+    run = build_run_config(**settings, gpu_memory="80GiB")
+    kept = apply_gpu_defaults(run, 1, cuda=True, verbose=True)
+    assert (kept.train.batch_size_training, kept.fsdp.fsdp_activation_checkpointing) == (
+        run.train.batch_size_training, run.fsdp.fsdp_activation_checkpointing)
+    printed = capsys.readouterr().out
+    assert "the run's own micro-batch and checkpointing (not planned: " in printed
+    assert "llava's config has no" in printed
 
 
 def test_qwen2_vl_layers_are_found_and_its_inputs_reach_the_model(family_dir):

@@ -74,8 +74,8 @@ def check_planned_vision(config) -> None:
         raise ConfigError(
             f"the memory planner models Llama 3.2 Vision's (mllama) image side, and "
             f"{config.model_type}'s config has no {', '.join(missing)}: its memory is not planned "
-            "yet (issue #18). Train it without --dry_run and --auto_fit, choosing "
-            "--batch_size_training and --context_length by hand")
+            "yet (issue #18): choose --batch_size_training, --context_length and "
+            "checkpointing by hand (--dry_run and --auto_fit cannot plan it)")
 
 
 def vision_counts(config, model, layers: list) -> VisionCounts:
