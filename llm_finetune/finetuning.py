@@ -21,6 +21,7 @@ from llm_finetune.adapters import apply_peft
 from llm_finetune.checkpoint_files import checkpoint_step, resolve_resume
 from llm_finetune.config_utils import ConfigError, build_run_config, describe_recipe, field_help
 from llm_finetune.data import build_dataloaders
+from llm_finetune.data.loaders import images_per_row
 from llm_finetune.data.rows import DataError
 from llm_finetune.determinism import make_deterministic
 from llm_finetune.engine import (compile_layers, enable_activation_checkpointing, meta_init_fn,
@@ -80,6 +81,13 @@ def main(**kwargs) -> dict:
     processor = load_processor(run.train) if vision else None
     tokenizer = processor.tokenizer if vision else load_tokenizer(run.train)
     train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info, processor)
+    images = images_per_row(train_loader)
+    if images > run.train.images_per_sample:  # the plan, made before the data, counted fewer
+        replanned = plan_for_images(run, kwargs, images, world_size, cuda, dist_info.is_main)
+        if batching(replanned) != batching(run):
+            train_loader, eval_loader = build_dataloaders(replanned, tokenizer, dist_info,
+                                                          processor)
+        run = replanned
     phases.mark("data")
 
     # 4. model: weights (or a seeded random init), adapters, checkpointing, FSDP or the device
@@ -176,6 +184,24 @@ def configure(kwargs: dict, world_size: int, cuda: bool, verbose: bool):
     if run.train.auto_fit:  # the fastest micro-batch and checkpointing this GPU holds
         run = fit_to_gpu(run, world_size, cuda)
     return run
+
+
+def plan_for_images(run, kwargs: dict, images: int, world_size: int, cuda: bool,
+                    verbose: bool):
+    """The run planned again for rows of ``images`` images: the GPU defaults and
+    ``--auto_fit`` chose its micro-batch and checkpointing for ``--images_per_sample`` images
+    per row before any row was read."""
+    if verbose:
+        print(f"rows hold up to {images} images and the memory plan counted "
+              f"{run.train.images_per_sample}: planned again with --images_per_sample {images}",
+              flush=True)
+    return configure({**kwargs, "images_per_sample": images}, world_size, cuda, verbose)
+
+
+def batching(run) -> tuple:
+    """What the data loaders are built from, of the settings a plan may change."""
+    t = run.train
+    return t.batch_size_training, t.gradient_accumulation_steps, t.max_train_step
 
 
 def build_model(run, precision, tokenizer, dist_info, phases, vision: bool = False):

@@ -94,7 +94,8 @@ class train_config:
     # Observability
     dry_run: bool = False  # print the memory plan (python -m llm_finetune.plan) and exit
     gpu_memory: str = ""  # for --dry_run and --auto_fit, e.g. 80GiB ("": the GPU here)
-    # for --dry_run and --auto_fit on a vision model: images per row (a DPO pair's on each side)
+    # the memory plan's images per row of a vision model (a DPO pair's on each side); a run
+    # whose rows hold more plans again with their number
     images_per_sample: int = 1
     # the planner's fastest micro-batch and activation checkpointing that fit in 90% of the
     # GPU (same tokens per optimizer step; the micro-batch changes in one process only)

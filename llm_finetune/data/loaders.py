@@ -132,7 +132,6 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
                                  group_by_length=t.batching_strategy == "padding",
                                  accumulation=accumulation)
     if dist_info.is_main and shuffle and collator is None:
-        note_unplanned_images(data, t.images_per_sample)
         padding = padding_fraction(samples, sampler, t, pair_tokens(samples) if pairs else None)
         print(f"{t.batching_strategy}: {padding:.1%} of the tokens in training batches are "
               "padding", flush=True)
@@ -148,14 +147,12 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
                       persistent_workers=False)
 
 
-def note_unplanned_images(data, planned: int) -> None:
-    """Rows with more images than the memory plan counted (``--images_per_sample``, which the
-    planner cannot read from the data): say so, and what to plan with."""
-    most = most_images(data) if IMAGES_COLUMN in data.column_names else 0
-    if most > planned:
-        print(f"note: rows hold up to {most} images, and the memory plan (--dry_run, --auto_fit) "
-              f"counts --images_per_sample {planned}: plan with --images_per_sample {most}",
-              flush=True)
+def images_per_row(loader) -> int:
+    """The most images a training row holds (0 without images): what the memory plan must
+    count (``--images_per_sample``), read from the Arrow column without opening an image."""
+    data = loader.dataset
+    columns = getattr(data, "column_names", ())
+    return most_images(data) if IMAGES_COLUMN in columns else 0
 
 
 def sample_lengths(samples) -> list[int]:
