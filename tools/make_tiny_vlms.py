@@ -1,5 +1,5 @@
 """Write tiny random-init LLaVA and Qwen2-VL models (config and processor, no weights) that
-train a step on CPU in well under a second, for trying other vision families than mllama:
+train in seconds on CPU, for trying other vision families than mllama:
 
     python tools/make_tiny_vlms.py OUT_DIR
 
