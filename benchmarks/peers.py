@@ -166,6 +166,9 @@ def against_recorded(names: list[str], recorded: str, steps: int, work: Path,
         key, _, value = item.partition("=")
         speed, _, peak = value.partition("@")
         peers[key] = {"tokens_per_s": float(speed), "peak_gpu_mem_gib": float(peak)}
+    missing = [name for name in names if name not in peers]
+    if missing:
+        raise SystemExit(f"--recorded_peers has no best peer for {', '.join(missing)}")
     rows = []
     for name in names:
         scenario, peer = SCENARIOS[name], peers[name]
@@ -173,6 +176,7 @@ def against_recorded(names: list[str], recorded: str, steps: int, work: Path,
         if scenario.mode == "qlora":  # 4-bit weights quantise as they load from disk
             model = str(work / f"{scenario.shape}-random")
             write_checkpoint(Path(model), env, scenario.shape)
+        # the recorded best LoRA peers were Unsloth's, whose fused kernels need dropout 0
         same_lora = ["--lora_config.lora_dropout", "0"] if scenario.mode != "full" else []
         runner, result, setting = ours_tuned(name, scenario, model, peer["peak_gpu_mem_gib"],
                                              same_lora, steps, work, env)

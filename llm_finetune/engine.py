@@ -15,6 +15,7 @@ from torch.distributed.fsdp import (BackwardPrefetch, CPUOffload, FullyShardedDa
                                     MixedPrecision, ShardingStrategy)
 from torch.distributed.fsdp.wrap import (_or_policy, lambda_auto_wrap_policy,
                                          transformer_auto_wrap_policy)
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from llm_finetune.distributed import DistInfo, hybrid_mesh_shape
 from llm_finetune.errors import ConfigError
@@ -70,7 +71,9 @@ def enable_activation_checkpointing(model: torch.nn.Module, keep_last: int = 0) 
         base.disable_input_require_grads()
         if image_side_trains(model):  # a frozen encoder keeps nothing: nothing to recompute
             for layer in image_encoder_layers(model):
-                checkpoint_forward(layer)
+                # LLaVA's CLIP layers are transformers' checkpointing layers, enabled above
+                if not isinstance(layer, GradientCheckpointingLayer):
+                    checkpoint_forward(layer)
     layers = text_layers(model)  # keep_last counts the text decoder's layers only
     for layer in layers[len(layers) - keep_last:] if keep_last else []:
         layer.gradient_checkpointing = False  # transformers checks this flag per layer

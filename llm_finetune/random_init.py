@@ -61,6 +61,7 @@ class SeededInit:
         self.device = torch.device(device)
         base = base_model_of(model)
         self.init_weights = init_functions(base)  # the architectures' own init schemes
+        self.base_init = base._init_weights  # a module added after this was built
         self.lora_init = {name: getattr(cfg, "init_lora_weights", True)
                           for name, cfg in getattr(model, "peft_config", {}).items()}
         # a tensor's canonical name: the first it has in the base model, without the
@@ -129,7 +130,7 @@ class SeededInit:
         lora_layers = {}
         for module, meta in fresh:
             with self._seeded(self.tensor_names[id(meta)]), torch.no_grad():
-                self.init_weights[id(module)](module)
+                self.init_weights.get(id(module), self.base_init)(module)
             quantize_pending(module)
             if id(module) in self.lora_pair:
                 layer, adapter, _ = self.lora_pair[id(module)]
