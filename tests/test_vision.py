@@ -268,6 +268,7 @@ def test_low_cpu_fsdp_loads_a_vision_model_on_rank_0_only(fsdp_losses):
     """--low_cpu_fsdp with tiny-mllama's weights on disk: rank 0 reads them, rank 1 builds on
     the meta device and receives its shards; every step's loss equals the run that initialised
     the same weights from the seed on each rank (the "full" case)."""
+    assert fsdp_losses["on_meta"]["low_cpu_fsdp"] == [[False], [True]]  # rank 0 reads
     assert len(fsdp_losses["low_cpu_fsdp"]) == 4
     assert fsdp_losses["low_cpu_fsdp"] == pytest.approx(fsdp_losses["full"], rel=1e-6)
 

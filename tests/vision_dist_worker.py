@@ -76,11 +76,24 @@ def fsdp_settings(rows: str, case: str, out: str = "") -> dict:
 def main(out: str, rows: str) -> None:
     dist.init_process_group("gloo")  # one group for every case: finetuning.main reuses it
     write_weights(out)
-    results = {}
+    # how each rank built the model (on the meta device or not), per loading case
+    built_on_meta, load_model_of_run = [], finetuning.load_model
+
+    def recording_load_model(*args, **kwargs):
+        built_on_meta.append(bool(kwargs.get("on_meta")))
+        return load_model_of_run(*args, **kwargs)
+
+    finetuning.load_model = recording_load_model
+    results = {"on_meta": {}}
     for case in [*VISION_CASES, *CHECKPOINT_CASES, *LOADING_CASES]:
         settings = fsdp_settings(rows, case, out)
+        built_on_meta.clear()
         summary = finetuning.main(**settings, enable_fsdp=True, output_dir=f"{out}/{case}")
         results[case] = [record["loss"] for record in summary["metrics"] if "loss" in record]
+        if case in LOADING_CASES:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, list(built_on_meta))
+            results["on_meta"][case] = ranks
     if dist.get_rank() == 0:
         Path(out, "results.json").write_text(json.dumps(results))
     dist.destroy_process_group()
