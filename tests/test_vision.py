@@ -873,13 +873,19 @@ def test_inference_asks_about_several_images(colour_model, tmp_path, monkeypatch
     as a tuple, read the same way."""
     asked = []
     real_generate = inference.generate_rendered
-    monkeypatch.setattr(inference, "generate_rendered",
-                        lambda *a, **k: asked.append((a[2], k["images"])) or real_generate(*a, **k))
+
+    def generate_rendered(*args, **kwargs):
+        answers = real_generate(*args, **kwargs)
+        asked.append((args[2], kwargs["images"], answers))
+        return answers
+
+    monkeypatch.setattr(inference, "generate_rendered", generate_rendered)
     paths = [str(colour_image(tmp_path, name)) for name in ("red", "blue")]
     inference.main(str(colour_model[1] / "model"), image_path=",".join(paths),
                    prompt=SECOND, do_sample=False, max_new_tokens=4)
-    ((texts, images),) = asked
+    ((texts, images, answers),) = asked
     assert texts[0].count("<|image|>") == 2 and SECOND in texts[0]
     assert [image.getpixel((0, 0)) for image in images[0]] == [COLOURS["red"], COLOURS["blue"]]
-    assert capsys.readouterr().out.strip()  # an answer was generated and printed
+    assert len(answers) == 1 and answers[0].strip()  # the model answered
+    assert answers[0].strip() in capsys.readouterr().out  # and the command printed it
     assert inference.image_paths(("a.png", "b.png")) == inference.image_paths("a.png, b.png")
