@@ -83,7 +83,8 @@ def test_skipping_a_first_thousand_bad_rows_keeps_the_good_ones_after(tmp_path):
     rows = [{"instruction": "x", "output": ""}] * 1000 + ROWS[:5]
     path = write_jsonl(tmp_path / "late.jsonl", rows)
     run = build_run_config(dataset="file_dataset", bad_rows="skip",
-                           **{"file_dataset.data_files": str(path), "file_dataset.eval_files": str(path)})
+                           **{"file_dataset.data_files": str(path),
+                              "file_dataset.eval_files": str(path)})
     samples = load_dataset_split(run, load_tokenizer(run.train), "train")
     assert len(samples) == 5 and all(len(ids) > 0 for ids in samples["input_ids"])
 

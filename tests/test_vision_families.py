@@ -141,7 +141,8 @@ def test_qwen2_vl_layers_are_found_and_its_inputs_reach_the_model(family_dir):
                          config.vision_end_token_id, 7, 1]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
              "pixel_values": torch.randn(16, 3 * 2 * 8 * 8),  # a 4 x 4 grid of 8-pixel patches
-             "image_grid_thw": torch.tensor([[1, 4, 4]]), "mm_token_type_ids": (ids == image).long()}
+             "image_grid_thw": torch.tensor([[1, 4, 4]]),
+             "mm_token_type_ids": (ids == image).long()}
     model(**model_inputs(model, batch), labels=ids).loss.backward()
     assert model.model.visual.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 

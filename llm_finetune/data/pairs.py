@@ -16,8 +16,8 @@ scores both (``preference.PreferenceLoss``).
 On a vision model a pair may carry images, ``{"images": [...], "prompt": [...], "chosen":
 [...], "rejected": [...]}`` in the conversational form, the prompt's messages holding one
 ``{"type": "image"}`` part per image (paths relative to the file, or image data), as rows with
-images have (``data/images.py``): each side is rendered with the processor's chat template, the images
-are opened when the rows are tokenised (a missing one is a bad row with its file and line),
+images have (``data/images.py``): each side is rendered with the processor's chat template,
+the images are opened when the rows are tokenised (a missing one is a bad row with its file and line),
 a side longer than ``context_length`` is refused rather than cut, and the processor makes each
 batch's image inputs, the pair's images given to both of its sequences.
 """
