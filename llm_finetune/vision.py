@@ -3,9 +3,9 @@ language model and its vision parts are, and ``--freeze_LLM_only``.
 
 transformers builds these through ``AutoModelForImageTextToText``; inside, the families that
 train here (Llama 3.2 Vision's ``mllama``, LLaVA) keep their text decoder as
-``model.language_model`` and their image encoder and projector beside it. Those names, not a per-family table, are what
-this module looks for, so a family that keeps them trains too and one that does not is refused
-naming what is missing.
+``model.language_model`` and their image encoder and projector beside it. Those names, not a
+per-family table, are what this module looks for, so a family that keeps them trains too and
+one that does not is refused naming what is missing.
 """
 
 import re
