@@ -22,7 +22,7 @@ def validate(run, world_size: int, cuda: bool) -> None:
     t = run.train
     check_training_numbers(t)
     check_tracker_packages(t)
-    check_profiling_settings(t)
+    check_profiling_settings(t, cuda)
     check_resume_settings(t, world_size)
     check_engine_settings(run, world_size, cuda)
     check_precision_settings(run, cuda)

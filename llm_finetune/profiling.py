@@ -1,11 +1,18 @@
-"""``--flop_counter`` and ``--use_profiler`` (llama-recipes flags), around optimizer steps.
+"""``--flop_counter`` and ``--use_profiler`` (llama-recipes flags), and
+``--memory_snapshot_step``, around optimizer steps.
 
 - flop counter: ``torch.utils.flop_counter.FlopCounterMode`` over optimizer step
   ``flop_counter_start + 1`` (the first steps warm up); prints and returns TFLOPs per step for
   this rank.
 - profiler: ``torch.profiler`` with a wait/warm-up/active schedule, writing a TensorBoard trace
   per rank to ``profiler_dir`` (default ``output_dir/profiler``).
-Both at once would count the profiler's own work, so that is refused (as in llama-recipes).
+- memory snapshot: the CUDA caching allocator's history (each allocation with its stack) from
+  the first step to the end of step ``memory_snapshot_step``, dumped per rank to
+  ``output_dir/memory_snapshot/rankR.pickle`` for https://pytorch.org/memory_viz: what holds
+  the memory at a peak the planner did not expect (the second step holds the optimizer's
+  states, the first does not).
+Both the flop counter and the profiler at once would count the profiler's own work, so that is
+refused (as in llama-recipes).
 """
 
 import contextlib
@@ -16,13 +23,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from llm_finetune.errors import ConfigError
 
+SNAPSHOT_ENTRIES = 100_000  # allocator events kept: a few training steps of an 8B model
+
 
 class StepProfiler:
-    def __init__(self, train_cfg, is_main: bool):
+    def __init__(self, train_cfg, is_main: bool, rank: int = 0):
         self.cfg = train_cfg
         self.is_main = is_main
+        self.rank = rank
         self.flops_per_step = None
         self.profiler = None
+        if train_cfg.memory_snapshot_step:
+            torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES)
         if train_cfg.use_profiler:
             trace_dir = Path(train_cfg.profiler_dir or Path(train_cfg.output_dir) / "profiler")
             trace_dir.mkdir(parents=True, exist_ok=True)
@@ -51,13 +63,32 @@ class StepProfiler:
         yield
         if self.profiler is not None:
             self.profiler.step()
+        if step == self.cfg.memory_snapshot_step:
+            self.dump_memory_snapshot()
+
+    def dump_memory_snapshot(self) -> None:
+        path = Path(self.cfg.output_dir) / "memory_snapshot" / f"rank{self.rank}.pickle"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(path))
+        torch.cuda.memory._record_memory_history(enabled=None)
+        print(f"rank {self.rank}: the GPU's allocations to the end of step "
+              f"{self.cfg.memory_snapshot_step} in {path} (open it at "
+              "https://pytorch.org/memory_viz)", flush=True)
 
     def close(self) -> None:
         if self.profiler is not None:
             self.profiler.stop()
+        if self.cfg.memory_snapshot_step:  # a run that ended before the step: stop recording
+            torch.cuda.memory._record_memory_history(enabled=None)
 
 
-def check_profiling_settings(t) -> None:
+def check_profiling_settings(t, cuda: bool) -> None:
     if t.flop_counter and t.use_profiler:
         raise ConfigError("--flop_counter and --use_profiler at once would count the profiler's "
                           "own work: use one of them per run")
+    if t.memory_snapshot_step < 0:
+        raise ConfigError(f"--memory_snapshot_step {t.memory_snapshot_step}: an optimizer step "
+                          "(1 or more), or 0 for no snapshot")
+    if t.memory_snapshot_step and not cuda and not t.dry_run:
+        raise ConfigError("--memory_snapshot_step records the CUDA allocator's history, and "
+                          "no GPU is visible here: run it on a GPU, or drop it")

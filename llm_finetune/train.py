@@ -227,7 +227,7 @@ class Trainer:
         summary = {"train_loss": [], "eval_loss": [], "eval_perplexity": []}
         started = time.perf_counter()
         tokens_seen, data_waited = 0, 0.0
-        profiler = StepProfiler(t, self.dist.is_main)
+        profiler = StepProfiler(t, self.dist.is_main, self.dist.rank)
         for epoch in range(self.epoch, t.num_epochs):
             self.epoch = epoch
             losses, tokens, waited = self.train_epoch(train_loader, total_steps, profiler,

@@ -129,3 +129,18 @@ def test_auto_fit_stays_within_the_memory_it_plans_for(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
                if '"loss"' in line]
     assert len(metrics) == 3 and metrics[-1]["peak_gpu_mem_gib"] <= 0.9 * 32
+
+
+def test_memory_snapshot_holds_the_allocations_to_the_step(tiny_model_dir, tmp_path):
+    """--memory_snapshot_step 2: the allocator's history to the end of step 2 is written for
+    pytorch.org/memory_viz, with the segments the GPU held and the events that made them."""
+    import pickle
+
+    cmd = [sys.executable, "-m", "llm_finetune.finetuning", "--model_name", str(tiny_model_dir),
+           "--output_dir", str(tmp_path), *BASE, "--memory_snapshot_step", "2"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert done.returncode == 0, done.stderr[-6000:]
+    snapshot = pickle.loads((tmp_path / "memory_snapshot" / "rank0.pickle").read_bytes())
+    assert snapshot["segments"] and any(trace for trace in snapshot["device_traces"])
+    assert "memory_viz" in done.stdout

@@ -177,6 +177,15 @@ def test_flop_counter_measures_a_training_step(tiny_model_dir, tmp_path):
     assert 4 * params * 8 * 16 < flops < 20 * params * 8 * 512  # 8 samples of 16-512 tokens
 
 
+def test_a_memory_snapshot_needs_a_gpu():
+    """--memory_snapshot_step records the CUDA allocator: refused before anything loads where
+    there is no GPU (tests/test_gpu.py writes one on a GPU), and a step below 0 anywhere."""
+    with pytest.raises(ConfigError, match="no GPU is visible here"):
+        validate(build_run_config(memory_snapshot_step=2), 1, False)
+    with pytest.raises(ConfigError, match="an optimizer step"):
+        validate(build_run_config(memory_snapshot_step=-1), 1, True)
+
+
 def test_profiler_writes_a_trace(tiny_model_dir, tmp_path):
     finetuning.main(**{**FAST, "max_train_step": 7}, model_name=str(tiny_model_dir),
                     use_profiler=True, output_dir=str(tmp_path))

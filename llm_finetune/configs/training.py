@@ -104,6 +104,9 @@ class train_config:
     flop_counter_start: int = 3  # steps to run before the counted one
     use_profiler: bool = False  # torch.profiler trace of steps 4-6 for TensorBoard
     profiler_dir: str = ""  # empty: output_dir/profiler
+    # a GPU's allocations up to the end of this optimizer step, for pytorch.org/memory_viz
+    # (output_dir/memory_snapshot/rankR.pickle); 0: none
+    memory_snapshot_step: int = 0
     use_wandb: bool = False  # log metrics to Weights & Biases (wandb_config)
     use_tensorboard: bool = False  # TensorBoard scalars in output_dir/tensorboard
     # Training checkpoints (output_dir/checkpoints/step-N) and resuming from them
