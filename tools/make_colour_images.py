@@ -58,4 +58,5 @@ def write_colour_rows(directory: Path, rows: int = 64, seed: int = 0) -> Path:
 
 if __name__ == "__main__":
     written = write_colour_rows(Path(sys.argv[1]), *(int(n) for n in sys.argv[2:3]))
-    print(f"wrote {written}")
+    print(f"wrote {written} (rows), and beside it pairs.jsonl (preference pairs), texts.jsonl "
+          "(the OCRVQA recipe's layout) and images/")
