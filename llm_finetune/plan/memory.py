@@ -344,8 +344,8 @@ def notes(plan: Plan, run, counts: ModelCounts, world_size: int, local_world_siz
     if f.fsdp_activation_checkpointing:
         plan.notes.append("activation checkpointing is non-reentrant and the model trains in "
                           "train mode (transformers skips checkpointing in eval mode, the mode "
-                          "from_pretrained returns), so it is really on; PEFT needs no "
-                          "enable_input_require_grads")
+                          "from_pretrained returns), so it is really on" + (
+                              "; PEFT needs no enable_input_require_grads" if t.use_peft else ""))
     if t.batching_strategy == "padding":
         plan.notes.append("padding batches are planned at the full context_length; shorter "
                           "batches need less")
