@@ -1,6 +1,7 @@
 """PEFT: build the adapter config from ours and wrap the model exactly once."""
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -9,6 +10,11 @@ from peft import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfi
                   get_peft_model)
 
 from llm_finetune.errors import ConfigError
+
+# peft asks every model it wraps for ``is_gradient_checkpointing``, which transformers 5.2x
+# deprecates with a FutureWarning on each LoRA run: peft's to change, nothing a user can act on
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                        category=FutureWarning)
 
 
 def peft_config(run, num_layers: int, exclude: str | None = None):
