@@ -48,10 +48,12 @@ def from_pretrained(loader, name: str, setting: str = "model_name", **kwargs):
         return loader.from_pretrained(resolve_model_path(name), **kwargs)
     except OSError as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        shapes = (f", a built-in shape to initialise randomly ({', '.join(SHAPES)})"
+                  if setting == "model_name" else "")
         raise ConfigError(
             f"--{setting} {name} is neither a local directory nor a model on the Hugging Face "
             f"hub that could be reached ({reason}). Give a directory with config.json, a "
-            f"built-in name ({', '.join(BUILTIN_MODELS)}), or a hub name as spelt on "
+            f"built-in name ({', '.join(BUILTIN_MODELS)}){shapes}, or a hub name as spelt on "
             "huggingface.co (gated models need `hf auth login`; offline, it must be in the "
             "cache)") from None
 

@@ -119,6 +119,7 @@ def test_unknown_hub_model_is_one_line(tmp_path):
     assert len(lines) == 1, done.stderr[-3000:]
     assert "--model_name no-such-org/no-such-model is neither a local directory nor a model on " \
            "the Hugging Face hub that could be reached" in lines[0]
+    assert "tiny-llama" in lines[0] and "llama3-8b" in lines[0]  # the names that need no hub
 
 
 # 4. --help
