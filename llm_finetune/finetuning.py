@@ -81,8 +81,9 @@ def main(**kwargs) -> dict:
     processor = load_processor(run.train) if vision else None
     tokenizer = processor.tokenizer if vision else load_tokenizer(run.train)
     train_loader, eval_loader = build_dataloaders(run, tokenizer, dist_info, processor)
-    images = images_per_row(train_loader)
-    if images > run.train.images_per_sample:  # the plan, made before the data, counted fewer
+    images = images_per_row(train_loader) if vision else 0
+    # the plan behind the GPU defaults and --auto_fit, made before the data, counted fewer
+    if images > run.train.images_per_sample and (cuda or run.train.auto_fit):
         replanned = plan_for_images(run, kwargs, images, world_size, cuda, dist_info.is_main)
         if batching(replanned) != batching(run):
             train_loader, eval_loader = build_dataloaders(replanned, tokenizer, dist_info,

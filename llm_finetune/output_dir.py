@@ -22,7 +22,7 @@ from llm_finetune.distributed import DistInfo
 # what a run writes directly under output_dir (export.py, training_checkpoint.py, metrics.py,
 # plot.py, trackers.py)
 RUN_OUTPUTS = ("run_config.json", "metrics.jsonl", "model", "checkpoints", "plots", "tensorboard",
-               "profiler", "wandb", "wandb_run_id", "model.tmp", "adapter.tmp")
+               "profiler", "memory_snapshot", "wandb", "wandb_run_id", "model.tmp", "adapter.tmp")
 # what a PEFT run's saved model puts directly in output_dir (export.py): the adapter, the
 # settings, the seed of a base without weights, the optimizer, and the tokenizer (the files
 # transformers writes for Llama, Qwen2 and Mistral tokenizers)

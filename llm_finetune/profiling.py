@@ -27,13 +27,20 @@ SNAPSHOT_ENTRIES = 100_000  # allocator events kept: a few training steps of an 
 
 
 class StepProfiler:
-    def __init__(self, train_cfg, is_main: bool, rank: int = 0):
+    def __init__(self, train_cfg, is_main: bool, rank: int = 0, first_step: int = 1):
+        """``first_step``: the step this run starts at (a resumed run's is past 1)."""
         self.cfg = train_cfg
         self.is_main = is_main
         self.rank = rank
         self.flops_per_step = None
         self.profiler = None
-        if train_cfg.memory_snapshot_step:
+        self.recording = bool(train_cfg.memory_snapshot_step)
+        if self.recording and train_cfg.memory_snapshot_step < first_step:
+            self.recording = False
+            if is_main:
+                print(f"--memory_snapshot_step {train_cfg.memory_snapshot_step}: this run starts "
+                      f"at step {first_step}, after it; no snapshot", flush=True)
+        if self.recording:
             torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES)
         if train_cfg.use_profiler:
             trace_dir = Path(train_cfg.profiler_dir or Path(train_cfg.output_dir) / "profiler")
@@ -51,35 +58,37 @@ class StepProfiler:
     @contextlib.contextmanager
     def step(self, step: int):
         """Context around optimizer step ``step`` (1-based)."""
-        if self.cfg.flop_counter and step == self.cfg.flop_counter_start + 1:
-            counter = FlopCounterMode(display=False)
-            with counter:
-                yield
+        counting = self.cfg.flop_counter and step == self.cfg.flop_counter_start + 1
+        counter = FlopCounterMode(display=False) if counting else contextlib.nullcontext()
+        with counter:
+            yield
+        if counting:
             self.flops_per_step = counter.get_total_flops()
             if self.is_main:
                 print(f"step {step}: {self.flops_per_step / 1e12:.4f} TFLOPs on this rank",
                       flush=True)
-            return
-        yield
-        if self.profiler is not None:
+        elif self.profiler is not None:
             self.profiler.step()
-        if step == self.cfg.memory_snapshot_step:
-            self.dump_memory_snapshot()
+        if self.recording and step == self.cfg.memory_snapshot_step:
+            self.dump_memory_snapshot(f"to the end of step {step}")
 
-    def dump_memory_snapshot(self) -> None:
+    def dump_memory_snapshot(self, until: str) -> None:
         path = Path(self.cfg.output_dir) / "memory_snapshot" / f"rank{self.rank}.pickle"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.cuda.memory._dump_snapshot(str(path))
         torch.cuda.memory._record_memory_history(enabled=None)
-        print(f"rank {self.rank}: the GPU's allocations to the end of step "
-              f"{self.cfg.memory_snapshot_step} in {path} (open it at "
+        self.recording = False
+        print(f"rank {self.rank}: the GPU's allocations {until} in {path} (open it at "
               "https://pytorch.org/memory_viz)", flush=True)
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """At the end of training, or when it failed with ``error``: a snapshot not yet
+        written is written now (the run ended before its step, or ran out of memory in it)."""
         if self.profiler is not None:
             self.profiler.stop()
-        if self.cfg.memory_snapshot_step:  # a run that ended before the step: stop recording
-            torch.cuda.memory._record_memory_history(enabled=None)
+        if self.recording:
+            self.dump_memory_snapshot(f"until {type(error).__name__}" if error is not None
+                                      else "until the run ended, before the step asked for")
 
 
 def check_profiling_settings(t, cuda: bool) -> None:

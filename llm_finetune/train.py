@@ -227,34 +227,38 @@ class Trainer:
         summary = {"train_loss": [], "eval_loss": [], "eval_perplexity": []}
         started = time.perf_counter()
         tokens_seen, data_waited = 0, 0.0
-        profiler = StepProfiler(t, self.dist.is_main, self.dist.rank)
-        for epoch in range(self.epoch, t.num_epochs):
-            self.epoch = epoch
-            losses, tokens, waited = self.train_epoch(train_loader, total_steps, profiler,
-                                                      on_step_end)
-            tokens_seen, data_waited = tokens_seen + tokens, data_waited + waited
-            if losses:
-                summary["train_loss"].append(sum(losses) / len(losses))
-            if eval_loader is not None:
-                result = self.evaluate(eval_loader)
-                self.metrics.log(result)
-                self.note_eval_loss(result["eval_loss"], epoch + 1)
-                if self.samples is not None:
-                    self.metrics.log(self.sample_answers())
-                for key, value in result.items():
-                    if key != "step":
-                        summary.setdefault(key, []).append(value)
-            if self.dist.is_main:
-                shown = {k: round(v[-1], 4) for k, v in summary.items() if v}
-                print(f"epoch {epoch + 1}: {shown} memory {memory_trace()}", flush=True)
-            self.epoch, self.steps_in_epoch = epoch + 1, 0
-            if on_epoch_end is not None:
-                on_epoch_end(self)
-            if self.step >= total_steps:
-                break
-            if self.patience_ran_out(epoch + 1):
-                summary["stopped_early_after_epoch"] = epoch + 1
-                break
+        profiler = StepProfiler(t, self.dist.is_main, self.dist.rank, first_step=self.step + 1)
+        try:
+            for epoch in range(self.epoch, t.num_epochs):
+                self.epoch = epoch
+                losses, tokens, waited = self.train_epoch(train_loader, total_steps, profiler,
+                                                          on_step_end)
+                tokens_seen, data_waited = tokens_seen + tokens, data_waited + waited
+                if losses:
+                    summary["train_loss"].append(sum(losses) / len(losses))
+                if eval_loader is not None:
+                    result = self.evaluate(eval_loader)
+                    self.metrics.log(result)
+                    self.note_eval_loss(result["eval_loss"], epoch + 1)
+                    if self.samples is not None:
+                        self.metrics.log(self.sample_answers())
+                    for key, value in result.items():
+                        if key != "step":
+                            summary.setdefault(key, []).append(value)
+                if self.dist.is_main:
+                    shown = {k: round(v[-1], 4) for k, v in summary.items() if v}
+                    print(f"epoch {epoch + 1}: {shown} memory {memory_trace()}", flush=True)
+                self.epoch, self.steps_in_epoch = epoch + 1, 0
+                if on_epoch_end is not None:
+                    on_epoch_end(self)
+                if self.step >= total_steps:
+                    break
+                if self.patience_ran_out(epoch + 1):
+                    summary["stopped_early_after_epoch"] = epoch + 1
+                    break
+        except BaseException as error:  # an OOM's memory snapshot is the one most wanted
+            profiler.close(error)
+            raise
         profiler.close()
         wall = time.perf_counter() - started
         summary.update(steps=self.step, train_time_s=wall, tokens_per_s=tokens_seen / wall,

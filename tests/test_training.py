@@ -186,6 +186,41 @@ def test_a_memory_snapshot_needs_a_gpu():
         validate(build_run_config(memory_snapshot_step=-1), 1, True)
 
 
+@pytest.fixture
+def snapshot_calls(monkeypatch):
+    """The CUDA allocator's history calls, recorded instead of made (no GPU here)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
+                        lambda enabled="all", **_: calls.append(("record", enabled)))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot",
+                        lambda path: calls.append(("dump", path)))
+    return calls
+
+
+@pytest.mark.parametrize("case", ["at the step, with the flop counter on it", "on an error",
+                                  "a run ending first", "a resumed run past the step"])
+def test_a_memory_snapshot_is_written_once_or_not_recorded(case, snapshot_calls, tmp_path):
+    """The snapshot is dumped at the end of its step (also when the flop counter counts that
+    step), or when training fails or ends before it; a run resumed past it records nothing."""
+    from types import SimpleNamespace
+
+    from llm_finetune.profiling import StepProfiler
+    cfg = SimpleNamespace(memory_snapshot_step=2, flop_counter=case.startswith("at the step"),
+                          flop_counter_start=1, use_profiler=False, output_dir=str(tmp_path))
+    first = 3 if case.startswith("a resumed") else 1
+    profiler = StepProfiler(cfg, is_main=True, first_step=first)
+    for step in range(first, 2 if case != "at the step, with the flop counter on it" else 3):
+        with profiler.step(step):
+            pass
+    profiler.close(RuntimeError("out of memory") if case == "on an error" else None)
+    dumps = [path for kind, path in snapshot_calls if kind == "dump"]
+    if case.startswith("a resumed"):
+        assert snapshot_calls == []
+    else:
+        assert dumps == [str(tmp_path / "memory_snapshot" / "rank0.pickle")]
+        assert snapshot_calls[0][0] == "record" and snapshot_calls[-1] == ("record", None)
+
+
 def test_profiler_writes_a_trace(tiny_model_dir, tmp_path):
     finetuning.main(**{**FAST, "max_train_step": 7}, model_name=str(tiny_model_dir),
                     use_profiler=True, output_dir=str(tmp_path))

@@ -766,11 +766,12 @@ def write_image_data_parquet(path, rows: int, seed: int = 0):
 
 def test_parquet_rows_of_image_data_with_two_images_train(tmp_path, capsys):
     """A Parquet file of datasets' Image feature (bytes, no files), two images per row: the
-    run trains on it (the loss falls), and the plan that counted one image per row (before
-    the data was read: what the GPU defaults chose from) is made again for two."""
+    run trains on it (the loss falls), and the plan that --auto_fit (as the GPU defaults)
+    made for one image per row before the data was read is made again for two."""
     rows = write_image_data_parquet(tmp_path / "rows.parquet", 32)
     summary = finetuning.main(**settings(rows, num_epochs=3, run_validation=False,
-                                         save_model=False, output_dir=str(tmp_path / "out")))
+                                         save_model=False, output_dir=str(tmp_path / "out"),
+                                         auto_fit=True, gpu_memory="8GiB"))
     losses = [record["loss"] for record in summary["metrics"] if "loss" in record]
     assert losses[-1] < 0.5 * losses[0], losses
     assert ("rows hold up to 2 images and the memory plan counted 1: planned again with "

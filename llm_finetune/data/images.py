@@ -80,8 +80,11 @@ def open_image(image: dict) -> Image.Image:
 
 def most_images(samples) -> int:
     """The most images a sample of ``samples`` has, from the Arrow column's list lengths (the
-    images themselves are not read; rows a filter hid, dropped bad rows, hold none)."""
+    images themselves are not read; rows a filter hid, dropped bad rows, do not count)."""
     lengths = pyarrow.compute.list_value_length(samples.data.column(IMAGES_COLUMN))
+    rows = getattr(samples, "_indices", None)  # a filter's or split's view of the table
+    if rows is not None:
+        lengths = pyarrow.compute.take(lengths, rows.column(0))
     return pyarrow.compute.max(lengths).as_py() or 0
 
 

@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import pyarrow
 import torch
 from torch.utils.data import DataLoader
 
@@ -149,10 +150,13 @@ def make_loader(data, batch_size: int, run, tokenizer, dist_info: DistInfo, shuf
 
 def images_per_row(loader) -> int:
     """The most images a training row holds (0 without images): what the memory plan must
-    count (``--images_per_sample``), read from the Arrow column without opening an image."""
+    count (``--images_per_sample``), read from the Arrow column without opening an image. A
+    custom data set whose ``images`` are not lists is not counted (its own layout)."""
     data = loader.dataset
-    columns = getattr(data, "column_names", ())
-    return most_images(data) if IMAGES_COLUMN in columns else 0
+    if (IMAGES_COLUMN not in getattr(data, "column_names", ())
+            or not pyarrow.types.is_list(data.data.column(IMAGES_COLUMN).type)):
+        return 0
+    return most_images(data)
 
 
 def sample_lengths(samples) -> list[int]:
