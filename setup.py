@@ -26,6 +26,8 @@ setup(
         # python -m llm_finetune.evaluate; not in "test": 41 packages, 350 MB, about a minute
         # to install (docs/evaluation.md), so CI skips tests/test_evaluate.py without it
         "eval": ["lm_eval>=0.4.13,<0.5"],
+        # --float8: float8 matmuls for full fine-tuning on H100-class GPUs (docs/performance.md)
+        "float8": ["torchao>=0.16"],
         # the optional paths are tested too: TensorBoard, plots, the executed notebook
         "test": ["pytest>=8", "pytest-xdist>=3", "tensorboard", "matplotlib", "nbclient", "nbformat", "ipykernel"],
     },

@@ -100,11 +100,15 @@ def data_parallel(model: torch.nn.Module, dist_info: DistInfo) -> torch.nn.Modul
     """``DistributedDataParallel`` over the default group: each rank holds the whole model and
     gradients are averaged in buckets during backward. For runs whose model fits one GPU and
     whose weights FSDP cannot shard: bitsandbytes 8-bit keeps row statistics outside the weight
-    tensor, which DDP never touches (only trainable parameters are synchronised)."""
+    tensor, which DDP never touches (only trainable parameters are synchronised).
+
+    The gradients are views into the buckets (``gradient_as_bucket_view``), not a second copy
+    beside them: one gradient-sized copy less for full fine-tuning. The trainer keeps them
+    (zeroed, not set to None) so they stay views from step to step."""
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def teardown() -> None:

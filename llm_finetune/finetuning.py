@@ -26,6 +26,7 @@ from llm_finetune.data.rows import DataError
 from llm_finetune.determinism import make_deterministic
 from llm_finetune.engine import (compile_layers, enable_activation_checkpointing, meta_init_fn,
                                  wrap_fsdp)
+from llm_finetune.float8 import convert_to_float8
 from llm_finetune.export import ModelSaver
 from llm_finetune.loss import NextTokenLoss
 from llm_finetune.metrics import (MetricsLog, PhaseTimer, flops_per_token,
@@ -230,6 +231,10 @@ def build_model(run, precision, tokenizer, dist_info, phases, vision: bool = Fal
                            exclude=lora_exclude(model, run) if vision else None)
     if run.fsdp.fsdp_activation_checkpointing:
         enable_activation_checkpointing(model, keep_last=run.fsdp.no_checkpoint_layers)
+    if run.train.float8:
+        converted = convert_to_float8(text_layers(model))
+        if dist_info.is_main:
+            print(f"float8: {converted} linear layers compute in float8 (torchao)", flush=True)
     if run.train.torch_compile:
         compile_layers(model)
     phases.mark("load")

@@ -5,6 +5,7 @@
 from llm_finetune.adapters import check_adapter_settings
 from llm_finetune.data.loaders import check_data_settings
 from llm_finetune.engine import check_engine_settings
+from llm_finetune.float8 import check_float8_settings
 from llm_finetune.model import is_vision_model, weights_on_disk
 from llm_finetune.precision import check_precision_settings
 from llm_finetune.preference import check_preference_settings
@@ -26,6 +27,7 @@ def validate(run, world_size: int, cuda: bool) -> None:
     check_resume_settings(t, world_size)
     check_engine_settings(run, world_size, cuda)
     check_precision_settings(run, cuda)
+    check_float8_settings(run, cuda)
     check_adapter_settings(run)
     check_quantization_settings(t, weights_on_disk)
     check_data_settings(run)

@@ -41,7 +41,9 @@ class StepProfiler:
                 print(f"--memory_snapshot_step {train_cfg.memory_snapshot_step}: this run starts "
                       f"at step {first_step}, after it; no snapshot", flush=True)
         if self.recording:
-            torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES)
+            # Python frames only: C++ frames take minutes to symbolise at the dump
+            torch.cuda.memory._record_memory_history(stacks="python",
+                                                     max_entries=SNAPSHOT_ENTRIES)
         if train_cfg.use_profiler:
             trace_dir = Path(train_cfg.profiler_dir or Path(train_cfg.output_dir) / "profiler")
             trace_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +80,8 @@ class StepProfiler:
         torch.cuda.memory._dump_snapshot(str(path))
         torch.cuda.memory._record_memory_history(enabled=None)
         self.recording = False
-        print(f"rank {self.rank}: the GPU's allocations {until} in {path} (open it at "
+        print(f"rank {self.rank}: the GPU's allocations {until} in {path} (what held the "
+              f"peak: python -m llm_finetune.memory_peak {path}; the picture: "
               "https://pytorch.org/memory_viz)", flush=True)
 
     def close(self, error: BaseException | None = None) -> None:

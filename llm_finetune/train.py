@@ -80,6 +80,7 @@ class Trainer:
         self.precision = precision
         self.metrics = metrics
         self.grad_scaler = grad_scaler
+        self.data_parallel = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         self.objective = objective or NextTokenLoss(model, chunked=run.train.chunked_loss)
         self.step = 0  # optimizer steps done
         self.epoch = 0  # the epoch in progress
@@ -99,6 +100,13 @@ class Trainer:
         if not self.precision.autocast or self.run.train.enable_fsdp:  # FSDP casts itself
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=self.precision.compute_dtype)
+
+    def gradient_sync(self, last: bool):
+        """DDP all-reduces the gradients in the step's last micro-batch only; the others
+        accumulate locally (``no_sync``). FSDP and one process: nothing to skip."""
+        if self.data_parallel and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
     def clip_gradients(self) -> None:
         threshold = self.run.train.gradient_clipping_threshold
@@ -126,12 +134,13 @@ class Trainer:
         # finish each one, and leave it idle while the next one's kernels are launched
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         metric_sums = {}
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
             batch = to_device(batch, self.dist.device)
-            with self.autocast():
-                loss, _, sums = self.objective(self.model, batch)
-            scaled = loss * scale
-            (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
+            with self.gradient_sync(last=index == len(micro_batches) - 1):
+                with self.autocast():
+                    loss, _, sums = self.objective(self.model, batch)
+                scaled = loss * scale
+                (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
             loss_sum += loss.detach()
             add_sums(metric_sums, sums)
         if self.grad_scaler:
@@ -143,7 +152,9 @@ class Trainer:
             self.grad_scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # DDP's gradients are views into its buckets: zeroed in place they stay views (set
+        # to None, the next backward would allocate a second copy beside the buckets)
+        self.optimizer.zero_grad(set_to_none=not self.data_parallel)
         self.scheduler.step()
         global_loss, *global_sums = all_reduce_sum([loss_sum, *metric_sums.values()],
                                                    self.dist.device)

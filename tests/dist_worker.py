@@ -1,6 +1,7 @@
 """Run under ``torchrun --nproc_per_node 2`` by tests/test_distributed.py: several FSDP runs in one
 launch (one process group, reused), results written by rank 0 to ``OUT/results.json``."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -62,9 +63,15 @@ CASES = {
     "qlora_low_cpu": dict(FSDP, use_peft=True, quantization="4bit", lr=1e-2, low_cpu_fsdp=True,
                           max_eval_step=2),
     # DDP: a full replica per rank; 8-bit bases, which FSDP cannot shard, train this way
-    "ddp_lora": dict(FAST, enable_ddp=True, use_peft=True, lr=1e-2, max_train_step=6),
+    # full fine-tuning, gradients as views of DDP's buckets, all-reduced in the last of 2
+    # micro-batches (no_sync before it), clipped; 4 steps: DDP re-buckets after the first
+    "ddp_full_accum": dict(FAST, enable_ddp=True, gradient_accumulation_steps=2,
+                           gradient_clipping=True, gradient_clipping_threshold=0.5,
+                           batch_size_training=2, max_train_step=8),
     "ddp_8bit": dict(FAST, enable_ddp=True, use_peft=True, quantization="8bit", lr=1e-2,
                      max_train_step=6, save_model=True),
+    # float8 matmuls (CPU emulates them) where torchao is installed (not in CI: docs/performance.md)
+    **({"fsdp_float8": dict(FSDP, float8=True)} if importlib.util.find_spec("torchao") else {}),
     # random-init models (config only): each rank initialises its own units (SeededInit)
     "seeded_init": dict(FSDP, model_name="tiny-llama"),
     "seeded_init_lora": dict(FSDP, model_name="tiny-llama", use_peft=True, lr=1e-2),
@@ -131,6 +138,17 @@ def low_cpu_fsdp_4bit_load(model_dir: str) -> list:
     return gathered
 
 
+def grads_after(model) -> str:
+    """What the trainable weights hold as gradients after the last step: all None, all zero
+    tensors (DDP's bucket views, zeroed in place), or something else."""
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    if all(g is None for g in grads):
+        return "none"
+    if all(g is not None and not g.any() for g in grads):
+        return "zeros"
+    return "other"
+
+
 def main(out: str, model_dir: str, tied_dir: str, tied_config_dir: str, only: str = "") -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -146,7 +164,8 @@ def main(out: str, model_dir: str, tied_dir: str, tied_config_dir: str, only: st
                                   dist_checkpoint_root_folder=f"{out}/{name}-dcp")
         results[name] = {"losses": [m["loss"] for m in summary["metrics"] if "loss" in m],
                          "eval_loss": summary["eval_loss"], "logits": probe_logits(summary["model"]),
-                         "records": summary["metrics"]}
+                         "records": summary["metrics"],
+                         "grads": grads_after(summary["model"])}
     if not only or "weights" in only:
         results["low_cpu_weights"] = low_cpu_fsdp_weights(model_dir)
         results["low_cpu_weights_tied"] = low_cpu_fsdp_weights(tied_dir)

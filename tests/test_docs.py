@@ -4,9 +4,10 @@ in README.md, docs/ and examples/ names settings that exist, with values of the 
 Commands on real models cannot run here (no downloads), so each is checked the way the program
 itself would read it before loading anything: finetuning and plan settings through
 ``build_run_config`` (unknown keys, types, choices; a ``--config`` preset of this repository is
-read too), convert, inference, chat_completion, evaluate and plot flags against their functions'
-parameters (and the quantization settings inference reads as llama-recipes does). The commands that
-do run on CPU are run by the tests of their features (README's two commands by CI itself).
+read too), convert, inference, chat_completion, evaluate, plot and memory_peak flags against
+their functions' parameters (and the quantization settings inference reads as llama-recipes
+does). The commands that do run on CPU are run by the tests of their features (README's two
+commands by CI itself).
 """
 
 import inspect
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_finetune import chat_completion, convert, evaluate, inference, plot
+from llm_finetune import chat_completion, convert, evaluate, inference, memory_peak, plot
 from llm_finetune.config_utils import build_run_config
 from tests.helpers import REPO, parse_flags
 
@@ -57,6 +58,7 @@ def test_documented_command_uses_real_settings(where, command):
     "python -m llm_finetune.inference --model_name m --prompt_file p.txt --temprature 0.5",
     "python -m llm_finetune.chat_completion --model_name m --quantization_config.quant_type q4",
     "python -m llm_finetune.evaluate --model_name output --task hellaswag",
+    "python -m llm_finetune.memory_peak rank0.pickle --top_places 5",
 ])
 def test_the_check_catches_a_rotten_command(command):
     with pytest.raises(Exception):
@@ -91,6 +93,11 @@ def check_command(where: str, command: str) -> None:
         inference.quantization_settings(extra, known=sorted(named))  # raises on anything else
     elif module == "evaluate":
         assert set(flags) <= set(inspect.signature(evaluate.main).parameters), (where, command)
+    elif module == "memory_peak":
+        try:
+            memory_peak.command_line().parse_args(tokens[module_at + 1:])
+        except SystemExit as error:  # argparse's way to refuse a flag
+            raise ValueError(f"{where}: {command}") from error
     elif module == "plot":
         assert positional and set(flags) <= set(inspect.signature(plot.plot).parameters)
     else:

@@ -240,6 +240,25 @@ def test_peak_is_the_larger_of_forward_end_and_backward_end():
     assert accumulating.forward_end == pytest.approx(one.forward_end + one.gpu["gradients"])
 
 
+def test_ddp_keeps_its_gradients_in_buckets_and_makes_them_again_in_step_two():
+    """Under DDP the gradients are views of its buckets, kept from step to step (not a copy
+    made in backward beside them). At the start of step 2 DDP allocates its buckets again, in
+    the order backward made the gradients, while the gradients still hold the first ones:
+    that moment, with no activations yet, is the peak of full fine-tuning (as measured on a
+    GPU: docs/memory.md)."""
+    settings = dict(model_name="llama3.2-1b", context_length=2048, batch_size_training=2)
+    one = plan.estimate(build_run_config(**settings), 1)
+    ddp = plan.estimate(build_run_config(**settings, enable_ddp=True), 1)
+    grads = one.gpu["gradients"]
+    assert ddp.gpu["gradients (in DDP's buckets, kept)"] == grads
+    assert ddp.forward_end == pytest.approx(one.forward_end + grads)  # kept through forward
+    assert ddp.backward_end == pytest.approx(one.backward_end)
+    resident = one.gpu["weights"] + one.gpu["optimizer states (AdamW)"] + plan.WORKSPACE_BYTES
+    assert ddp.gpu_rebucketing == pytest.approx(resident + 2 * grads)
+    assert ddp.gpu_peak == ddp.gpu_rebucketing and one.gpu_rebucketing == 0
+    assert 22.5 * GIB < ddp.gpu_peak < 24 * GIB  # the H200's measurement: docs/memory.md
+
+
 @pytest.mark.parametrize("engine", [{}, {"enable_fsdp": True}])
 def test_a_frozen_base_is_planned_in_the_compute_dtype(engine):
     """LoRA's frozen base is stored in bf16 (2 bytes a weight) under FSDP too, the adapters

@@ -306,3 +306,35 @@ def test_early_stopping_ends_the_run_when_the_eval_loss_stops_falling(tmp_path, 
 def test_early_stopping_needs_validation():
     with pytest.raises(ConfigError, match="--run_validation is off"):
         validate(build_run_config(early_stopping_patience=2, run_validation=False), 1, False)
+
+
+def test_the_memory_peak_is_read_from_the_allocator_history():
+    """memory_peak replays a snapshot's events: the peak is where most was allocated, what was
+    live there is grouped by the library frame that allocated it, and memory allocated before
+    recording (still held at the dump) is counted apart. Rank 1 records on GPU 1: its file is
+    read there."""
+    from llm_finetune.memory_peak import summary
+
+    def frames(name):
+        return [{"filename": "/x/torch/_tensor.py", "line": 1, "name": "inner"},
+                {"filename": f"/x/site-packages/llm_finetune/{name}.py", "line": 7, "name": name}]
+
+    gib = 2**30
+    trace = [{"action": "alloc", "addr": 1, "size": 2 * gib, "frames": frames("optim")},
+             {"action": "alloc", "addr": 2, "size": 3 * gib, "frames": frames("train")},
+             {"action": "alloc", "addr": 3, "size": 1 * gib, "frames": frames("optim")},
+             {"action": "free_completed", "addr": 2, "size": 3 * gib, "frames": []},
+             {"action": "free_completed", "addr": 3, "size": 1 * gib, "frames": []},
+             {"action": "alloc", "addr": 4, "size": 1 * gib, "frames": frames("train")}]
+    held = [{"state": "active_allocated", "size": 4 * gib}, {"state": "active_allocated",
+                                                             "size": 2 * gib},
+            {"state": "active_allocated", "size": 1 * gib}, {"state": "inactive", "size": gib}]
+    report = summary({"segments": [{"device": 1, "blocks": held}], "device_traces": [[], trace]})
+    assert report.startswith("peak: 10.00 GiB allocated on GPU 1, at allocator event 2 of 6"), \
+        report
+    assert "4.00 GiB allocated before recording" in report
+    lines = report.splitlines()
+    optim = next(i for i, line in enumerate(lines) if "llm_finetune/optim.py:7" in line)
+    train = next(i for i, line in enumerate(lines) if "llm_finetune/train.py:7" in line)
+    assert "3.00 GiB in     2 allocations" in lines[optim] and optim < train
+    assert "3.00 GiB in     1 allocations" in lines[train]

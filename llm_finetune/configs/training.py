@@ -53,6 +53,9 @@ class train_config:
     use_fast_kernels: bool = False  # flash-attention 2 when installed, else PyTorch SDPA
     chunked_loss: bool = True  # the loss in chunks inside the output layer: no full logits
     torch_compile: bool = False  # compile each decoder layer (torch.compile; first steps slower)
+    # float8 matmuls in the decoder layers (torchao), for full fine-tuning on H100-class GPUs
+    # with --torch_compile True (llm_finetune/float8.py, docs/performance.md)
+    float8: bool = False
     # Objective: sft (next-token loss on the responses) | dpo (preference pairs against a
     # reference model: docs/preference.md)
     method: str = "sft"

@@ -37,9 +37,12 @@ class Plan:
     cpu: dict[str, float] = field(default_factory=dict)  # bytes per rank in CPU RAM
     notes: list[str] = field(default_factory=list)
     gpu_loading: float = 0.0  # bytes per GPU while loading, before FSDP shards (QLoRA)
+    # DDP at the start of step 2: it allocates its gradient buckets again, in the order backward
+    # made the gradients, while the gradients (views of the first buckets) still hold those
+    gpu_rebucketing: float = 0.0
     # Two moments of a step hold different things: at the end of forward, the activations and
     # the loss, but no gradients yet (set to None after the last optimizer step, unless
-    # accumulation keeps them); at the end of backward, every gradient, but only the layer
+    # accumulation or DDP keeps them); at the end of backward, every gradient, but only the layer
     # being recomputed. The peak is the larger of the two.
     forward_only: set[str] = field(default_factory=set)  # keys of ``gpu`` freed by backward
     backward_only: set[str] = field(default_factory=set)  # keys that backward creates
@@ -56,7 +59,7 @@ class Plan:
 
     @property
     def gpu_peak(self) -> float:
-        return max(self.forward_end, self.backward_end, self.gpu_loading)
+        return max(self.forward_end, self.backward_end, self.gpu_loading, self.gpu_rebucketing)
 
 
 def shard_group(run, world_size: int) -> int:
@@ -213,9 +216,11 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         # every rank loads the whole quantised model onto its GPU, then FSDP keeps its shard
         # (under low_cpu_fsdp, and for random-init models, FSDP quantises unit by unit instead)
         plan.gpu_loading = weights + WORKSPACE_BYTES
-    states = {"weights": weights / shards, "gradients": grads / shards,
+    # DDP's gradients are views into its buckets, kept from step to step (engine: data_parallel)
+    gradients = "gradients (in DDP's buckets, kept)" if t.enable_ddp else "gradients"
+    states = {"weights": weights / shards, gradients: grads / shards,
               f"optimizer states ({f.optimizer})": optimizer / shards}
-    if t.gradient_accumulation_steps == 1:
+    if t.gradient_accumulation_steps == 1 and not t.enable_ddp:
         plan.backward_only.add("gradients")
     if offload:
         plan.cpu.update({f"{k} (CPU offload)": v for k, v in states.items()})
@@ -228,15 +233,16 @@ def estimate(run, world_size: int, counts: ModelCounts | None = None,
         # fp16 loss scaling costs about one fp32 copy of the trainable weights' gradients at
         # the optimizer step on top of bf16's peak (measured on full fine-tuning: docs/memory.md)
         plan.gpu["fp16 loss scaling (gradients unscaled)"] = counts.trainable * 4 / shards
+        plan.backward_only.add("fp16 loss scaling (gradients unscaled)")  # at the optimizer step
     # the tokens of one micro-batch, every sequence of it (DPO: both sides of each pair)
     tokens = t.batch_size_training * t.context_length * sequences_per_sample(run)
     if t.quantization == "8bit":
         # LLM.int8's matmuls quantise each input row and keep int32 outputs and fp16 outliers:
         # buffers in proportion to the tokens, fitted on one measurement (docs/memory.md)
         plan.gpu["8-bit matmul buffers (LLM.int8)"] = tokens * counts.hidden * 96
-    if t.enable_ddp:  # DDP all-reduces gradients through buckets that copy them
-        plan.gpu["DDP gradient buckets"] = grads
-        plan.backward_only.add("DDP gradient buckets")
+    if t.enable_ddp:  # found with --memory_snapshot_step (docs/memory.md)
+        plan.gpu_rebucketing = (sum(states.values()) + grads + WORKSPACE_BYTES
+                                + plan.gpu.get("reference model (frozen copy, DPO)", 0.0))
     if t.enable_fsdp and (shards > 1 or offload or compute_bytes != weight_bytes):
         # FSDP1 keeps the root unit (embeddings, lm_head) gathered from forward to backward, and
         # gathers at most two decoder layers ahead (prefetch); mixed precision casts them too

@@ -31,7 +31,12 @@ def report(run, world_size: int, gpu_memory: float | None, counts: ModelCounts) 
     if plan.gpu_loading:
         lines.append(f"| while loading (whole 4-bit model on each GPU, before sharding) | "
                      f"{plan.gpu_loading / GIB:.2f} |")
-    lines.append(f"| end of forward (no gradients yet) | {plan.forward_end / GIB:.2f} |")
+    if plan.gpu_rebucketing:
+        lines.append(f"| start of step 2 (DDP's gradient buckets made again beside the first) | "
+                     f"{plan.gpu_rebucketing / GIB:.2f} |")
+    kept = "gradients" not in plan.backward_only  # accumulated, or DDP's (kept in its buckets)
+    lines.append(f"| end of forward ({'gradients kept' if kept else 'no gradients yet'}) | "
+                 f"{plan.forward_end / GIB:.2f} |")
     lines.append(f"| end of backward (one layer's activations) | {plan.backward_end / GIB:.2f} |")
     lines.append(f"| **peak** | **{plan.gpu_peak / GIB:.2f}** |")
     lines += ["", "| CPU RAM per rank | GiB |", "| --- | ---: |"]
