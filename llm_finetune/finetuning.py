@@ -234,7 +234,10 @@ def build_model(run, precision, tokenizer, dist_info, phases, vision: bool = Fal
     if run.train.float8:
         converted = convert_to_float8(text_layers(model))
         if dist_info.is_main:
-            print(f"float8: {converted} linear layers compute in float8 (torchao)", flush=True)
+            emulated = (" (emulated on CPU: slower than without it, for testing)"
+                        if dist_info.device.type == "cpu" else "")
+            print(f"float8: {converted} linear layers compute in float8 (torchao){emulated}",
+                  flush=True)
     if run.train.torch_compile:
         compile_layers(model)
     phases.mark("load")

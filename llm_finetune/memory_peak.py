@@ -70,6 +70,9 @@ def recorded_device(snapshot: dict) -> int:
 
 def summary(snapshot: dict, top: int = 12, device: int | None = None) -> str:
     device = recorded_device(snapshot) if device is None else device
+    if not 0 <= device < len(snapshot["device_traces"]):
+        raise ValueError(f"--device {device}: the snapshot has GPUs 0 to "
+                         f"{len(snapshot['device_traces']) - 1}")
     trace = snapshot["device_traces"][device]
     if not trace:
         return (f"the snapshot holds no allocator history for GPU {device}: pass the --device "
@@ -101,7 +104,8 @@ def summary(snapshot: dict, top: int = 12, device: int | None = None) -> str:
     lines.append(f"  {recorded_live / GIB:.2f} GiB allocated while recording and live at the "
                  "peak, by where it was allocated:")
     for where, (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
-        lines.append(f"    {size / GIB:7.2f} GiB in {count:5d} allocations  {where}")
+        lines.append(f"    {size / GIB:7.2f} GiB in {count:5d} allocation{'s' if count > 1 else ' '}"
+                     f"  {where}")
     if len(groups) > top:
         rest = sum(size for size, _ in sorted(groups.values(), reverse=True)[top:])
         lines.append(f"    {rest / GIB:7.2f} GiB elsewhere ({len(groups) - top} more places)")
@@ -111,9 +115,10 @@ def summary(snapshot: dict, top: int = 12, device: int | None = None) -> str:
 
 
 def command_line() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llm_finetune.memory_peak",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("snapshot", type=Path, help="a --memory_snapshot_step pickle")
-    parser.add_argument("--top", type=int, default=12, help="places listed")
+    parser.add_argument("--top", type=int, default=12, help="places listed (default: 12)")
     parser.add_argument("--device", type=int, default=None,
                         help="the GPU whose history to read (default: the one recorded)")
     return parser
@@ -124,7 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     if not args.snapshot.is_file():
         raise SystemExit(f"{args.snapshot}: no such file (a run with --memory_snapshot_step N "
                          "writes OUTPUT_DIR/memory_snapshot/rankR.pickle)")
-    print(summary(pickle.loads(args.snapshot.read_bytes()), args.top, args.device))
+    try:
+        snapshot = pickle.loads(args.snapshot.read_bytes())
+        print(summary(snapshot, args.top, args.device))
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as error:
+        raise SystemExit(f"{args.snapshot}: not a CUDA memory snapshot ({error}); a run with "
+                         "--memory_snapshot_step N writes one") from None
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 if __name__ == "__main__":

@@ -160,9 +160,9 @@ def report_parameter_counts(model, dist_info) -> tuple[int, int]:
         model.sharding_strategy.name != "NO_SHARD" else 1
     total, trainable = total * scale, trainable * scale
     if dist_info.is_main:
-        print(f"parameters: {total / 1e6:.2f}M, trainable {trainable / 1e6:.2f}M "
-              f"(approx. under FSDP), world size {dist_info.world_size}, device "
-              f"{dist_info.device}", flush=True)
+        approx = " (approx.: scaled up from this rank's FSDP shard)" if scale > 1 else ""
+        print(f"parameters: {total / 1e6:.2f}M, trainable {trainable / 1e6:.2f}M{approx}, "
+              f"world size {dist_info.world_size}, device {dist_info.device}", flush=True)
     return total, trainable
 
 

@@ -322,3 +322,9 @@ def test_the_step_time_model_ranks_the_settings_measured_on_an_h200():
     for point in points:
         error = predicted_tokens_per_s(point, cost.HOPPER, cache) / point["tokens_per_s"] - 1
         assert abs(error) < (0.06 if point["fit"] else 0.12), point
+
+
+def test_plan_help_says_how_to_ask(capsys):
+    from llm_finetune.plan.report import cli
+    cli(help=True)
+    assert "usage: python -m llm_finetune.plan [--world_size N]" in capsys.readouterr().out

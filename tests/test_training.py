@@ -337,4 +337,4 @@ def test_the_memory_peak_is_read_from_the_allocator_history():
     optim = next(i for i, line in enumerate(lines) if "llm_finetune/optim.py:7" in line)
     train = next(i for i, line in enumerate(lines) if "llm_finetune/train.py:7" in line)
     assert "3.00 GiB in     2 allocations" in lines[optim] and optim < train
-    assert "3.00 GiB in     1 allocations" in lines[train]
+    assert "3.00 GiB in     1 allocation " in lines[train]

@@ -336,6 +336,10 @@ def notes(plan: Plan, run, counts: ModelCounts, world_size: int, local_world_siz
           full_model: float, on_disk: bool) -> None:
     """The traps users hit, said before the launch."""
     t, f = run.train, run.fsdp
+    if t.float8:
+        plan.notes.append(
+            "--float8 saves smaller activations for backward than this plan counts (bf16's): "
+            "the run peaks lower than planned (measured: docs/performance.md)")
     if (t.enable_fsdp and not t.low_cpu_fsdp and on_disk and not t.quantization
             and local_world_size * full_model > 0.8 * host_memory()):
         plan.notes.append(

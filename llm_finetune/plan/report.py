@@ -86,6 +86,14 @@ def main(world_size: int = 0, gpu_memory=None, **kwargs) -> str:
 
 
 def cli(**kwargs) -> None:
+    if any(kwargs.pop(flag, False) for flag in ("help", "h")):
+        print("usage: python -m llm_finetune.plan [--world_size N] [--gpu_memory 80GiB] "
+              "[--SETTING VALUE ...]\n"
+              "The memory plan of the run that python -m llm_finetune.finetuning would start with "
+              "the same settings (its --help lists them), on --world_size GPUs (default: the "
+              "torchrun world, else 1) of --gpu_memory each (default: the GPU present). "
+              "Docs: docs/memory.md")
+        return
     try:
         main(**kwargs)
     except ConfigError as error:
