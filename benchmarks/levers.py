@@ -21,7 +21,6 @@ import fire
 
 from benchmarks.cost_points import point_flags
 from benchmarks.peers import BATCH, ours
-from llm_finetune.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 LORA = ["--use_peft", "--lora_config.lora_dropout", "0"]
@@ -50,11 +49,6 @@ SCENARIOS = {
 }
 
 
-def losses(workdir: Path) -> list[float]:
-    logged, _ = read_metrics(workdir)
-    return [record["loss"] for record in logged]
-
-
 def main(only: str = "full_1b,lora_8b", steps: int = 6, out: str = "levers.json",
          workdir: str = "/tmp/levers", rows_only: str = "") -> list[dict]:
     """``rows_only``: run only the rows whose names contain one of these (``;``-separated)."""
@@ -73,9 +67,8 @@ def main(only: str = "full_1b,lora_8b", steps: int = 6, out: str = "levers.json"
             result = ours(shape, flags, steps * BATCH // micro, run_dir,
                           {**env, "LEVER": lever}, launcher)
             rows.append({"scenario": scenario, "index": index, "base": base, "point": name,
-                         "lever": lever,
-                         "micro_batch": micro, "kept": kept, **(result or {"failed": True}),
-                         "losses": losses(run_dir) if result else []})
+                         "lever": lever, "micro_batch": micro, "kept": kept,
+                         **(result or {"failed": True, "losses": []})})
             print(json.dumps(rows[-1]), flush=True)
             Path(out).write_text(json.dumps(rows, indent=1))
     print_table(rows)

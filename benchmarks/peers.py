@@ -87,7 +87,8 @@ def run_ours(cmd: list[str], env: dict, out: Path, steps: int) -> tuple[str, dic
     tokens = steady_tokens_per_s(logged)
     return log, {"tokens_per_s": tokens, "step_time_s": BATCH * SEQ / tokens,
                  "peak_gpu_mem_gib": max(s["peak_gpu_mem_gib"] or 0 for s in logged),
-                 "setting": " ".join(chosen), "steps": len(logged)}
+                 "setting": " ".join(chosen), "steps": len(logged),
+                 "losses": [s["loss"] for s in logged]}
 
 
 def peer_rows(name: str, scenario: PeerScenario, steps: int, work: Path, env: dict,

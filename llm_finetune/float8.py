@@ -20,6 +20,10 @@ from llm_finetune.errors import ConfigError
 FLOAT8_CAPABILITY = (8, 9)
 
 
+def torchao_installed() -> bool:
+    return importlib.util.find_spec("torchao") is not None
+
+
 def check_float8_settings(run, cuda: bool, capability: tuple[int, int] | None = None) -> None:
     t = run.train
     if not t.float8:
@@ -35,7 +39,7 @@ def check_float8_settings(run, cuda: bool, capability: tuple[int, int] | None = 
     if fp16:
         raise ConfigError(f"--float8 does not support fp16 loss scaling: drop {fp16} (bf16 "
                           "mixed precision, the default, or --fsdp_config.pure_bf16 True)")
-    if importlib.util.find_spec("torchao") is None:
+    if not torchao_installed():
         raise ConfigError("--float8 needs torchao: pip install 'llm_finetune[float8]' "
                           "(or pip install torchao)")
     if cuda:

@@ -2,12 +2,10 @@
 PyTorch emulates float8 matmuls) that it trains and saves a plain checkpoint. Its speed and its
 loss against bf16 on a GPU: tests/test_gpu.py and docs/performance.md."""
 
-import importlib.util
-
 import pytest
 import torch
 
-from llm_finetune import finetuning
+from llm_finetune import finetuning, float8
 from llm_finetune.config_utils import ConfigError, build_run_config
 from llm_finetune.float8 import check_float8_settings
 from tests.helpers import FAST
@@ -24,7 +22,7 @@ from tests.helpers import FAST
     ({}, True, (9, 0), "add --torch_compile True"),
 ])
 def test_float8_refuses_what_it_cannot_speed_up(settings, cuda, capability, match, monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # torchao "there"
+    monkeypatch.setattr(float8, "torchao_installed", lambda: True)
     with pytest.raises(ConfigError, match=match):
         check_float8_settings(build_run_config(float8=True, **settings), cuda, capability)
     check_float8_settings(build_run_config(**settings), cuda, capability)  # without: fine
@@ -33,16 +31,29 @@ def test_float8_refuses_what_it_cannot_speed_up(settings, cuda, capability, matc
 def test_float8_is_checked_without_a_gpu_to_ask(monkeypatch):
     """On CPU float8 runs eagerly (to test it); the planner checks a GPU run from a machine
     without one, where no compute capability can be read."""
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(float8, "torchao_installed", lambda: True)
     check_float8_settings(build_run_config(float8=True), cuda=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     check_float8_settings(build_run_config(float8=True, torch_compile=True), cuda=True)
 
 
 def test_float8_without_torchao_names_the_package(monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(float8, "torchao_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"pip install 'llm_finetune\[float8\]'"):
         check_float8_settings(build_run_config(float8=True, torch_compile=True), True, (9, 0))
+
+
+def test_float8_converts_the_layers_of_the_model_that_trains(tiny_model_dir, tmp_path,
+                                                             monkeypatch):
+    """--float8 reaches the model: the text decoder layers are converted before training
+    (recorded here, so that CI, without torchao, checks the flag is not ignored)."""
+    converted = []
+    monkeypatch.setattr(float8, "torchao_installed", lambda: True)
+    monkeypatch.setattr(finetuning, "convert_to_float8",
+                        lambda layers: converted.append(len(layers)) or 0)
+    finetuning.main(**{**FAST, "max_train_step": 1}, model_name=str(tiny_model_dir),
+                    output_dir=str(tmp_path), float8=True)
+    assert converted == [4]  # the tiny model's 4 decoder layers, once
 
 
 def test_float8_trains_and_saves_a_plain_checkpoint(tiny_model_dir, tmp_path):
